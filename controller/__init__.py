@@ -1,0 +1,8 @@
+"""edge-fleet: the fleet controller of edgefleet."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("edgefleet")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,44 @@
+"""``edge-fleet``: the fleet controller's command line.
+
+Every subcommand takes ``--home DIR`` (or ``EDGE_FLEET_HOME``; default ``~/.local/share/edge-fleet``), the
+controller's state directory: keys, CA, fleet database, release repository.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from controller import __version__
+
+__all__ = ["FleetContext", "main", "pass_context"]
+
+DEFAULT_HOME = Path("~/.local/share/edge-fleet")
+
+
+@dataclass(frozen=True)
+class FleetContext:
+    """What every subcommand gets."""
+
+    home: Path
+
+
+pass_context = click.make_pass_decorator(FleetContext)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="edge-fleet")
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="EDGE_FLEET_HOME",
+    default=DEFAULT_HOME,
+    show_default=True,
+    help="The controller's state directory (keys, CA, fleet database, release repository).",
+)
+@click.pass_context
+def main(ctx: click.Context, home: Path) -> None:
+    """edge-fleet: sign, push and roll out small language models to a fleet of edge devices."""
+    ctx.obj = FleetContext(home=home.expanduser())
