@@ -52,9 +52,7 @@ class ProtocolError(Exception):
 class DecodeError(ProtocolError):
     """Input is not well-formed: bad bytes, bad JSON, a missing or out-of-range field."""
 
-    hint = (
-        "The message is malformed. It was produced by a buggy or hostile peer, or was truncated in transit."
-    )
+    hint = "The message is malformed. It was produced by a buggy or hostile peer, or was truncated in transit."
 
 
 class UnknownTypeError(DecodeError):

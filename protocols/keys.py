@@ -61,9 +61,15 @@ def public_key_from_raw(raw: bytes) -> Ed25519PublicKey:
 
 
 def private_key_to_pem(key: Ed25519PrivateKey, password: bytes | None = None) -> bytes:
-    """PKCS#8 PEM of a private key, encrypted when ``password`` is given."""
+    """PKCS#8 PEM of a private key, encrypted when ``password`` is given.
+
+    Raises:
+        ValueError: ``password`` is empty (an empty password would silently write an unencrypted key).
+    """
+    if password is not None and not password:
+        raise ValueError("an empty password would leave the key unencrypted; pass None for no encryption")
     encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(password) if password is not None else serialization.NoEncryption()
     )
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 

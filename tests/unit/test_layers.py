@@ -23,7 +23,5 @@ def test_check_catches_cross_import(tmp_path: Path) -> None:
     (tmp_path / "protocols" / "y.py").write_text("import aiohttp\n")
     found = violations(tmp_path)
     assert len(found) == 2
-    assert (
-        "agent must not import controller.cli" in found[0] or "agent must not import controller" in found[0]
-    )
+    assert "agent must not import controller.cli" in found[0] or "agent must not import controller" in found[0]
     assert "protocols must stay pure" in found[1]
