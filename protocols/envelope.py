@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocols.canonical import canonical_json, loads_object
 from protocols.errors import DecodeError, ThresholdError, UnknownKeyError, VerificationError
 from protocols.keys import SIGNATURE_BYTES, keyid, verify_signature
 from protocols.limits import DEFAULT_LIMITS, Limits
@@ -193,9 +193,7 @@ def verify_envelope(
         raise ValueError(f"threshold must be at least 1, got {threshold}")
     envelope = _decode(data, limits)
     if envelope.payload_type != payload_type:
-        raise VerificationError(
-            f"payload type {envelope.payload_type!r} is not the expected {payload_type!r}"
-        )
+        raise VerificationError(f"payload type {envelope.payload_type!r} is not the expected {payload_type!r}")
     message = pae(envelope.payload_type, envelope.payload)
     verified: set[str] = set()
     for signature in envelope.signatures:
@@ -214,9 +212,7 @@ def verify_envelope(
     if not verified:
         raise UnknownKeyError(f"no valid signature by any of {len(trusted)} trusted key(s)")
     if len(verified) < threshold:
-        raise ThresholdError(
-            f"{len(verified)} distinct trusted key(s) signed validly, the threshold is {threshold}"
-        )
+        raise ThresholdError(f"{len(verified)} distinct trusted key(s) signed validly, the threshold is {threshold}")
     return envelope.payload
 
 
@@ -239,35 +235,21 @@ def peek_payload_type(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> str:
     return _decode(data, limits).payload_type
 
 
-def _canonical_json(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def _encode(envelope: _Envelope, limits: Limits) -> bytes:
     if len(envelope.signatures) > limits.max_signatures:
         raise ValueError(f"{len(envelope.signatures)} signatures exceed the limit of {limits.max_signatures}")
-    data = _canonical_json(
+    data = canonical_json(
         {
             "payload": base64.b64encode(envelope.payload).decode("ascii"),
             "payloadType": envelope.payload_type,
             "signatures": [
-                {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")}
-                for s in envelope.signatures
+                {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in envelope.signatures
             ],
         }
     )
     if len(data) > limits.max_message_bytes:
         raise ValueError(f"envelope of {len(data)} bytes exceeds the limit of {limits.max_message_bytes}")
     return data
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj: dict[str, object] = {}
-    for name, value in pairs:
-        if name in obj:
-            raise DecodeError(f"duplicate JSON key {name!r} in envelope")
-        obj[name] = value
-    return obj
 
 
 def _b64decode(value: object, field: str) -> bytes:
@@ -288,9 +270,7 @@ def _decode_signature(entry: object, index: int) -> _Signature:
     if not isinstance(entry, dict):
         raise DecodeError(f"signature {index} must be a JSON object, got {type(entry).__name__}")
     if set(entry) != _SIGNATURE_FIELDS:
-        raise DecodeError(
-            f"signature {index} must have exactly the fields keyid and sig, got {sorted(entry)}"
-        )
+        raise DecodeError(f"signature {index} must have exactly the fields keyid and sig, got {sorted(entry)}")
     kid = entry["keyid"]
     if not isinstance(kid, str) or not KEYID_RE.fullmatch(kid):
         raise DecodeError(f"signature {index} has an invalid keyid: expected 64 lower-case hex characters")
@@ -301,19 +281,8 @@ def _decode_signature(entry: object, index: int) -> _Signature:
 
 
 def _decode(data: bytes, limits: Limits) -> _Envelope:
-    if len(data) > limits.max_message_bytes:
-        raise DecodeError(f"envelope of {len(data)} bytes exceeds the limit of {limits.max_message_bytes}")
-    try:
-        text = data.decode("utf-8")
-        obj: object = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"envelope is not UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise DecodeError(f"envelope is not JSON: {exc}") from exc
-    except RecursionError as exc:  # hostile nesting such as [[[[...]]]] within the size limit
-        raise DecodeError("envelope JSON is nested too deeply") from exc
-    if not isinstance(obj, dict):
-        raise DecodeError(f"envelope must be a JSON object, got {type(obj).__name__}")
+    # Size, UTF-8, duplicate keys, nesting depth and "top level is an object" are checked by loads_object.
+    obj = loads_object(data, max_bytes=limits.max_message_bytes)
     if set(obj) != _FIELDS:
         raise DecodeError(f"envelope must have exactly the fields {sorted(_FIELDS)}, got {sorted(obj)}")
 
@@ -332,6 +301,6 @@ def _decode(data: bytes, limits: Limits) -> _Envelope:
     signatures = tuple(_decode_signature(entry, i) for i, entry in enumerate(entries))
 
     # Last, so that the messages above name the actual defect: one byte encoding per envelope.
-    if _canonical_json(obj) != data:
+    if canonical_json(obj) != data:
         raise DecodeError("envelope is not canonical JSON (sorted keys, compact separators, UTF-8)")
     return _Envelope(payload_type, payload, signatures)
