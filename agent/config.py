@@ -24,6 +24,7 @@ __all__ = [
     "AgentConfig",
     "ApiConfig",
     "InferenceConfig",
+    "LinkConfig",
     "LogConfig",
     "ModelOverrides",
     "RegistryConfig",
@@ -116,6 +117,34 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """The MQTT link to the controller (used once the device is enrolled: ``edge-agent enroll``)."""
+
+    enabled: bool = True
+    host: str = ""
+    """Override the broker host from the enrollment bundle (empty = the bundle's)."""
+    port: int = 0
+    """Override the broker port from the enrollment bundle (0 = the bundle's)."""
+    keepalive_s: int = 30
+    """MQTT keepalive; a dead (even half-open) connection is noticed within about twice this."""
+    session_expiry_s: int = 7 * 24 * 3600
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    state_interval_s: float = 60.0
+    """The retained state is re-published at least this often (the controller's heartbeat)."""
+    state_check_interval_s: float = 5.0
+    """How often the state is rebuilt to see whether it changed (it is published at once when it did)."""
+    resend_after_s: float = 30.0
+    """An unacked outbox message is sent again after this long, doubling up to ``resend_max_s``."""
+    resend_max_s: float = 600.0
+    max_outbox_messages: int = 10000
+    """Most messages waiting for an ack; past it new ones are refused (never silently dropped)."""
+    max_send_attempts: int = 3
+    """Connections that may die while one message is in flight before it is set aside as undeliverable."""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything the agent is configured with."""
 
@@ -125,6 +154,7 @@ class AgentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
     config_path: Path | None = None
 
 
@@ -147,6 +177,7 @@ def _convert(cls: type[Any], key: str, value: Any, where: str) -> Any:
         (AgentConfig, "inference"): InferenceConfig,
         (AgentConfig, "registry"): RegistryConfig,
         (AgentConfig, "log"): LogConfig,
+        (AgentConfig, "link"): LinkConfig,
     }
     if (cls, key) in nested:
         return _build(nested[(cls, key)], value, where)

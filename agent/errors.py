@@ -20,11 +20,14 @@ place (``agent/api/errors.py``) by reading these attributes, so adding an error 
      │    ├── MemoryBudgetError        503 the model does not fit the memory budget even after unloading others
      │    ├── OverloadedError          429 the queue is full (carries ``retry_after`` seconds)
      │    └── DeadlineExceededError    504 the request's deadline passed
-     └── ApiError                      400 a request the local API refuses
-          ├── BadRequestError          400 malformed or out-of-range input
-          ├── AuthenticationError      401 missing or wrong credentials
-          ├── PermissionDeniedError    403 credentials valid but not allowed
-          └── PayloadTooLargeError     413 body over the configured limit
+     ├── ApiError                      400 a request the local API refuses
+     │    ├── BadRequestError          400 malformed or out-of-range input
+     │    ├── AuthenticationError      401 missing or wrong credentials
+     │    ├── PermissionDeniedError    403 credentials valid but not allowed
+     │    └── PayloadTooLargeError     413 body over the configured limit
+     └── LinkError                     503 the link to the controller (agent/link/)
+          ├── EnrollmentError          500 no, or an invalid, enrollment bundle
+          └── OutboxFullError          503 too many messages wait for the controller's ack
 """
 
 from __future__ import annotations
@@ -37,13 +40,16 @@ __all__ = [
     "ConfigError",
     "DeadlineExceededError",
     "EngineLoadError",
+    "EnrollmentError",
     "InferenceError",
     "InsufficientSpaceError",
     "IntegrityError",
     "InvalidModelError",
+    "LinkError",
     "MemoryBudgetError",
     "ModelNotFoundError",
     "ModelStateError",
+    "OutboxFullError",
     "OverloadedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -191,3 +197,24 @@ class PayloadTooLargeError(ApiError):
 
     http_status = 413
     error_code = "payload_too_large"
+
+
+class LinkError(AgentError):
+    """The link to the controller (enrollment, outbox, MQTT) failed; the agent keeps serving regardless."""
+
+    http_status = 503
+    error_type = "server_error"
+    error_code = "link_unavailable"
+
+
+class EnrollmentError(LinkError):
+    """The device is not enrolled, or its enrollment bundle is invalid."""
+
+    http_status = 500
+    error_code = "not_enrolled"
+
+
+class OutboxFullError(LinkError):
+    """Too many messages wait for the controller's ack; new ones are refused rather than dropped."""
+
+    error_code = "outbox_full"

@@ -16,9 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-)
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
 def free_port() -> int:
@@ -140,9 +138,7 @@ class Mosquitto:
                 return
             time.sleep(0.05)
         self.kill()
-        raise RuntimeError(
-            f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s\n{self.log()}"
-        )
+        raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s\n{self.log()}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the broker with SIGTERM (it saves its persistence file) and wait for it."""

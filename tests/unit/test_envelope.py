@@ -91,9 +91,7 @@ def test_envelope_is_canonical_dsse_json() -> None:
     payload_type=payload_types,
     signers=st.integers(1, 3),
 )
-def test_flipping_any_byte_is_rejected(
-    data: st.DataObject, payload: bytes, payload_type: str, signers: int
-) -> None:
+def test_flipping_any_byte_is_rejected(data: st.DataObject, payload: bytes, payload_type: str, signers: int) -> None:
     """Flipping any bits of any byte of a signed envelope makes verification raise, never return."""
     keys = [A, B, C][:signers]
     envelope = bytearray(sign_envelope(payload, payload_type, keys))
@@ -220,9 +218,7 @@ def test_oversized_envelope_rejected() -> None:
         sign_envelope(big, PT, [A])
     small = Limits(max_message_bytes=256)
     with pytest.raises(DecodeError, match="more than the limit"):
-        verify_envelope(
-            sign_envelope(b"y" * 200, PT, [A]), trust(A), threshold=1, payload_type=PT, limits=small
-        )
+        verify_envelope(sign_envelope(b"y" * 200, PT, [A]), trust(A), threshold=1, payload_type=PT, limits=small)
 
 
 def test_too_many_signatures_rejected() -> None:
@@ -258,9 +254,7 @@ MALFORMED: dict[str, Callable[[], bytes]] = {
     "leading whitespace": lambda: b"\n" + _valid(),
     "two envelopes": lambda: _valid() + _valid(),
     "pretty printed": lambda: json.dumps(json.loads(_valid()), indent=2, sort_keys=True).encode(),
-    "unsorted keys": lambda: json.dumps(
-        dict(reversed(json.loads(_valid()).items())), separators=(",", ":")
-    ).encode(),
+    "unsorted keys": lambda: json.dumps(dict(reversed(json.loads(_valid()).items())), separators=(",", ":")).encode(),
     "duplicate field": lambda: _valid()[:-1] + b',"payloadType":"' + PT.encode() + b'"}',
     "deep nesting": lambda: b"[" * 100_000 + b"]" * 100_000,
     "missing payload": lambda: edit(_valid(), lambda o: o.pop("payload")),

@@ -98,9 +98,7 @@ def test_ec_public_pem_rejected() -> None:
         public_key_from_pem(EC_PUBLIC_PEM)
 
 
-@pytest.mark.parametrize(
-    "data", [b"", b"not a pem", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"]
-)
+@pytest.mark.parametrize("data", [b"", b"not a pem", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
 def test_garbage_pem_rejected(data: bytes) -> None:
     """Bytes that are not a PEM key are rejected with DecodeError, for private and public loaders."""
     with pytest.raises(DecodeError):

@@ -1,0 +1,317 @@
+"""``edge-agent models``: import, list, activate, roll back, remove and garbage-collect models.
+
+Every command goes through :func:`open_models_admin`, the one place that decides where it runs: today
+directly on the state directory (the registry's process lock refuses if the daemon has it open); the path
+through the daemon's socket plugs in there, behind the same :class:`ModelAdmin` interface.
+
+Errors the agent raises on purpose (bad names, unreadable or invalid files, hash mismatches, no space, wrong
+state) are printed as one line and exit with status 1, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from agent.errors import AgentError
+from agent.registry import GcResult, ModelRecord, Registry
+
+if TYPE_CHECKING:
+    from agent.cli import AgentContext
+
+__all__ = ["ModelAdmin", "models", "open_models_admin"]
+
+# The root group puts an ``agent.cli.AgentContext`` in ``ctx.obj``. ``pass_obj`` (rather than
+# ``agent.cli.pass_context``, which matches by class) keeps these commands working when the root runs as
+# ``python -m agent.cli``: there the root's AgentContext is ``__main__.AgentContext``, a different class
+# object from ``agent.cli.AgentContext``, and a by-class lookup would find nothing.
+pass_context = click.pass_obj
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_PROGRESS_MIN_BYTES = 32 * 1024 * 1024
+"""Files at least this big get a progress bar while they are copied (about a second on slow storage)."""
+
+
+class ModelAdmin(Protocol):
+    """What the ``models`` commands need; :class:`~agent.registry.Registry` provides it locally."""
+
+    def import_file(
+        self,
+        src: Path,
+        *,
+        name: str,
+        variant: str,
+        version: int | None = None,
+        origin: str = "import",
+        expected_sha256: str | None = None,
+        activate: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ModelRecord: ...
+
+    def list_models(self, name: str | None = None, *, include_removed: bool = False) -> list[ModelRecord]: ...
+
+    def get(self, name: str, variant: str | None = None, version: int | None = None) -> ModelRecord: ...
+
+    def activate(self, name: str, variant: str | None = None, version: int | None = None) -> ModelRecord: ...
+
+    def rollback(self, name: str) -> ModelRecord: ...
+
+    def remove(
+        self, name: str, variant: str | None = None, version: int | None = None, *, force: bool = False
+    ) -> list[ModelRecord]: ...
+
+    def gc(self) -> GcResult: ...
+
+    def blob_path(self, record: ModelRecord) -> Path: ...
+
+
+@contextlib.contextmanager
+def open_models_admin(ctx: AgentContext) -> Iterator[ModelAdmin]:
+    """Open what the models commands talk to: the local registry (after crash recovery).
+
+    This is the single local-vs-socket decision point: when the daemon's socket is served (added with the
+    daemon), a client speaking the admin API is yielded here instead of the registry.
+    """
+    config = ctx.config
+    registry = Registry.open(config.state_dir, config.registry)
+    try:
+        report = registry.recover()
+        if report.changed:
+            click.echo(
+                "recovered interrupted installs: "
+                f"resumed {report.resumed or '-'}, abandoned {report.abandoned or '-'}, "
+                f"quarantined {report.quarantined or '-'}, failed {report.failed or '-'}, "
+                f"stale partial files {report.stale_partials}",
+                err=True,
+            )
+        yield registry
+    finally:
+        registry.close()
+
+
+def _clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn the agent's own errors into one-line click errors (exit status 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except AgentError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def human_size(n: int) -> str:
+    """Bytes in binary units, e.g. ``93.8 MiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _summary(record: ModelRecord) -> str:
+    return f"{record.ref} ({record.format}, {human_size(record.size)}, sha256 {record.sha256[:12]}) {record.state}"
+
+
+@click.group("models")
+def models() -> None:
+    """Manage the models installed on this device."""
+
+
+@models.command("import")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", required=True, help="Model family name, e.g. smollm2-135m-instruct.")
+@click.option("--variant", required=True, help="Variant, e.g. q4_0, q8_0, onnx-fp32.")
+@click.option("--version", type=click.IntRange(min=0), help="Version number [default: next for NAME].")
+@click.option("--sha256", "expected_sha256", help="Refuse the file unless its sha256 is this.")
+@click.option("--origin", default="import", show_default=True, help="Where the file came from.")
+@click.option("--no-activate", is_flag=True, help="Install without making it the active model.")
+@pass_context
+@_clean_errors
+def import_command(
+    ctx: AgentContext,
+    file: Path,
+    name: str,
+    variant: str,
+    version: int | None,
+    expected_sha256: str | None,
+    origin: str,
+    no_activate: bool,
+) -> None:
+    """Import a local GGUF or ONNX FILE (air-gapped install): copy, verify, then activate."""
+    with open_models_admin(ctx) as admin, _progress(file) as progress:
+        record = admin.import_file(
+            file,
+            name=name,
+            variant=variant,
+            version=version,
+            origin=origin,
+            expected_sha256=expected_sha256,
+            activate=not no_activate,
+            progress=progress,
+        )
+    click.echo(f"imported {_summary(record)}")
+
+
+@contextlib.contextmanager
+def _progress(file: Path) -> Iterator[Callable[[int, int], None] | None]:
+    try:
+        size = file.stat().st_size
+    except OSError:
+        size = 0
+    if size < _PROGRESS_MIN_BYTES:
+        yield None
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"copying {file.name}", total=size)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@models.command("list")
+@click.argument("name", required=False)
+@click.option("--all", "include_removed", is_flag=True, help="Include removed models.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@pass_context
+@_clean_errors
+def list_command(ctx: AgentContext, name: str | None, include_removed: bool, as_json: bool) -> None:
+    """List installed models (optionally of one NAME)."""
+    with open_models_admin(ctx) as admin:
+        records = admin.list_models(name, include_removed=include_removed)
+    if as_json:
+        for record in records:
+            click.echo(json.dumps(record.to_dict(), sort_keys=True))
+        return
+    table = Table("name", "variant", "version", "format", "size", "state", "sha256", box=None)
+    for r in records:
+        style = {"active": "bold green", "quarantined": "red", "removed": "dim"}.get(r.state)
+        table.add_row(
+            r.name, r.variant, str(r.version), r.format, human_size(r.size), r.state, r.sha256[:12], style=style
+        )
+    console = Console()
+    if records:
+        console.print(table)
+    else:
+        console.print("no models installed")
+
+
+@models.command("show")
+@click.argument("name")
+@click.option("--variant", help="Variant [default: the active one].")
+@click.option("--version", type=click.IntRange(min=0), help="Version [default: the active one, else latest].")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+@pass_context
+@_clean_errors
+def show_command(ctx: AgentContext, name: str, variant: str | None, version: int | None, as_json: bool) -> None:
+    """Show one model: its record, metadata and blob path."""
+    with open_models_admin(ctx) as admin:
+        record = admin.get(name, variant, version)
+        blob = admin.blob_path(record)
+    if as_json:
+        click.echo(json.dumps({**record.to_dict(), "blob": str(blob)}, indent=2, sort_keys=True))
+        return
+    lines = [
+        ("model", record.ref),
+        ("state", record.state),
+        ("format", record.format),
+        ("size", f"{human_size(record.size)} ({record.size} bytes)"),
+        ("sha256", record.sha256),
+        ("params", f"{record.params:,}" if record.params is not None else "-"),
+        ("context length", str(record.context_length or "-")),
+        ("licence", record.licence or "-"),
+        ("origin", record.origin),
+        ("created", _when(record.created_ts)),
+        ("updated", _when(record.updated_ts)),
+        ("blob", str(blob)),
+    ]
+    lines += [(f"  {key}", json.dumps(value)) for key, value in sorted(record.metadata.items())]
+    width = max(len(key) for key, _ in lines)
+    for key, value in lines:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@models.command("activate")
+@click.argument("name")
+@click.option("--variant", help="Variant to activate.")
+@click.option("--version", type=click.IntRange(min=0), help="Version to activate [default: latest].")
+@pass_context
+@_clean_errors
+def activate_command(ctx: AgentContext, name: str, variant: str | None, version: int | None) -> None:
+    """Make a version of NAME the active one (the current one becomes previous)."""
+    with open_models_admin(ctx) as admin:
+        record = admin.activate(name, variant, version)
+    click.echo(f"active: {_summary(record)}")
+
+
+@models.command("rollback")
+@click.argument("name")
+@pass_context
+@_clean_errors
+def rollback_command(ctx: AgentContext, name: str) -> None:
+    """Re-activate the previous version of NAME (instant: its file is kept)."""
+    with open_models_admin(ctx) as admin:
+        record = admin.rollback(name)
+    click.echo(f"rolled back: {_summary(record)}")
+
+
+@models.command("rm")
+@click.argument("name")
+@click.option("--variant", help="Only this variant.")
+@click.option("--version", type=click.IntRange(min=0), help="Only this version.")
+@click.option("--force", is_flag=True, help="Also remove the active model.")
+@pass_context
+@_clean_errors
+def rm_command(ctx: AgentContext, name: str, variant: str | None, version: int | None, force: bool) -> None:
+    """Remove models of NAME (all versions unless --variant/--version narrow it)."""
+    with open_models_admin(ctx) as admin:
+        removed = admin.remove(name, variant, version, force=force)
+    for record in removed:
+        click.echo(f"removed {record.ref}")
+
+
+@models.command("gc")
+@pass_context
+@_clean_errors
+def gc_command(ctx: AgentContext) -> None:
+    """Garbage-collect: keep active + previous per name, honour the disk quota, drop orphan files."""
+    with open_models_admin(ctx) as admin:
+        result = admin.gc()
+    for ref in result.removed_models:
+        click.echo(f"removed {ref}")
+    click.echo(
+        f"deleted {result.deleted_blobs} blob(s) and {result.deleted_partials} partial file(s), "
+        f"freed {human_size(result.freed_bytes)}; blobs now use {human_size(result.blob_bytes)}"
+    )
+    if result.over_quota:
+        click.echo("warning: active models alone exceed the disk quota", err=True)
