@@ -1,0 +1,278 @@
+"""The llama engine against the real SmolLM2-135M-Instruct GGUF (loaded once for the module)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import time
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.errors import BadRequestError, EngineLoadError, InferenceError
+from agent.inference import (
+    ChatMessage,
+    Finished,
+    GenerationEvent,
+    LoadedModel,
+    ModelSpec,
+    SamplingParams,
+    TextDelta,
+    load_model,
+)
+
+pytestmark = pytest.mark.component
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+CAPITAL = [
+    ChatMessage("system", "You are a helpful assistant."),
+    ChatMessage("user", "What is the capital of France?"),
+]
+# Raw text that a small model continues (counting) for far longer than any test waits.
+ENDLESS = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
+@functools.cache
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _spec(model_path: Path, **overrides: object) -> ModelSpec:
+    fields: dict[str, object] = {
+        "name": "smollm2-135m-instruct",
+        "variant": "q4_1",
+        "path": model_path,
+        "format": "gguf",
+        "sha256": _sha256(model_path),
+        "size": model_path.stat().st_size,
+        "n_ctx": 2048,
+        "n_threads": 2,
+        "n_parallel": 1,
+    }
+    fields.update(overrides)
+    return ModelSpec(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path: Path) -> Iterator[LoadedModel]:
+    model = load_model(_spec(smollm2_path))
+    yield model
+    asyncio.run(model.aclose())
+
+
+async def _collect(stream: AsyncGenerator[GenerationEvent, None]) -> tuple[list[str], Finished]:
+    deltas: list[str] = []
+    async with contextlib.aclosing(stream):
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                deltas.append(event.text)
+            else:
+                return deltas, event
+    raise AssertionError("the stream ended without a Finished event")
+
+
+async def test_chat_at_temperature_zero_answers_sensibly(smollm2: LoadedModel) -> None:
+    """A greedy chat completion returns non-empty English text that answers the question."""
+    deltas, finished = await _collect(smollm2.chat(CAPITAL, GREEDY))
+    text = "".join(deltas)
+    assert "Paris" in text
+    assert finished.finish_reason == "stop"
+
+
+async def test_stream_yields_several_deltas_then_finished_with_usage(smollm2: LoadedModel) -> None:
+    """Streaming yields several text deltas, then exactly one Finished carrying the token usage, then ends."""
+    events = [event async for event in smollm2.chat(CAPITAL, GREEDY)]
+    assert len(events) >= 4
+    assert all(isinstance(e, TextDelta) and e.text for e in events[:-1])
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.usage.prompt_tokens > 10
+    assert len(events) - 1 <= finished.usage.completion_tokens <= GREEDY.max_tokens
+    assert smollm2.capabilities == {"chat", "completion", "embedding"}
+
+
+async def test_max_tokens_ends_with_length(smollm2: LoadedModel) -> None:
+    """A generation stops after max_tokens tokens with finish_reason "length"."""
+    deltas, finished = await _collect(smollm2.complete(ENDLESS, SamplingParams(temperature=0.0, max_tokens=5)))
+    assert finished.finish_reason == "length"
+    assert finished.usage.completion_tokens == 5
+    assert deltas
+
+
+async def test_stop_string_ends_output_before_it(smollm2: LoadedModel) -> None:
+    """A stop string ends the completion with "stop"; neither it nor anything after it is emitted."""
+    params = SamplingParams(temperature=0.0, max_tokens=32, stop=(" 13,",))
+    deltas, finished = await _collect(smollm2.complete(ENDLESS, params))
+    text = "".join(deltas)
+    assert finished.finish_reason == "stop"
+    assert "11, 12," in text
+    assert "13" not in text
+
+
+async def test_same_seed_and_temperature_give_same_text(smollm2: LoadedModel) -> None:
+    """Sampling at temperature > 0 with the same seed twice produces the same text."""
+    messages = [ChatMessage("user", "Write a poem about the sea.")]
+    params = SamplingParams(temperature=0.9, max_tokens=24, seed=42)
+    first, _ = await _collect(smollm2.chat(messages, params))
+    second, _ = await _collect(smollm2.chat(messages, params))
+    assert "".join(first) == "".join(second)
+    assert "".join(first).strip()
+
+
+async def _timed(stream: AsyncGenerator[GenerationEvent, None]) -> tuple[float, list[str], Finished]:
+    started = time.monotonic()
+    deltas, finished = await _collect(stream)
+    return time.monotonic() - started, deltas, finished
+
+
+# A cancelled ENDLESS request left running would generate LONG tokens ahead of the next request: more than
+# SLOWER times the time a short request takes alone (measured first, so CPU contention affects both alike).
+LONG = 1500
+SHORT = SamplingParams(temperature=0.0, max_tokens=4)
+SLOWER = 20
+
+
+async def test_cancelling_the_consumer_stops_generation_and_frees_the_model(smollm2: LoadedModel) -> None:
+    """Cancelling the consuming task (a client disconnect) stops the worker at the next token; the next request runs."""
+    alone, _, _ = await _timed(smollm2.complete(ENDLESS, SHORT))
+    seen = asyncio.Event()
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for event in smollm2.complete(ENDLESS, SamplingParams(temperature=0.0, max_tokens=LONG)):
+            assert isinstance(event, TextDelta)
+            received.append(event.text)
+            if len(received) == 3:
+                seen.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(seen.wait(), timeout=60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    after, deltas, finished = await _timed(smollm2.complete(ENDLESS, SHORT))
+    assert finished.usage.completion_tokens == SHORT.max_tokens
+    assert deltas
+    assert after < SLOWER * alone + 1.0, f"{after:.2f}s after cancelling vs {alone:.2f}s alone"
+
+
+async def test_closing_the_stream_early_frees_the_model(smollm2: LoadedModel) -> None:
+    """Closing the async iterator after a few deltas stops the generation; the next request completes promptly."""
+    alone, _, _ = await _timed(smollm2.complete(ENDLESS, SHORT))
+    stream = smollm2.complete(ENDLESS, SamplingParams(temperature=0.0, max_tokens=LONG))
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            break
+    after, deltas, finished = await _timed(smollm2.complete(ENDLESS, SHORT))
+    assert finished.usage.completion_tokens == SHORT.max_tokens
+    assert deltas
+    assert after < SLOWER * alone + 1.0, f"{after:.2f}s after closing vs {alone:.2f}s alone"
+
+
+async def test_closing_the_model_cancels_requests_in_flight_and_queued(smollm2_path: Path) -> None:
+    """aclose() ends a running and a queued generation with finish_reason "cancelled"; later calls are refused."""
+    model = await asyncio.to_thread(load_model, _spec(smollm2_path))
+    params = SamplingParams(temperature=0.0, max_tokens=1500)
+    running = model.complete(ENDLESS, params)
+    first = await anext(running)
+    assert isinstance(first, TextDelta)
+    queued = asyncio.create_task(_collect(model.complete(ENDLESS, params)))
+    await asyncio.sleep(0.05)  # let the queued request reach the worker's queue
+    await asyncio.wait_for(model.aclose(), timeout=10)
+    rest = [event async for event in running]
+    assert isinstance(rest[-1], Finished)
+    assert rest[-1].finish_reason == "cancelled"
+    assert rest[-1].usage.completion_tokens < 1500
+    queued_deltas, queued_finished = await queued
+    assert (queued_deltas, queued_finished.finish_reason) == ([], "cancelled")
+    with pytest.raises(InferenceError, match="closed"):
+        await _collect(model.chat(CAPITAL, GREEDY))
+    with pytest.raises(InferenceError, match="closed"):
+        model.count_tokens("x")
+
+
+async def test_concurrent_requests_are_queued_not_interrupted(smollm2: LoadedModel) -> None:
+    """Two concurrent requests both complete, one after the other, each with exactly its standalone output."""
+    other = [ChatMessage("user", "Count from 1 to 10.")]
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    alone_a, _ = await _collect(smollm2.chat(CAPITAL, params))
+    alone_b, _ = await _collect(smollm2.chat(other, params))
+    order: list[str] = []
+
+    async def run(tag: str, messages: list[ChatMessage]) -> tuple[list[str], Finished]:
+        deltas: list[str] = []
+        async for event in smollm2.chat(messages, params):
+            order.append(tag)
+            if isinstance(event, TextDelta):
+                deltas.append(event.text)
+            else:
+                return deltas, event
+        raise AssertionError("no Finished event")
+
+    (deltas_a, fin_a), (deltas_b, fin_b) = await asyncio.gather(run("a", CAPITAL), run("b", other))
+    assert deltas_a == alone_a
+    assert deltas_b == alone_b
+    assert fin_a.finish_reason in {"stop", "length"}
+    assert fin_b.finish_reason in {"stop", "length"}
+    assert order == sorted(order), f"the requests interleaved: {order}"
+
+
+async def test_prompt_longer_than_context_is_refused_before_any_event(smollm2: LoadedModel) -> None:
+    """A prompt that does not fit the context raises BadRequestError before the first event."""
+    stream = smollm2.complete("word " * 3000, GREEDY)
+    async with contextlib.aclosing(stream):
+        with pytest.raises(BadRequestError, match="context"):
+            await anext(stream)
+
+
+async def test_embeddings_are_normalised_and_similar_texts_are_closer(smollm2: LoadedModel) -> None:
+    """Embeddings are unit vectors of one dimension, and paraphrases are closer than unrelated texts."""
+    texts = ["The cat sits on the mat.", "A cat is sitting on a mat.", "Stock markets fell sharply today."]
+    result = await smollm2.embed(texts)
+    vectors = np.array(result.vectors)
+    assert vectors.shape == (3, result.dimensions)
+    assert result.dimensions > 0
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > similarity[0, 2]
+    assert similarity[0, 1] > similarity[1, 2]
+    # SmolLM2's GGUF adds no BOS token, so the usage is exactly the texts' own tokens.
+    assert result.prompt_tokens == sum(smollm2.count_tokens(t) for t in texts)
+
+
+async def test_empty_embedding_input_is_refused(smollm2: LoadedModel) -> None:
+    """An empty list or an empty string cannot be embedded."""
+    with pytest.raises(BadRequestError):
+        await smollm2.embed([])
+    with pytest.raises(BadRequestError):
+        await smollm2.embed(["fine", ""])
+
+
+def test_count_tokens_counts_without_special_tokens(smollm2: LoadedModel) -> None:
+    """count_tokens counts the text's own tokens, more for longer text."""
+    assert smollm2.count_tokens("") == 0
+    assert 1 <= smollm2.count_tokens("Hello") < smollm2.count_tokens("Hello there, how are you today?")
+
+
+def test_wrong_size_or_missing_file_is_refused_before_load(smollm2_path: Path, tmp_path: Path) -> None:
+    """A file whose size differs from the spec, or a missing file, fails with EngineLoadError."""
+    with pytest.raises(EngineLoadError, match="bytes, expected"):
+        load_model(_spec(smollm2_path, size=smollm2_path.stat().st_size - 1))
+    with pytest.raises(EngineLoadError, match="cannot open"):
+        load_model(_spec(smollm2_path, path=tmp_path / "absent.gguf"))
+
+
+def test_a_file_llama_cpp_refuses_is_an_engine_load_error(tmp_path: Path) -> None:
+    """A file that is not a GGUF model fails with EngineLoadError, not a native crash."""
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    with pytest.raises(EngineLoadError, match=r"llama\.cpp cannot load it"):
+        load_model(_spec(junk, size=junk.stat().st_size, sha256=_sha256(junk)))
