@@ -69,19 +69,147 @@ pass_context = click.make_pass_decorator(AgentContext)
     help="Unix socket of the local API [default: /run/edge-agent/api.sock].",
 )
 @click.pass_context
-def main(
-    ctx: click.Context, config_path: Path | None, state_dir: Path | None, socket_path: Path | None
-) -> None:
+def main(ctx: click.Context, config_path: Path | None, state_dir: Path | None, socket_path: Path | None) -> None:
     """edge-agent: serve small language models on this device, online or offline."""
     ctx.obj = AgentContext(config_path=config_path, state_dir=state_dir, socket_path=socket_path)
 
 
-def _run() -> None:  # pragma: no cover - exercised through the console script
+# --- daemon, status, chat ---------------------------------------------------------------------------------
+
+
+@main.command()
+@pass_context
+def run(ctx: AgentContext) -> None:
+    """Run the agent daemon in the foreground (systemd runs exactly this)."""
+    import asyncio
+
+    from agent import daemon
+    from agent.logs import configure_logging
+
+    config = ctx.config
+    configure_logging(config.log.level, json=config.log.json)
     try:
-        main(standalone_mode=True)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        status = asyncio.run(daemon.run(config))
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(status)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    _run()
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_context
+def status(ctx: AgentContext, as_json: bool) -> None:
+    """Show whether the daemon runs, its loaded models and the registry's active models."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from agent.client import ApiClient, ApiClientError, DaemonNotRunningError
+
+    config = ctx.config
+    client = ApiClient(config.api.socket_path, token=os.environ.get("EDGE_AGENT_TOKEN"))
+    try:
+        info = client.request("GET", "/v1/admin/status", timeout=5.0)
+        running = True
+    except DaemonNotRunningError:
+        info, running = _offline_status(config), False
+    except ApiClientError as exc:
+        raise click.ClickException(exc.message) from exc
+    if as_json:
+        click.echo(json.dumps({"running": running, **info}, indent=2, default=str))
+        return
+    console = Console()
+    console.print(
+        f"daemon: {'[green]running[/]' if running else '[yellow]not running[/]'}  socket: {client.socket_path}"
+    )
+    table = Table("model", "variant", "version", "format", "state", "loaded")
+    loaded = {m.get("sha256") for m in info.get("loaded_models", [])}
+    for model in info.get("active_models", []):
+        table.add_row(
+            model["name"],
+            model["variant"],
+            str(model["version"]),
+            model["format"],
+            model["state"],
+            "yes" if model["sha256"] in loaded else "",
+        )
+    console.print(table)
+
+
+def _offline_status(config: AgentConfig) -> dict[str, object]:
+    from agent.registry import Registry
+
+    if not (config.state_dir / "registry.db").exists():
+        return {"active_models": [], "loaded_models": []}
+    registry = Registry.open(config.state_dir, config.registry)
+    try:
+        models = [
+            {
+                "name": m.name,
+                "variant": m.variant,
+                "version": m.version,
+                "format": m.format,
+                "state": m.state,
+                "sha256": m.sha256,
+            }
+            for m in registry.active_models()
+        ]
+    finally:
+        registry.close()
+    return {"active_models": models, "loaded_models": []}
+
+
+@main.command()
+@click.argument("model")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True)
+@click.option("--once", "prompt", default=None, help="Send one prompt, print the answer and exit.")
+@pass_context
+def chat(
+    ctx: AgentContext, model: str, system: str | None, temperature: float, max_tokens: int, prompt: str | None
+) -> None:
+    """Chat with MODEL through the running daemon, streaming the answer (Ctrl-D to quit)."""
+    from agent.client import ApiClient, ApiClientError
+
+    client = ApiClient(ctx.config.api.socket_path, token=os.environ.get("EDGE_AGENT_TOKEN"))
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = prompt is None
+    while True:
+        if interactive:
+            try:
+                prompt = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
+            except (EOFError, click.Abort):
+                click.echo()
+                return
+            if not prompt.strip():
+                continue
+        assert prompt is not None
+        history.append({"role": "user", "content": prompt})
+        body = {"model": model, "messages": history, "temperature": temperature, "max_tokens": max_tokens}
+        answer = []
+        try:
+            for event in client.stream("/v1/chat/completions", body):
+                for choice in event.get("choices", []):
+                    piece = choice.get("delta", {}).get("content") or ""
+                    answer.append(piece)
+                    click.echo(piece, nl=False)
+        except ApiClientError as exc:
+            raise click.ClickException(exc.message) from exc
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(answer)})
+        if not interactive:
+            return
+
+
+def _register_commands() -> None:
+    from agent.cli_models import models
+    from agent.cli_tokens import token
+
+    main.add_command(models)
+    main.add_command(token)
+
+
+_register_commands()
+

@@ -1,0 +1,104 @@
+"""``edge-agent run``: the agent's one asyncio process.
+
+Components are async context managers opened in one :class:`contextlib.AsyncExitStack`, in dependency order:
+registry (recovered first, so that an install interrupted by a crash is resumed or abandoned before anything
+serves), token store, model pool, API server. Long-lived loops (the systemd watchdog, and the MQTT link when
+the device is enrolled) are named tasks in a :class:`asyncio.TaskGroup`.
+
+Shutdown: SIGTERM or SIGINT sets the stop event; the daemon tells systemd ``STOPPING=1``, cancels the loops,
+then closes the components in reverse order — the API server first stops accepting and drains in-flight
+requests (up to ``api.drain_timeout_s``), then models unload and the databases close — and exits 0.
+Anything unexpected propagates: the process exits non-zero and systemd restarts it.
+
+Readiness: ``READY=1`` is sent only once the registry is open and recovered and the API socket listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+
+import structlog
+
+from agent import __version__
+from agent.api.app import ApiState
+from agent.api.server import ApiServer
+from agent.api.tokens import TokenStore
+from agent.config import AgentConfig
+from agent.inference import ModelPool
+from agent.registry import Registry
+from agent.systemd import SystemdNotifier, watchdog_loop
+
+__all__ = ["run"]
+
+log = structlog.get_logger(__name__)
+
+
+async def run(
+    config: AgentConfig,
+    *,
+    notifier: SystemdNotifier | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run the agent until SIGTERM/SIGINT (or ``stop`` is set); return the exit status.
+
+    Args:
+        config: the agent's configuration.
+        notifier: systemd notifier (default: from the environment; a no-op when not under systemd).
+        stop: an event that ends the daemon when set (tests); signals set it too.
+    """
+    notifier = notifier or SystemdNotifier()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _on_signal(stop, sig))
+            installed.append(sig)
+    structlog.contextvars.bind_contextvars(device_id=config.device_id)
+    try:
+        await _serve(config, notifier, stop)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        notifier.close()
+    log.info("agent.stopped")
+    return 0
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:
+    def handler() -> None:
+        log.info("agent.signal", signal=sig.name)
+        stop.set()
+
+    return handler
+
+
+async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.Event) -> None:
+    log.info("agent.starting", version=__version__, state_dir=str(config.state_dir))
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    async with contextlib.AsyncExitStack() as stack:
+        registry = await asyncio.to_thread(Registry.open, config.state_dir, config.registry)
+        stack.callback(registry.close)
+        recovery = await asyncio.to_thread(registry.recover)
+        log.info("registry.recovered", report=str(recovery))
+
+        tokens = await asyncio.to_thread(TokenStore.open, config.state_dir)
+        stack.callback(tokens.close)
+
+        pool = ModelPool(config.inference.memory_budget_bytes)
+        stack.push_async_callback(pool.aclose)
+
+        state = ApiState(config=config, registry=registry, pool=pool, tokens=tokens)
+        server = await stack.enter_async_context(ApiServer(state))
+
+        notifier.ready(status=f"serving on {server.socket_path}")
+        log.info("agent.ready", socket=str(server.socket_path))
+        async with asyncio.TaskGroup() as tasks:
+            watchdog = tasks.create_task(watchdog_loop(notifier, lambda: True), name="watchdog")
+            await stop.wait()
+            notifier.stopping()
+            log.info("agent.stopping")
+            watchdog.cancel()
