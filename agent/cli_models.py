@@ -1,8 +1,8 @@
 """``edge-agent models``: import, list, activate, roll back, remove and garbage-collect models.
 
-Every command goes through :func:`open_models_admin`, the one place that decides where it runs: today
-directly on the state directory (the registry's process lock refuses if the daemon has it open); the path
-through the daemon's socket plugs in there, behind the same :class:`ModelAdmin` interface.
+Every command goes through :func:`open_models_admin`, the one place that decides where it runs: through the
+daemon's admin API when an agent answers on the socket (the daemon holds the registry's process lock), else
+directly on the state directory. Both sides implement the same :class:`ModelAdmin` interface.
 
 Errors the agent raises on purpose (bad names, unreadable or invalid files, hash mismatches, no space, wrong
 state) are printed as one line and exit with status 1, never as a traceback.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from agent.errors import AgentError
+from agent.client import ApiClient, ApiClientError
+from agent.errors import AgentError, ModelNotFoundError
 from agent.registry import GcResult, ModelRecord, Registry
 
 if TYPE_CHECKING:
@@ -78,14 +81,114 @@ class ModelAdmin(Protocol):
     def blob_path(self, record: ModelRecord) -> Path: ...
 
 
+class SocketModelAdmin:
+    """:class:`ModelAdmin` over the running daemon's admin API (``/v1/admin/...``)."""
+
+    def __init__(self, client: ApiClient, blobs_dir: Path) -> None:
+        self._client = client
+        self._blobs_dir = blobs_dir
+
+    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        try:
+            return self._client.request(method, path, body)
+        except ApiClientError as exc:
+            raise AgentError(exc.message) from exc
+
+    @staticmethod
+    def _record(data: Mapping[str, Any]) -> ModelRecord:
+        return ModelRecord(
+            id=data["id"],
+            name=data["name"],
+            variant=data["variant"],
+            version=data["version"],
+            format=data["format"],
+            size=data["size"],
+            sha256=data["sha256"],
+            params=data.get("params"),
+            context_length=data.get("context_length"),
+            licence=data.get("licence"),
+            origin=data["origin"],
+            state=data["state"],
+            created_ts=data["created"],
+            updated_ts=data["updated"],
+            metadata=dict(data.get("metadata") or {}),
+        )
+
+    def import_file(
+        self,
+        src: Path,
+        *,
+        name: str,
+        variant: str,
+        version: int | None = None,
+        origin: str = "import",
+        expected_sha256: str | None = None,
+        activate: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ModelRecord:
+        body: dict[str, Any] = {"path": str(src.resolve()), "name": name, "variant": variant, "activate": activate}
+        if version is not None:
+            body["version"] = version
+        if expected_sha256 is not None:
+            body["sha256"] = expected_sha256
+        return self._record(self._call("POST", "/v1/admin/models", body))
+
+    def list_models(self, name: str | None = None, *, include_removed: bool = False) -> list[ModelRecord]:
+        records = [self._record(r) for r in self._call("GET", "/v1/admin/models")["data"]]
+        return [r for r in records if (name is None or r.name == name) and (include_removed or r.state != "removed")]
+
+    def get(self, name: str, variant: str | None = None, version: int | None = None) -> ModelRecord:
+        candidates = [
+            r
+            for r in self.list_models(name)
+            if (variant is None or r.variant == variant) and (version is None or r.version == version)
+        ]
+        if variant is None and version is None:
+            active = [r for r in candidates if r.state == "active"]
+            candidates = active or candidates
+        if not candidates:
+            raise ModelNotFoundError(f"no model {name!r} matches variant={variant} version={version}")
+        return max(candidates, key=lambda r: r.version)
+
+    def activate(self, name: str, variant: str | None = None, version: int | None = None) -> ModelRecord:
+        body = {k: v for k, v in (("variant", variant), ("version", version)) if v is not None}
+        return self._record(self._call("POST", f"/v1/admin/models/{name}/activate", body))
+
+    def rollback(self, name: str) -> ModelRecord:
+        return self._record(self._call("POST", f"/v1/admin/models/{name}/rollback", {}))
+
+    def remove(
+        self, name: str, variant: str | None = None, version: int | None = None, *, force: bool = False
+    ) -> list[ModelRecord]:
+        query = {"force": "true" if force else "false"}
+        if variant is not None:
+            query["variant"] = variant
+        if version is not None:
+            query["version"] = str(version)
+        data = self._call("DELETE", f"/v1/admin/models/{name}?{urllib.parse.urlencode(query)}")
+        return [self._record(r) for r in data["data"]]
+
+    def gc(self) -> GcResult:
+        data = self._call("POST", "/v1/admin/gc", {})
+        return GcResult(**{**data, "removed_models": tuple(data["removed_models"])})
+
+    def blob_path(self, record: ModelRecord) -> Path:
+        return self._blobs_dir / record.sha256
+
+
 @contextlib.contextmanager
 def open_models_admin(ctx: AgentContext) -> Iterator[ModelAdmin]:
-    """Open what the models commands talk to: the local registry (after crash recovery).
+    """Open what the models commands talk to: the daemon's admin API if it runs, else the local registry.
 
-    This is the single local-vs-socket decision point: when the daemon's socket is served (added with the
-    daemon), a client speaking the admin API is yielded here instead of the registry.
+    Locally the registry is recovered first, so an install interrupted by a crash is resumed or abandoned
+    before the command acts.
     """
     config = ctx.config
+    client = ApiClient(config.api.socket_path, token=os.environ.get("EDGE_AGENT_TOKEN"))
+    if client.is_running():
+        yield SocketModelAdmin(client, config.state_dir / "blobs" / "sha256")
+        return
     registry = Registry.open(config.state_dir, config.registry)
     try:
         report = registry.recover()

@@ -17,7 +17,9 @@ caller as actor; an import path must be absolute and name an existing regular fi
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ __all__ = ["add_routes", "record_json"]
 
 MAX_PATH_LENGTH = 4096
 MAX_VERSION = 2**31 - 1
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def record_json(record: ModelRecord) -> dict[str, Any]:
@@ -84,6 +87,9 @@ async def import_model(request: web.Request) -> web.Response:
     variant = check_variant(body.get("variant"))
     version = get_int(body, "version", default=None, low=1, high=MAX_VERSION)
     activate = get_bool(body, "activate", default=True)
+    expected = get_str(body, "sha256", max_length=64, required=False)
+    if expected is not None and not _SHA256_RE.fullmatch(expected):
+        raise bad_request("'sha256' must be 64 lower-case hex characters", "sha256")
     path = Path(raw_path)
     if not path.is_absolute():
         raise bad_request("'path' must be an absolute path on the device", "path")
@@ -92,7 +98,13 @@ async def import_model(request: web.Request) -> web.Response:
     actor = request[IDENTITY].actor
     async with state.registry_lock:
         record = await state.in_thread(
-            state.registry.import_file, path, name=name, variant=variant, version=version, activate=activate
+            state.registry.import_file,
+            path,
+            name=name,
+            variant=variant,
+            version=version,
+            activate=activate,
+            expected_sha256=expected,
         )
     await state.record(
         "model_imported",
@@ -129,6 +141,17 @@ async def rollback_model(request: web.Request) -> web.Response:
         {"name": name, "variant": record.variant, "version": record.version},
     )
     return web.json_response(record_json(record))
+
+
+async def collect_garbage(request: web.Request) -> web.Response:
+    """``POST /v1/admin/gc``: garbage collection by the registry's policy."""
+    state = request.app[STATE]
+    async with state.registry_lock:
+        result = await state.in_thread(state.registry.gc)
+    await state.record(
+        "models_gc", request[IDENTITY].actor, {"removed": list(result.removed_models), "freed": result.freed_bytes}
+    )
+    return web.json_response(dataclasses.asdict(result))
 
 
 async def delete_model(request: web.Request) -> web.Response:
@@ -216,6 +239,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_delete("/v1/admin/models/{name}", delete_model, name="admin_models_delete")
     router.add_post("/v1/admin/models/{name}/activate", activate_model, name="admin_models_activate")
     router.add_post("/v1/admin/models/{name}/rollback", rollback_model, name="admin_models_rollback")
+    router.add_post("/v1/admin/gc", collect_garbage, name="admin_gc")
     router.add_get("/v1/admin/tokens", list_tokens, name="admin_tokens_list", allow_head=False)
     router.add_post("/v1/admin/tokens", create_token, name="admin_tokens_create")
     router.add_delete("/v1/admin/tokens/{token_id}", revoke_token, name="admin_tokens_revoke")

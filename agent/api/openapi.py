@@ -306,6 +306,18 @@ _SCHEMAS: dict[str, Any] = {
             "outputs": {"type": "object", "additionalProperties": _ref("Tensor")},
         },
     },
+    "GcResult": {
+        "type": "object",
+        "properties": {
+            "removed_models": {"type": "array", "items": {"type": "string"}},
+            "deleted_blobs": {"type": "integer"},
+            "deleted_partials": {"type": "integer"},
+            "freed_bytes": {"type": "integer"},
+            "blob_bytes": {"type": "integer"},
+            "over_quota": {"type": "boolean"},
+        },
+        "required": ["removed_models", "deleted_blobs", "deleted_partials", "freed_bytes", "blob_bytes", "over_quota"],
+    },
     "AdminModel": {
         "type": "object",
         "properties": {
@@ -339,6 +351,11 @@ _SCHEMAS: dict[str, Any] = {
             "variant": _ref("Variant"),
             "version": {"type": "integer", "minimum": 1},
             "activate": {"type": "boolean", "default": True},
+            "sha256": {
+                "type": "string",
+                "pattern": "^[0-9a-f]{64}$",
+                "description": "Expected sha256 of the file; a mismatch is refused and nothing changes.",
+            },
         },
     },
     "ActivateRequest": {
@@ -610,6 +627,14 @@ def openapi_document() -> dict[str, Any]:
                     _json(_ref("AdminModel"), "The now active record."),
                     errors=_ADMIN_ERRORS,
                     parameters=[_NAME_PARAM],
+                    tag="admin",
+                )
+            },
+            "/v1/admin/gc": {
+                "post": _op(
+                    "Garbage-collect models and blobs by policy (keep active + previous, disk quota)",
+                    _json(_ref("GcResult"), "What was removed."),
+                    errors=_ADMIN_ERRORS,
                     tag="admin",
                 )
             },

@@ -512,3 +512,32 @@ def test_request_ids_are_echoed_or_generated(agent: Agent) -> None:
     assert junk.headers["X-Request-Id"] != missing.headers["X-Request-Id"]
     assert re.fullmatch(r"[0-9a-f]{32}", junk.headers["X-Request-Id"])
     assert re.fullmatch(r"[0-9a-f]{32}", missing.headers["X-Request-Id"])
+
+
+def test_models_cli_goes_through_the_socket_while_the_daemon_runs(agent: Agent, silero_vad_path: Path) -> None:
+    """While the daemon holds the registry, `edge-agent models` commands act through its admin API."""
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    runner = CliRunner()
+    base = ["--state-dir", str(agent.config.state_dir), "--socket", agent.socket, "models"]
+    env = {"EDGE_AGENT_TOKEN": agent.admin_token}
+    listed = runner.invoke(main, [*base, "list"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert "b179c9523d0e" in listed.output  # the SmolLM2 blob (names are cut to the terminal width)
+    imported = runner.invoke(
+        main,
+        [*base, "import", str(silero_vad_path), "--name", VAD, "--variant", "cli-socket", "--no-activate"],
+        env=env,
+    )
+    assert imported.exit_code == 0, imported.output
+    assert "staged" in imported.output
+    assert any(r.variant == "cli-socket" for r in agent.registry.list_models(VAD))
+    bad = runner.invoke(main, [*base, "activate", VAD, "--variant", "no-such-variant"], env=env)
+    assert bad.exit_code == 1
+    assert "Traceback" not in bad.output
+    removed = runner.invoke(main, [*base, "rm", VAD, "--variant", "cli-socket"], env=env)
+    assert removed.exit_code == 0, removed.output
+    assert agent.registry.active(VAD) is not None
+    assert agent.registry.active(VAD).variant == "onnx-fp32"  # type: ignore[union-attr]
