@@ -1,0 +1,63 @@
+"""The docs stay true: every CLI command and option, and every API route, appears in them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+
+from agent.api.openapi import openapi_document
+from agent.cli import main as agent_main
+from controller.cli import main as fleet_main
+
+pytestmark = pytest.mark.unit
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+README = DOCS.parent / "README.md"
+
+
+def _all_docs() -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in [README, *sorted(DOCS.rglob("*.md"))])
+
+
+def _commands(group: click.Group, prefix: str) -> Iterator[tuple[str, click.Command]]:
+    for name, command in sorted(group.commands.items()):
+        path = f"{prefix} {name}"
+        yield path, command
+        if isinstance(command, click.Group):
+            yield from _commands(command, path)
+
+
+def _options(command: click.Command) -> list[str]:
+    found = []
+    for param in command.params:
+        if isinstance(param, click.Option):
+            longest = max(param.opts, key=len)
+            if longest not in {"--help"}:
+                found.append(longest)
+    return found
+
+
+@pytest.mark.parametrize(("program", "group"), [("edge-agent", agent_main), ("edge-fleet", fleet_main)])
+def test_every_cli_command_and_option_is_documented(program: str, group: click.Group) -> None:
+    """Each subcommand appears in the docs as `program sub ...`, and each of its options appears next to it."""
+    docs = _all_docs()
+    missing = [f"{program} (global) {opt}" for opt in _options(group) if opt not in docs]
+    for path, command in _commands(group, program):
+        if path not in docs:
+            missing.append(path)
+            continue
+        mentions = "\n".join(line for line in docs.splitlines() if path in line or path.split(" ", 1)[1] in line)
+        missing += [f"{path} {opt}" for opt in _options(command) if opt not in mentions and opt not in docs]
+    assert missing == [], f"undocumented: {missing}"
+
+
+def test_every_api_route_is_in_the_agent_reference() -> None:
+    """docs/agent.md lists every route of /openapi.json, and nothing that isn't one."""
+    text = (DOCS / "agent.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| (GET|POST|PUT|PATCH|DELETE) \| `([^`]+)` \|", text, flags=re.MULTILINE))
+    served = {(method.upper(), path) for path, ops in openapi_document()["paths"].items() for method in ops}
+    assert documented == served
