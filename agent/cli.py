@@ -204,13 +204,11 @@ def chat(
 
 
 def _register_commands() -> None:
-    from agent.cli_bench import bench
     from agent.cli_models import models
     from agent.cli_tokens import token
 
     main.add_command(models)
     main.add_command(token)
-    main.add_command(bench)
 
 
 _register_commands()

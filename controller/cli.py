@@ -42,15 +42,3 @@ pass_context = click.make_pass_decorator(FleetContext)
 def main(ctx: click.Context, home: Path) -> None:
     """edge-fleet: sign, push and roll out small language models to a fleet of edge devices."""
     ctx.obj = FleetContext(home=home.expanduser())
-
-
-# --- the MQTT link: init, devices, serve (controller/cli_fleet.py) -------------------------------------------
-
-from controller.cli_fleet import broker, controller_group, device, devices, init, serve  # noqa: E402
-
-main.add_command(init)
-main.add_command(device)
-main.add_command(devices)
-main.add_command(serve)
-main.add_command(broker)
-main.add_command(controller_group)
