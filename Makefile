@@ -47,6 +47,7 @@ check: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PY) tests/check_layers.py
+	bash systemd/check-units.sh
 
 test: setup
 	$(MAKE) --no-print-directory check
