@@ -204,11 +204,12 @@ def chat(
 
 
 def _register_commands() -> None:
+    from agent.cli_link import enroll, link
     from agent.cli_models import models
     from agent.cli_tokens import token
 
-    main.add_command(models)
-    main.add_command(token)
+    for command in (models, token, enroll, link):
+        main.add_command(command)
 
 
 _register_commands()

@@ -28,6 +28,7 @@ from agent.api.server import ApiServer
 from agent.api.tokens import TokenStore
 from agent.config import AgentConfig
 from agent.inference import ModelPool
+from agent.link.mqtt import open_agent_link
 from agent.registry import Registry
 from agent.systemd import SystemdNotifier, watchdog_loop
 
@@ -94,11 +95,24 @@ async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.E
         state = ApiState(config=config, registry=registry, pool=pool, tokens=tokens)
         server = await stack.enter_async_context(ApiServer(state))
 
+        # The MQTT link, if the device is enrolled (`edge-agent enroll`); None otherwise. Nothing waits for it.
+        link = await stack.enter_async_context(
+            open_agent_link(
+                config,
+                registry,
+                agent_version=__version__,
+                loaded_models=lambda: [(m.name, m.variant, m.sha256) for m in pool.loaded()],
+            )
+        )
+
         notifier.ready(status=f"serving on {server.socket_path}")
         log.info("agent.ready", socket=str(server.socket_path))
         async with asyncio.TaskGroup() as tasks:
             watchdog = tasks.create_task(watchdog_loop(notifier, lambda: True), name="watchdog")
+            link_task = tasks.create_task(link.run(), name="mqtt-link") if link is not None else None
             await stop.wait()
             notifier.stopping()
             log.info("agent.stopping")
             watchdog.cancel()
+            if link_task is not None:
+                link_task.cancel()  # publishes the offline state on its way out

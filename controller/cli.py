@@ -42,3 +42,13 @@ pass_context = click.make_pass_decorator(FleetContext)
 def main(ctx: click.Context, home: Path) -> None:
     """edge-fleet: sign, push and roll out small language models to a fleet of edge devices."""
     ctx.obj = FleetContext(home=home.expanduser())
+
+
+def _register_commands() -> None:
+    from controller.cli_fleet import broker, controller_group, device, devices, init, serve
+
+    for command in (init, device, devices, serve, broker, controller_group):
+        main.add_command(command)
+
+
+_register_commands()

@@ -53,12 +53,13 @@ class Mosquitto:
         max_queued_messages: int | None = None,
         extra_config: str = "",
         config_file: Path | None = None,
+        port: int | None = None,
     ) -> None:
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed: run `make test` (it installs Debian's mosquitto)")
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()  # a given config_file names its own port: pass it here
         self.host = "127.0.0.1"
         self.log_file = workdir / "mosquitto.log"
         self._given_config = config_file
@@ -166,8 +167,14 @@ class Mosquitto:
         self._process = None
 
     def log(self) -> str:
-        """The broker's log so far (for assertion messages)."""
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """The broker's log so far (for assertion messages); with a given config, what it wrote to stderr."""
+        text = ""
+        for path in (self.log_file, self.workdir / "mosquitto.stderr"):
+            with contextlib.suppress(FileNotFoundError):
+                text += path.read_text(errors="replace")
+        return text
+
+    def reload(self) -> None:
+        """Send SIGHUP: the broker re-reads its configuration (ACL file included)."""
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGHUP)

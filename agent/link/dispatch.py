@@ -1,0 +1,336 @@
+"""Desired state: verify signed assignments, persist the accepted one, then reconcile the device to it.
+
+The controller expresses everything a device must do as one retained, signed :class:`Assignment` with a
+monotonic ``generation`` (DESIGN.md §4–§5). The device never depends on the broker having queued anything: it
+gets the retained assignment on every (re)connect and reconciles to it.
+
+Two parts (the python-tuf habit: trust rules apart from the driver):
+
+- :class:`AssignmentVerifier` is pure and always raises: the envelope must verify with the controller keys
+  from the enrollment bundle (at their threshold), name this device, and (against what was accepted before)
+  carry a higher generation — an equal generation must be byte-identical (a duplicate), a lower one is a
+  replay (``RollbackError``).
+- :class:`Dispatcher` is the driver. ``on_assign`` verifies, then *persists the accepted assignment before
+  acting* (``desired`` row); the reconcile loop applies the newest accepted one. Applying writes
+  ``applied_generation`` and the reports about it in one transaction, so after a crash at any point the
+  assignment takes effect exactly once: activation is idempotent in the registry, and the reports and the
+  "applied" mark commit together.
+
+In this version an assignment can only activate models already in the local registry; a model that is not
+installed (or whose installed copy differs from the signed sha256/length) is refused with a signed report.
+Delivery of new models arrives with the releases feature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn, Protocol
+
+import structlog
+
+from agent.errors import AgentError
+from agent.link.outbox import Outbox
+from agent.link.store import LinkStore
+from protocols.errors import ProtocolError, RollbackError
+from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey
+from protocols.link import open_sealed, seal
+from protocols.messages import Assignment, DesiredModel, ModelRef, Report
+from protocols.topics import TopicKind, device_topic
+
+__all__ = ["AssignmentVerifier", "Dispatcher", "ModelRecordLike", "ModelRegistry"]
+
+log = structlog.get_logger(__name__)
+
+MAX_REFUSALS_REMEMBERED = 256
+
+
+class ModelRecordLike(Protocol):
+    """What the dispatcher reads of a registry record (:class:`agent.registry.ModelRecord`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+
+
+class ModelRegistry(Protocol):
+    """The registry operations the link uses (:class:`agent.registry.Registry`); blocking, thread-safe."""
+
+    def list_models(self, name: str | None = None, *, include_removed: bool = False) -> Sequence[ModelRecordLike]:
+        """Models of ``name`` (or all)."""
+        ...
+
+    def activate(self, name: str, variant: str | None = None, version: int | None = None) -> ModelRecordLike:
+        """Make a model the active one of its name (idempotent)."""
+        ...
+
+
+class AssignmentVerifier:
+    """The trust rules for assignments (pure; raises on every failure)."""
+
+    def __init__(self, device: str, keys: Mapping[str, Ed25519PublicKey], threshold: int) -> None:
+        self.device = device
+        self.keys = dict(keys)
+        self.threshold = threshold
+        self.topic = device_topic(device, TopicKind.ASSIGN)
+
+    def verify(self, data: bytes) -> Assignment:
+        """Signature, payload type and device (docs/protocol.md, "Assignments", steps 1–3).
+
+        Raises:
+            DecodeError: malformed.
+            VerificationError: bad or missing controller signatures, or for another device.
+        """
+        message = open_sealed(self.topic, data, self.keys, threshold=self.threshold).message
+        assert isinstance(message, Assignment)
+        return message
+
+    @staticmethod
+    def check_generation(new: Assignment, data: bytes, accepted: tuple[int, bytes] | None) -> bool:
+        """Step 4: the generation against the accepted one. True: accept; False: a duplicate, ignore.
+
+        Raises:
+            RollbackError: a lower generation (a replay), or the same generation with other content.
+        """
+        if accepted is None:
+            return True
+        generation, envelope = accepted
+        if new.generation > generation:
+            return True
+        if new.generation == generation:
+            if data == envelope:
+                return False
+            raise RollbackError(f"a different assignment with the accepted generation {generation}")
+        raise RollbackError(f"generation {new.generation} is older than the accepted generation {generation}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Desired:
+    generation: int
+    envelope: bytes
+    applied_generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    model: DesiredModel
+    kind: str
+    outcome: str
+    reason: str
+    changed: bool
+
+
+class Dispatcher:
+    """Accepts assignments and reconciles the registry to the newest one (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        store: LinkStore,
+        outbox: Outbox,
+        verifier: AssignmentVerifier,
+        registry: ModelRegistry,
+        signing_key: Ed25519PrivateKey,
+        on_change: Callable[[], None] | None = None,
+        fault: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.verifier = verifier
+        self.device = verifier.device
+        self.registry = registry
+        self.signing_key = signing_key
+        self.on_change = on_change or (lambda: None)
+        self.fault = fault or (lambda point: None)
+        self.clock = clock
+        self.wake = asyncio.Event()
+        self._refused: dict[bytes, None] = {}
+
+    # --- incoming ---------------------------------------------------------------------------------------
+
+    async def on_assign(self, data: bytes) -> str:
+        """Handle a message from the ``assign`` topic; returns ``accepted``, ``duplicate`` or ``refused``."""
+        try:
+            assignment = self.verifier.verify(data)
+        except ProtocolError as exc:
+            await self._refuse(data, exc, None)
+            return "refused"
+        try:
+            accepted = await self.store.run(self._accept, assignment, data)
+        except RollbackError as exc:
+            await self._refuse(data, exc, assignment.generation)
+            return "refused"
+        if not accepted:
+            self.wake.set()  # the retained copy on every (re)connect: reconcile (drift check) all the same
+            return "duplicate"
+        log.info("assignment.accepted", device_id=self.device, generation=assignment.generation)
+        self.fault("accepted")  # crash-test seam: the assignment is persisted, nothing applied yet
+        self.wake.set()
+        return "accepted"
+
+    def _accept(self, assignment: Assignment, data: bytes) -> bool:
+        with self.store.transaction() as db:
+            row = db.execute("SELECT generation, envelope FROM desired WHERE id = 1").fetchone()
+            current = None if row is None else (int(row[0]), bytes(row[1]))
+            if not AssignmentVerifier.check_generation(assignment, data, current):
+                return False
+            db.execute(
+                "INSERT INTO desired (id, generation, envelope, accepted_ts) VALUES (1, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET generation = excluded.generation, envelope = excluded.envelope, "
+                "accepted_ts = excluded.accepted_ts",
+                [assignment.generation, data, self.clock()],
+            )
+            return True
+
+    async def _refuse(self, data: bytes, exc: ProtocolError, generation: int | None) -> None:
+        digest = hashlib.sha256(data).digest()
+        if digest in self._refused:
+            return  # the same bytes again (a retained or queued copy): refused and reported already
+        self._refused[digest] = None
+        while len(self._refused) > MAX_REFUSALS_REMEMBERED:
+            del self._refused[next(iter(self._refused))]
+        reason = f"assignment refused: {type(exc).__name__}: {exc}"
+        log.warning("assignment.refused", device_id=self.device, reason=reason)
+        report = self._report("refusal", "refused", reason[:4000], generation=generation)
+        await self.store.run(self._store_refusal, report, reason)
+        self.outbox.wake.set()
+
+    def _store_refusal(self, report: Report, reason: str) -> None:
+        with self.store.transaction():
+            self.store.add_event("assignment_refused", {"reason": reason}, now=self.clock())
+            self.outbox.put_in_transaction(TopicKind.REPORT, report.report_id, self._seal(report))
+
+    # --- reconcile --------------------------------------------------------------------------------------
+
+    async def run(self) -> NoReturn:
+        """Reconcile now (a crash may have left an accepted assignment unapplied), then whenever woken."""
+        while True:
+            await self.reconcile()
+            await self.wake.wait()
+            self.wake.clear()
+
+    async def accepted_generation(self) -> tuple[int, int]:
+        """``(accepted generation, applied generation)``, ``(0, 0)`` before the first assignment."""
+        desired = await self.store.run(self._load)
+        return (0, 0) if desired is None else (desired.generation, desired.applied_generation)
+
+    def _load(self) -> _Desired | None:
+        row = self.store.db.execute(
+            "SELECT generation, envelope, applied_generation FROM desired WHERE id = 1"
+        ).fetchone()
+        return None if row is None else _Desired(int(row[0]), bytes(row[1]), int(row[2]))
+
+    async def reconcile(self) -> None:
+        """Bring the registry to the newest accepted assignment.
+
+        A generation not applied yet is applied completely and reported (once). An applied one is checked
+        for drift: a desired model that is installed but no longer active is activated again.
+        """
+        desired = await self.store.run(self._load)
+        if desired is None:
+            return
+        try:
+            assignment = self.verifier.verify(desired.envelope)  # what is on disk is re-checked, not trusted
+        except ProtocolError as exc:
+            log.error("assignment.stored_invalid", device_id=self.device, error=str(exc))
+            return
+        first = assignment.generation > desired.applied_generation
+        outcomes = [await asyncio.to_thread(self._apply_model, model) for model in assignment.models]
+        if first:
+            self.fault("applied")  # crash-test seam: the registry changed, the "applied" mark is not written
+            reports = [self._model_report(assignment, o) for o in outcomes]
+            if not assignment.models:
+                reports.append(self._report("install", "ok", "no models desired", generation=assignment.generation))
+            await self.store.run(self._commit_applied, assignment.generation, reports)
+            self.outbox.wake.set()
+            log.info(
+                "assignment.applied",
+                device_id=self.device,
+                generation=assignment.generation,
+                outcomes=[f"{o.model.ref.key}:{o.outcome}" for o in outcomes],
+            )
+        else:
+            drift = [o for o in outcomes if o.changed]
+            if drift:
+                reports = [self._model_report(assignment, o, reason_prefix="drift corrected: ") for o in drift]
+                await self.store.run(self._commit_applied, assignment.generation, reports)
+                self.outbox.wake.set()
+        if any(o.changed for o in outcomes) or first:
+            self.on_change()
+
+    def _commit_applied(self, generation: int, reports: list[Report]) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE desired SET applied_generation = max(applied_generation, ?), applied_ts = ? WHERE id = 1",
+                [generation, self.clock()],
+            )
+            for report in reports:
+                self.outbox.put_in_transaction(TopicKind.REPORT, report.report_id, self._seal(report))
+
+    def _apply_model(self, model: DesiredModel) -> _Outcome:
+        """Make ``model`` active if it is installed and intact; blocking (runs in a worker thread)."""
+        try:
+            records = [
+                r
+                for r in self.registry.list_models(model.name)
+                if r.variant == model.variant and r.version == model.version
+            ]
+            if not records:
+                return _Outcome(model, "refusal", "refused", f"not installed: {model.ref.key}", False)
+            record = records[0]
+            if record.sha256 != model.sha256 or record.size != model.length:
+                return _Outcome(
+                    model,
+                    "refusal",
+                    "refused",
+                    f"installed copy of {model.ref.key} differs from the assignment (sha256 or length)",
+                    False,
+                )
+            if record.state == "active":
+                return _Outcome(model, "install", "ok", f"{model.ref.key} is active", False)
+            self.registry.activate(model.name, model.variant, model.version)
+            return _Outcome(model, "install", "ok", f"activated {model.ref.key}", True)
+        except AgentError as exc:
+            return _Outcome(model, "error", "failed", f"cannot activate {model.ref.key}: {exc}", False)
+
+    # --- reports ----------------------------------------------------------------------------------------
+
+    def _model_report(self, assignment: Assignment, outcome: _Outcome, *, reason_prefix: str = "") -> Report:
+        return self._report(
+            outcome.kind,
+            outcome.outcome,
+            (reason_prefix + outcome.reason)[:4000],
+            generation=assignment.generation,
+            model=outcome.model.ref,
+        )
+
+    def _report(
+        self, kind: str, outcome: str, reason: str, *, generation: int | None = None, model: ModelRef | None = None
+    ) -> Report:
+        return Report(
+            report_id=secrets.token_hex(16),
+            device=self.device,
+            ts_ms=int(self.clock() * 1000),
+            kind=kind,
+            outcome=outcome,
+            reason=reason,
+            generation=generation,
+            model=model,
+        )
+
+    def _seal(self, report: Report) -> bytes:
+        return seal(report, TopicKind.REPORT, [self.signing_key])

@@ -1,0 +1,182 @@
+"""Enrollment on the device: install the provisioning bundle, and load it when the link starts.
+
+Layout in the state directory::
+
+    link/bundle        (0600) the bundle exactly as ``edge-fleet device enroll`` wrote it: the one source of truth
+    link/tls/          (0700) ca.crt, device.crt, device.key (0600): derived from the bundle at every start
+    link/link.db              the link's database (outbox, desired state; agent.link.store)
+
+The bundle is checked completely (:func:`protocols.enrollment.decode_bundle`: signature, certificate chain,
+key match, validity) when it is installed *and* every time it is loaded; the TLS files are rewritten from it,
+so they can never disagree with it. Enrolling a device that is enrolled already as another device is refused
+unless forced, and then the old link database (messages signed for the old identity) is removed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import EnrollmentError
+from protocols.enrollment import BrokerAddress, EnrollmentBundle, decode_bundle
+from protocols.errors import ProtocolError
+from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey
+
+__all__ = ["Enrollment", "install_bundle", "link_dir", "load_enrollment"]
+
+MAX_BUNDLE_BYTES = 256 * 1024
+
+
+def link_dir(state_dir: Path) -> Path:
+    """``state_dir/link``."""
+    return state_dir / "link"
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """A loaded, verified enrollment."""
+
+    device: str
+    broker: BrokerAddress
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    signing_key: Ed25519PrivateKey
+    controller_keys: dict[str, Ed25519PublicKey]
+    controller_threshold: int
+    bundle: EnrollmentBundle
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _decode(
+    data: bytes, pinned: Collection[str] | None, now: dt.datetime | None, *, check_time: bool = True
+) -> EnrollmentBundle:
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise EnrollmentError(f"the bundle is {len(data)} bytes, more than {MAX_BUNDLE_BYTES}: not a bundle")
+    try:
+        return decode_bundle(data, pinned_keyids=pinned, now=now, check_time=check_time)
+    except ProtocolError as exc:
+        raise EnrollmentError(f"invalid enrollment bundle: {exc.diagnostics()}") from exc
+
+
+def install_bundle(
+    state_dir: Path,
+    data: bytes,
+    *,
+    expected_keyids: Collection[str] | None = None,
+    device_id: str | None = None,
+    force: bool = False,
+    now: dt.datetime | None = None,
+) -> Enrollment:
+    """Check ``data`` and install it as this device's enrollment.
+
+    Args:
+        state_dir: The agent's state directory.
+        data: The bundle file's bytes.
+        expected_keyids: Controller key ids to pin (``--expect-keyid``): the bundle must be signed by them.
+        device_id: The configured device id, if any: the bundle must be for it.
+        force: Replace an enrollment for another device (its link database is removed).
+        now: Time for the certificate validity check (tests).
+
+    Raises:
+        EnrollmentError: invalid bundle, wrong device, or enrolled already as another device.
+    """
+    bundle = _decode(data, expected_keyids, now)
+    if device_id is not None and bundle.device != device_id:
+        raise EnrollmentError(f"the bundle is for device {bundle.device!r}, this agent is configured as {device_id!r}")
+    directory = link_dir(state_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        current = directory / "bundle"
+        if current.exists():
+            try:
+                previous: str | None = _decode(current.read_bytes(), None, None, check_time=False).device
+            except EnrollmentError as exc:
+                if not force:
+                    raise EnrollmentError(
+                        f"the installed bundle is unusable ({exc}); use --force to replace it"
+                    ) from exc
+                previous = None
+            if previous != bundle.device:
+                if not force:
+                    raise EnrollmentError(
+                        f"this agent is enrolled as {previous!r}; use --force to enroll it as {bundle.device!r}"
+                    )
+                for name in ("link.db", "link.db-wal", "link.db-shm"):
+                    (directory / name).unlink(missing_ok=True)
+        _atomic_write(current, data, 0o600)
+    except OSError as exc:
+        raise EnrollmentError(f"cannot install the bundle in {directory}: {exc}") from exc
+    return _materialize(state_dir, bundle)
+
+
+def load_enrollment(
+    state_dir: Path, *, device_id: str | None = None, now: dt.datetime | None = None
+) -> Enrollment | None:
+    """The installed enrollment, checked again; None if the device is not enrolled.
+
+    Raises:
+        EnrollmentError: the installed bundle is invalid, expired, or for another device than ``device_id``.
+    """
+    path = link_dir(state_dir) / "bundle"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise EnrollmentError(f"cannot read {path}: {exc}") from exc
+    bundle = _decode(data, None, now)
+    if device_id is not None and bundle.device != device_id:
+        raise EnrollmentError(f"enrolled as {bundle.device!r}, but configured as device {device_id!r}")
+    return _materialize(state_dir, bundle)
+
+
+def _materialize(state_dir: Path, bundle: EnrollmentBundle) -> Enrollment:
+    tls = link_dir(state_dir) / "tls"
+    try:
+        tls.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files = {
+            "ca.crt": (bundle.ca_pem.encode(), 0o644),
+            "device.crt": (bundle.cert_pem.encode(), 0o644),
+            "device.key": (bundle.tls_key_pem.encode(), 0o600),
+        }
+        for name, (content, mode) in files.items():
+            target = tls / name
+            if not target.exists() or target.read_bytes() != content:
+                _atomic_write(target, content, mode)
+    except OSError as exc:
+        raise EnrollmentError(f"cannot write the TLS files in {tls}: {exc}") from exc
+    return Enrollment(
+        device=bundle.device,
+        broker=bundle.broker,
+        ca_file=tls / "ca.crt",
+        cert_file=tls / "device.crt",
+        key_file=tls / "device.key",
+        signing_key=bundle.signing_key(),
+        controller_keys=bundle.controller_public_keys(),
+        controller_threshold=bundle.controller_threshold,
+        bundle=bundle,
+    )

@@ -1,0 +1,507 @@
+"""The fleet database (``HOME/fleet.db``): devices, their credentials, inventory, assignments, reports.
+
+Plain synchronous functions over one :class:`sqlite_utils.Database` (the sqlite-utils habit). Processes share
+the file: ``edge-fleet serve`` writes inventory and reports, CLI commands enroll devices and issue
+assignments. Each process uses its connection from one thread at a time (``serve`` from its one writer
+thread, see :mod:`controller.daemon`); every change is one ``BEGIN IMMEDIATE`` transaction.
+
+Tables (migrations in :data:`MIGRATIONS`):
+
+- ``devices``: one row per device id ever enrolled: its certificate serial, Ed25519 signing key (PEM, key
+  id), revocation time, and the latest verified inventory (``status`` from its last state message,
+  ``state_json``, ``last_seen``).
+- ``certificates``: every certificate the CA issued (devices, controllers, the broker), for the CRL.
+- ``assignments``: the signed desired state per device; ``generation`` is monotonic per device and the
+  primary key makes it unique. ``published_ts`` is set once ``serve`` published it (retained).
+- ``reports``: every report, once (``report_id`` is the primary key); ``duplicates`` counts re-deliveries.
+- ``rejections``: messages the controller refused (bad signature, unknown or revoked device, device
+  mismatch), newest kept (bounded).
+- ``meta``: counters such as the CRL number.
+
+Invariants: a report is acked only after the transaction that stored it committed (the caller's order);
+``devices.last_seen`` is the controller's clock, never later than "now"; an offline device is never
+reported online (:func:`is_online`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from controller.errors import StoreError
+
+__all__ = [
+    "MIGRATIONS",
+    "AssignmentRow",
+    "DeviceRow",
+    "FleetStore",
+    "Migrations",
+    "is_online",
+]
+
+MAX_REJECTIONS = 10_000
+
+Migration = Callable[[sqlite_utils.Database], None]
+
+
+class Migrations:
+    """A named, ordered set of schema migrations, each applied once in its own transaction."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._migrations: list[tuple[str, Migration]] = []
+
+    def __call__(self) -> Callable[[Migration], Migration]:
+        def register(fn: Migration) -> Migration:
+            self._migrations.append((fn.__name__, fn))
+            return fn
+
+        return register
+
+    def apply(self, db: sqlite_utils.Database) -> list[str]:
+        """Apply pending migrations; return the names applied."""
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations (migration_set TEXT NOT NULL, name TEXT NOT NULL, "
+            "applied_at REAL NOT NULL, PRIMARY KEY (migration_set, name))"
+        )
+        applied = []
+        for name, fn in self._migrations:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                done = db.execute(
+                    "SELECT 1 FROM _migrations WHERE migration_set = ? AND name = ?", [self.name, name]
+                ).fetchone()
+                if done is None:
+                    fn(db)
+                    db.execute(
+                        "INSERT INTO _migrations (migration_set, name, applied_at) VALUES (?, ?, ?)",
+                        [self.name, name, time.time()],
+                    )
+                    applied.append(name)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return applied
+
+
+MIGRATIONS = Migrations("edgefleet.controller.fleet")
+
+
+@MIGRATIONS()
+def m001_link(db: sqlite_utils.Database) -> None:
+    """Devices, certificates, assignments, reports, rejections."""
+    db.execute("""
+        CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            enrolled_ts REAL NOT NULL,
+            cert_serial TEXT NOT NULL,
+            cert_not_after REAL NOT NULL,
+            signing_keyid TEXT NOT NULL,
+            signing_key_pem TEXT NOT NULL,
+            revoked_ts REAL,
+            status TEXT CHECK (status IN ('online', 'offline', 'draining')),
+            state_json TEXT,
+            state_ts_ms INTEGER,
+            heartbeat INTEGER,
+            agent_version TEXT,
+            last_seen REAL,
+            state_received_ts REAL
+        )""")
+    db.execute("""
+        CREATE TABLE certificates (
+            serial TEXT PRIMARY KEY,
+            subject TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('device', 'controller', 'server')),
+            issued_ts REAL NOT NULL,
+            not_after REAL NOT NULL,
+            revoked_ts REAL
+        )""")
+    db.execute("CREATE INDEX certificates_subject ON certificates (subject)")
+    db.execute("""
+        CREATE TABLE assignments (
+            device TEXT NOT NULL REFERENCES devices (id),
+            generation INTEGER NOT NULL CHECK (generation >= 1),
+            envelope BLOB NOT NULL,
+            models_json TEXT NOT NULL,
+            issued_ts REAL NOT NULL,
+            published_ts REAL,
+            PRIMARY KEY (device, generation)
+        )""")
+    db.execute("""
+        CREATE TABLE reports (
+            report_id TEXT PRIMARY KEY,
+            device TEXT NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            generation INTEGER,
+            model TEXT,
+            metrics_json TEXT NOT NULL,
+            received_ts REAL NOT NULL,
+            duplicates INTEGER NOT NULL DEFAULT 0
+        )""")
+    db.execute("CREATE INDEX reports_device ON reports (device, ts_ms)")
+    db.execute("""
+        CREATE TABLE rejections (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            topic TEXT NOT NULL,
+            device TEXT,
+            reason TEXT NOT NULL
+        )""")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    """One device as the fleet DB knows it."""
+
+    id: str
+    enrolled_ts: float
+    cert_serial: str
+    cert_not_after: float
+    signing_keyid: str
+    signing_key_pem: str
+    revoked_ts: float | None
+    status: str | None
+    state: dict[str, Any] | None
+    state_ts_ms: int | None
+    heartbeat: int | None
+    agent_version: str | None
+    last_seen: float | None
+
+    @property
+    def revoked(self) -> bool:
+        """Whether the device's credentials are revoked."""
+        return self.revoked_ts is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRow:
+    """One stored assignment."""
+
+    device: str
+    generation: int
+    envelope: bytes
+    models: list[dict[str, Any]]
+    issued_ts: float
+    published_ts: float | None
+
+
+def is_online(device: DeviceRow, *, now: float, heartbeat_timeout: float) -> bool:
+    """Online only if its last state said so *and* it was heard from within ``heartbeat_timeout`` seconds.
+
+    The last-will message turns a vanished device offline; the age check covers everything the will cannot
+    (the broker or this controller down, a lost will): an offline device is never shown online.
+    """
+    if device.revoked or device.status != "online" or device.last_seen is None:
+        return False
+    return now - device.last_seen <= heartbeat_timeout
+
+
+class FleetStore:
+    """The fleet database. Use from one thread at a time; open with :meth:`open`."""
+
+    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path) -> FleetStore:
+        """Open (creating and migrating if needed) the fleet DB at ``path``.
+
+        Raises:
+            StoreError: the file cannot be opened or migrated.
+        """
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the fleet database {path}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            db = sqlite_utils.Database(conn)
+            MIGRATIONS.apply(db)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot use the fleet database {path}: {exc}") from exc
+            raise
+        return cls(db, path)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any exception."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return list(self.db.query(sql, list(params)))
+
+    # --- meta -------------------------------------------------------------------------------------------
+
+    def next_counter(self, key: str) -> int:
+        """Increment and return a counter in ``meta`` (call inside a transaction)."""
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", [key])
+        value = int(rows[0]["value"]) + 1 if rows else 1
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [key, str(value)])
+        return value
+
+    # --- certificates and devices -------------------------------------------------------------------------
+
+    def record_certificate(self, serial: int, subject: str, kind: str, not_after: dt.datetime) -> None:
+        """Remember an issued certificate (call inside a transaction)."""
+        self.db.execute(
+            "INSERT INTO certificates (serial, subject, kind, issued_ts, not_after) VALUES (?, ?, ?, ?, ?)",
+            [format(serial, "x"), subject, kind, time.time(), not_after.timestamp()],
+        )
+
+    def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
+        """Every revoked certificate serial with its revocation time (for the CRL)."""
+        rows = self._rows("SELECT serial, revoked_ts FROM certificates WHERE revoked_ts IS NOT NULL ORDER BY serial")
+        return [(int(r["serial"], 16), dt.datetime.fromtimestamp(r["revoked_ts"], dt.UTC)) for r in rows]
+
+    def revoked_devices(self) -> list[str]:
+        """Ids of devices whose credentials are revoked."""
+        return [r["id"] for r in self._rows("SELECT id FROM devices WHERE revoked_ts IS NOT NULL ORDER BY id")]
+
+    def add_device(
+        self, device: str, *, cert_serial: int, cert_not_after: dt.datetime, signing_keyid: str, signing_key_pem: str
+    ) -> None:
+        """Insert a device, or re-enroll a revoked one (call inside a transaction).
+
+        Raises:
+            StoreError: the device exists and is not revoked.
+        """
+        existing = self.get_device(device)
+        if existing is not None and not existing.revoked:
+            raise StoreError(f"device {device!r} is already enrolled; revoke it first (or use --force)")
+        values = [time.time(), format(cert_serial, "x"), cert_not_after.timestamp(), signing_keyid, signing_key_pem]
+        if existing is None:
+            self.db.execute(
+                "INSERT INTO devices (id, enrolled_ts, cert_serial, cert_not_after, signing_keyid, signing_key_pem) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [device, *values],
+            )
+        else:
+            self.db.execute(
+                "UPDATE devices SET enrolled_ts = ?, cert_serial = ?, cert_not_after = ?, signing_keyid = ?, "
+                "signing_key_pem = ?, revoked_ts = NULL, status = NULL, state_json = NULL, state_ts_ms = NULL, "
+                "heartbeat = NULL, agent_version = NULL, last_seen = NULL, state_received_ts = NULL WHERE id = ?",
+                [*values, device],
+            )
+
+    def revoke_device(self, device: str) -> None:
+        """Mark a device and its certificates revoked (call inside a transaction).
+
+        Raises:
+            StoreError: no such device, or already revoked.
+        """
+        existing = self.get_device(device)
+        if existing is None:
+            raise StoreError(f"no device {device!r}")
+        if existing.revoked:
+            raise StoreError(f"device {device!r} is already revoked")
+        now = time.time()
+        self.db.execute("UPDATE devices SET revoked_ts = ? WHERE id = ?", [now, device])
+        self.db.execute(
+            "UPDATE certificates SET revoked_ts = ? WHERE kind = 'device' AND subject = ? AND revoked_ts IS NULL",
+            [now, device],
+        )
+
+    def get_device(self, device: str) -> DeviceRow | None:
+        """One device, or None."""
+        rows = self._rows("SELECT * FROM devices WHERE id = ?", [device])
+        return _device_row(rows[0]) if rows else None
+
+    def list_devices(self) -> list[DeviceRow]:
+        """Every device, by id."""
+        return [_device_row(r) for r in self._rows("SELECT * FROM devices ORDER BY id")]
+
+    # --- inventory --------------------------------------------------------------------------------------
+
+    def record_state(
+        self,
+        device: str,
+        *,
+        status: str,
+        state: dict[str, Any],
+        state_ts_ms: int,
+        heartbeat: int,
+        agent_version: str,
+        seen: float | None,
+        now: float,
+    ) -> None:
+        """Store a verified state message (its own transaction). ``seen`` None keeps the last-seen time."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE devices SET status = ?, state_json = ?, state_ts_ms = ?, heartbeat = ?, agent_version = ?, "
+                "last_seen = CASE WHEN ? IS NULL THEN last_seen ELSE max(coalesce(last_seen, 0), ?) END, "
+                "state_received_ts = ? WHERE id = ?",
+                [
+                    status,
+                    json.dumps(state, sort_keys=True),
+                    state_ts_ms,
+                    heartbeat,
+                    agent_version,
+                    seen,
+                    seen,
+                    now,
+                    device,
+                ],
+            )
+
+    def touch(self, device: str, seen: float) -> None:
+        """Record that a verified message from ``device`` arrived at ``seen`` (its own transaction)."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE id = ?", [seen, device]
+            )
+
+    # --- reports ----------------------------------------------------------------------------------------
+
+    def record_report(self, report: dict[str, Any], *, received_ts: float) -> bool:
+        """Store a verified report once; returns False (and counts a duplicate) if it was stored before.
+
+        One transaction; the caller acks only after this returned.
+        """
+        with self.transaction():
+            cursor = self.db.execute(
+                "INSERT OR IGNORE INTO reports (report_id, device, ts_ms, kind, outcome, reason, generation, model, "
+                "metrics_json, received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    report["report_id"],
+                    report["device"],
+                    report["ts_ms"],
+                    report["kind"],
+                    report["outcome"],
+                    report.get("reason", ""),
+                    report.get("generation"),
+                    json.dumps(report["model"], sort_keys=True) if report.get("model") else None,
+                    json.dumps(report.get("metrics", {}), sort_keys=True),
+                    received_ts,
+                ],
+            )
+            if cursor.rowcount == 1:
+                return True
+            self.db.execute("UPDATE reports SET duplicates = duplicates + 1 WHERE report_id = ?", [report["report_id"]])
+            return False
+
+    def reports(self, device: str | None = None, *, limit: int = 1000) -> list[dict[str, Any]]:
+        """Reports, newest first."""
+        sql = "SELECT * FROM reports"
+        params: list[Any] = []
+        if device is not None:
+            sql += " WHERE device = ?"
+            params.append(device)
+        return self._rows(sql + " ORDER BY ts_ms DESC, report_id LIMIT ?", [*params, limit])
+
+    # --- rejections -------------------------------------------------------------------------------------
+
+    def record_rejection(self, topic: str, device: str | None, reason: str, *, now: float) -> None:
+        """Remember a refused message (bounded: the oldest are dropped past :data:`MAX_REJECTIONS`)."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO rejections (ts, topic, device, reason) VALUES (?, ?, ?, ?)",
+                [now, topic[:256], device, reason[:1000]],
+            )
+            self.db.execute("DELETE FROM rejections WHERE id <= (SELECT max(id) FROM rejections) - ?", [MAX_REJECTIONS])
+
+    def rejections(self, device: str | None = None, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Refused messages, newest first."""
+        sql = "SELECT * FROM rejections"
+        params: list[Any] = []
+        if device is not None:
+            sql += " WHERE device = ?"
+            params.append(device)
+        return self._rows(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+
+    # --- assignments ------------------------------------------------------------------------------------
+
+    def next_generation(self, device: str) -> int:
+        """One more than the device's highest generation (call inside the transaction that inserts it)."""
+        rows = self._rows("SELECT max(generation) AS g FROM assignments WHERE device = ?", [device])
+        return int(rows[0]["g"] or 0) + 1
+
+    def add_assignment(self, device: str, generation: int, envelope: bytes, models: list[dict[str, Any]]) -> None:
+        """Insert a signed assignment (call inside a transaction)."""
+        self.db.execute(
+            "INSERT INTO assignments (device, generation, envelope, models_json, issued_ts) VALUES (?, ?, ?, ?, ?)",
+            [device, generation, envelope, json.dumps(models, sort_keys=True), time.time()],
+        )
+
+    def latest_assignments(self, *, unpublished_only: bool = False) -> list[AssignmentRow]:
+        """The newest assignment of every device (of non-revoked devices)."""
+        sql = (
+            "SELECT a.* FROM assignments a JOIN devices d ON d.id = a.device "
+            "WHERE d.revoked_ts IS NULL AND a.generation = "
+            "(SELECT max(generation) FROM assignments b WHERE b.device = a.device)"
+        )
+        if unpublished_only:
+            sql += " AND a.published_ts IS NULL"
+        return [_assignment_row(r) for r in self._rows(sql + " ORDER BY a.device")]
+
+    def mark_published(self, device: str, generation: int, *, now: float) -> None:
+        """Record that an assignment was published (its own transaction)."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE assignments SET published_ts = ? WHERE device = ? AND generation = ?",
+                [now, device, generation],
+            )
+
+    def assignments(self, device: str, *, limit: int = 20) -> list[AssignmentRow]:
+        """A device's assignments, newest first."""
+        rows = self._rows(
+            "SELECT * FROM assignments WHERE device = ? ORDER BY generation DESC LIMIT ?", [device, limit]
+        )
+        return [_assignment_row(r) for r in rows]
+
+
+def _device_row(row: dict[str, Any]) -> DeviceRow:
+    return DeviceRow(
+        id=row["id"],
+        enrolled_ts=row["enrolled_ts"],
+        cert_serial=row["cert_serial"],
+        cert_not_after=row["cert_not_after"],
+        signing_keyid=row["signing_keyid"],
+        signing_key_pem=row["signing_key_pem"],
+        revoked_ts=row["revoked_ts"],
+        status=row["status"],
+        state=json.loads(row["state_json"]) if row["state_json"] else None,
+        state_ts_ms=row["state_ts_ms"],
+        heartbeat=row["heartbeat"],
+        agent_version=row["agent_version"],
+        last_seen=row["last_seen"],
+    )
+
+
+def _assignment_row(row: dict[str, Any]) -> AssignmentRow:
+    return AssignmentRow(
+        device=row["device"],
+        generation=row["generation"],
+        envelope=bytes(row["envelope"]),
+        models=json.loads(row["models_json"]),
+        issued_ts=row["issued_ts"],
+        published_ts=row["published_ts"],
+    )
