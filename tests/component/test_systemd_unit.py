@@ -182,3 +182,15 @@ def _wait_for(sock: socket.socket, line: str, *, deadline: float, process: subpr
         if line in text.splitlines():
             return time.monotonic()
     raise AssertionError(f"no {line} before the deadline; got {seen}")
+
+
+def test_launchd_plist_runs_the_same_daemon_with_the_same_options() -> None:
+    """The Apple Silicon plist starts the unit's command line (only the runtime socket directory differs)."""
+    import plistlib
+
+    plist = plistlib.loads((UNIT.parents[1] / "deploy" / "com.edgefleet.edge-agent.plist").read_bytes())
+    unit_argv = shlex.split(unit_settings(UNIT)["ExecStart"][0])
+    plist_argv = [arg.replace("/var/run/", "/run/") for arg in plist["ProgramArguments"]]
+    assert plist_argv == unit_argv
+    assert plist["KeepAlive"] == {"SuccessfulExit": False}, "restart on failure, like Restart=on-failure"
+    assert plist["Umask"] == int(unit_settings(UNIT)["UMask"][0], 8)
