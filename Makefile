@@ -57,7 +57,8 @@ demo: setup
 	@echo "make demo: not yet — the end-to-end demo lands with the 'Ship it' issue. Try: make test"
 
 bench: setup
-	@echo "no benchmarks yet"
+	bench/build-llama-tools.sh
+	$(PY) bench/models.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

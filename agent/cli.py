@@ -204,11 +204,12 @@ def chat(
 
 
 def _register_commands() -> None:
+    from agent.cli_bench import bench
     from agent.cli_link import enroll, link
     from agent.cli_models import models
     from agent.cli_tokens import token
 
-    for command in (models, token, enroll, link):
+    for command in (models, token, enroll, link, bench):
         main.add_command(command)
 
 

@@ -46,8 +46,10 @@ def main(ctx: click.Context, home: Path) -> None:
 
 def _register_commands() -> None:
     from controller.cli_fleet import broker, controller_group, device, devices, init, serve
+    from controller.cli_models import model_group
 
-    for command in (init, device, devices, serve, broker, controller_group):
+    # Other modules extend the `model` group (releases: add/publish/list) by importing `model_group`.
+    for command in (init, device, devices, serve, broker, controller_group, model_group):
         main.add_command(command)
 
 

@@ -75,3 +75,14 @@ def mosquitto_tls(mosquitto_factory: Callable[..., Mosquitto], test_pki: TestPki
     return mosquitto_factory(
         tls=BrokerTls(cafile=test_pki.ca_file, certfile=server.cert, keyfile=server.key), acl_file=acl
     )
+
+
+# --- quantized model variants (issue 9) ---------------------------------------------------------------------
+
+from model_variants import ensure_variants  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_variants(smollm2_path: Path) -> dict[str, Path]:
+    """q4_0, q5_1 and q8_0 made from the real SmolLM2 Q4_1 by edgefleet's quantizer (cached across sessions)."""
+    return ensure_variants(smollm2_path, MODELS["smollm2"].sha256)
