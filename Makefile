@@ -59,6 +59,8 @@ demo: setup
 bench: setup
 	bench/build-llama-tools.sh
 	$(PY) bench/models.py
+	$(PY) bench/delivery.py
+	$(PY) bench/audit.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

@@ -212,5 +212,9 @@ def _register_commands() -> None:
     for command in (models, token, enroll, link, bench):
         main.add_command(command)
 
+    from agent.cli_audit import audit
+
+    main.add_command(audit)
+
 
 _register_commands()

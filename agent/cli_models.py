@@ -242,38 +242,76 @@ def models() -> None:
 
 
 @models.command("import")
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--name", required=True, help="Model family name, e.g. smollm2-135m-instruct.")
-@click.option("--variant", required=True, help="Variant, e.g. q4_0, q8_0, onnx-fp32.")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.option("--name", help="Model family name, e.g. smollm2-135m-instruct (required with FILE).")
+@click.option("--variant", help="Variant, e.g. q4_0, q8_0, onnx-fp32 (required with FILE).")
 @click.option("--version", type=click.IntRange(min=0), help="Version number [default: next for NAME].")
 @click.option("--sha256", "expected_sha256", help="Refuse the file unless its sha256 is this.")
 @click.option("--origin", default="import", show_default=True, help="Where the file came from.")
 @click.option("--no-activate", is_flag=True, help="Install without making it the active model.")
+@click.option(
+    "--bundle",
+    "bundle",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="A signed offline release bundle (`edge-fleet model bundle`) instead of FILE: verified like a delivery.",
+)
 @pass_context
 @_clean_errors
 def import_command(
     ctx: AgentContext,
-    file: Path,
-    name: str,
-    variant: str,
+    file: Path | None,
+    name: str | None,
+    variant: str | None,
     version: int | None,
     expected_sha256: str | None,
     origin: str,
     no_activate: bool,
+    bundle: Path | None,
 ) -> None:
-    """Import a local GGUF or ONNX FILE (air-gapped install): copy, verify, then activate."""
-    with open_models_admin(ctx) as admin, _progress(file) as progress:
-        record = admin.import_file(
-            file,
-            name=name,
-            variant=variant,
-            version=version,
-            origin=origin,
-            expected_sha256=expected_sha256,
-            activate=not no_activate,
-            progress=progress,
-        )
+    """Import a local GGUF or ONNX FILE, or a signed --bundle (air-gapped install): copy, verify, then activate."""
+    if bundle is not None:
+        if file is not None or name or variant or version is not None or expected_sha256:
+            raise click.UsageError("--bundle brings its own file, name, variant, version and sha256")
+        file, name, variant, version, expected_sha256, origin = _verified_bundle(ctx, bundle)
+    if file is None or not name or not variant:
+        raise click.UsageError("FILE, --name and --variant are required (or --bundle)")
+    try:
+        with open_models_admin(ctx) as admin, _progress(file) as progress:
+            record = admin.import_file(
+                file,
+                name=name,
+                variant=variant,
+                version=version,
+                origin=origin,
+                expected_sha256=expected_sha256,
+                activate=not no_activate,
+                progress=progress,
+            )
+    finally:
+        if bundle is not None:
+            file.unlink(missing_ok=True)  # the verified copy in downloads/; the registry has its own
     click.echo(f"imported {_summary(record)}")
+
+
+def _verified_bundle(ctx: AgentContext, bundle: Path) -> tuple[Path, str, str, int, str, str]:
+    """Verify ``bundle`` against this device's TUF state (agent/link/bundle.py); what to import."""
+    from agent.hardware import hardware_profile
+    from agent.link.bundle import verify_bundle
+    from agent.link.enrollment import link_dir, load_enrollment
+
+    config = ctx.config
+    enrollment = load_enrollment(config.state_dir, device_id=config.device_id)
+    root = enrollment.bundle.tuf_root.encode() if enrollment is not None and enrollment.bundle.tuf_root else None
+    verified = verify_bundle(
+        bundle,
+        state_dir=config.state_dir,
+        tuf_dir=link_dir(config.state_dir) / "tuf",
+        bootstrap=root,
+        hardware=hardware_profile(config.state_dir, config.inference.memory_budget_bytes),
+    )
+    click.echo(f"verified {verified.target.path} (sha256 {verified.target.sha256[:12]})")
+    origin = f"bundle:{verified.target.path}"
+    return verified.blob, verified.name, verified.variant, verified.version, verified.target.sha256, origin
 
 
 @contextlib.contextmanager

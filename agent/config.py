@@ -142,6 +142,9 @@ class LinkConfig:
     """Most messages waiting for an ack; past it new ones are refused (never silently dropped)."""
     max_send_attempts: int = 3
     """Connections that may die while one message is in flight before it is set aside as undeliverable."""
+    artifact_url: str = ""
+    """Base URL of the controller's HTTP artifact server (``http://host:port``): release metadata and blobs come
+    from it (Range-resumable), falling back to MQTT for blobs. Empty: releases over MQTT only."""
 
 
 @dataclass(frozen=True, slots=True)

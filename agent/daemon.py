@@ -10,6 +10,9 @@ then closes the components in reverse order — the API server first stops accep
 requests (up to ``api.drain_timeout_s``), then models unload and the databases close — and exits 0.
 Anything unexpected propagates: the process exits non-zero and systemd restarts it.
 
+The audit log (:mod:`agent.audit`) starts once the device id is known (enrolled, or ``device_id`` configured):
+the API's audit hook is connected to it, start and stop are recorded, and its uploader runs on the link.
+
 Readiness: ``READY=1`` is sent only once the registry is open and recovered and the API socket listens.
 """
 
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import signal
 from collections.abc import Callable
 
@@ -26,7 +31,9 @@ from agent import __version__
 from agent.api.app import ApiState
 from agent.api.server import ApiServer
 from agent.api.tokens import TokenStore
+from agent.audit import AuditLog, AuditUploader, watch_clock
 from agent.config import AgentConfig
+from agent.health import model_health_check
 from agent.inference import ModelPool
 from agent.link.mqtt import open_agent_link
 from agent.registry import Registry
@@ -69,6 +76,16 @@ async def run(
     return 0
 
 
+def _start_facts(config: AgentConfig) -> dict[str, object]:
+    """What ``agent.started`` records: version, pid, and the config file's sha256 (a config change shows)."""
+    facts: dict[str, object] = {"version": __version__, "pid": os.getpid()}
+    if config.config_path is not None:
+        facts["config"] = str(config.config_path)
+        with contextlib.suppress(OSError):
+            facts["config_sha256"] = hashlib.sha256(config.config_path.read_bytes()).hexdigest()
+    return facts
+
+
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:
     def handler() -> None:
         log.info("agent.signal", signal=sig.name)
@@ -102,15 +119,34 @@ async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.E
                 registry,
                 agent_version=__version__,
                 loaded_models=lambda: [(m.name, m.variant, m.sha256) for m in pool.loaded()],
+                health_check=model_health_check(state),  # delivered releases (agent/link/releases.py)
             )
         )
+
+        # The audit log (DESIGN.md §6) needs the device id: the enrolled one, else the configured one.
+        device = link.device if link is not None else config.device_id
+        audit = await asyncio.to_thread(AuditLog.open, registry, device) if device else None
+        if audit is not None:
+            state.audit = audit.record
+            if link is not None:
+                link.state.audit_head = audit.head  # the state message carries the head (worker thread)
+            await audit.record("agent.started", "agent", await asyncio.to_thread(_start_facts, config))
 
         notifier.ready(status=f"serving on {server.socket_path}")
         log.info("agent.ready", socket=str(server.socket_path))
         async with asyncio.TaskGroup() as tasks:
             watchdog = tasks.create_task(watchdog_loop(notifier, lambda: True), name="watchdog")
             link_task = tasks.create_task(link.run(), name="mqtt-link") if link is not None else None
+            audit_tasks = []
+            if audit is not None:
+                audit_tasks.append(tasks.create_task(watch_clock(audit), name="audit-clock"))
+            if link is not None and audit is not None:
+                audit_tasks.append(tasks.create_task(AuditUploader(audit, link).run(), name="audit-uploader"))
             await stop.wait()
+            if audit is not None:
+                await audit.record("agent.stopping", "agent", {"pid": os.getpid()})
+            for task in audit_tasks:
+                task.cancel()
             notifier.stopping()
             log.info("agent.stopping")
             watchdog.cancel()

@@ -47,10 +47,15 @@ def main(ctx: click.Context, home: Path) -> None:
 def _register_commands() -> None:
     from controller.cli_fleet import broker, controller_group, device, devices, init, serve
     from controller.cli_models import model_group
+    from controller.cli_releases import deploy, keys_group  # also adds `model add/publish/list`
 
     # Other modules extend the `model` group (releases: add/publish/list) by importing `model_group`.
-    for command in (init, device, devices, serve, broker, controller_group, model_group):
+    for command in (init, device, devices, serve, broker, controller_group, model_group, keys_group, deploy):
         main.add_command(command)
+
+    from controller.cli_audit import audit_group
+
+    main.add_command(audit_group)
 
 
 _register_commands()

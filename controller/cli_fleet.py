@@ -82,6 +82,13 @@ def _open_home(ctx: FleetContext) -> FleetHome:
     show_default=True,
     help="Seconds of silence after which a device is shown offline.",
 )
+@click.option(
+    "--release-threshold",
+    "release_threshold",
+    multiple=True,
+    metavar="ROLE=N",
+    help="Signatures needed (and keys made) for a TUF role: root, targets, snapshot, timestamp (repeatable).",
+)
 @pass_context
 @_errors
 def init(
@@ -96,8 +103,15 @@ def init(
     controller_name: str,
     keepalive: int,
     heartbeat_timeout: int,
+    release_threshold: tuple[str, ...],
 ) -> None:
     """Create the controller home: assignment key, device CA, broker certificate and Mosquitto config."""
+    thresholds: dict[str, int] = {}
+    for item in release_threshold:
+        role, _, count = item.partition("=")
+        if role not in ("root", "targets", "snapshot", "timestamp") or not count.isdigit() or int(count) < 1:
+            raise click.BadParameter(f"{item!r}: expected ROLE=N with N >= 1", param_hint="--release-threshold")
+        thresholds[role] = int(count)
     config = FleetConfig(
         broker=BrokerConfig(
             host=broker_host,
@@ -110,7 +124,7 @@ def init(
         ),
         controller=ControllerConfig(name=controller_name, keepalive_s=keepalive, heartbeat_timeout_s=heartbeat_timeout),
     )
-    home = FleetHome.init(ctx.home, config)
+    home = FleetHome.init(ctx.home, config, release_thresholds=thresholds)
     click.echo(f"created the controller home in {home.root}")
     click.echo(f"run the broker:  mosquitto -c {home.mosquitto_conf_path}")
     click.echo("then:            edge-fleet serve")
@@ -390,6 +404,15 @@ def device_show(ctx: FleetContext, device_id: str, as_json: bool) -> None:
     for m in (row.state or {}).get("models", []):
         models.add_row(m["name"], str(m["version"]), m["variant"], m["state"], "yes" if m.get("loaded") else "")
     console.print(models)
+    transfers = (row.state or {}).get("transfers", [])
+    if transfers:  # release downloads in progress (agent/link/releases.py)
+        table = Table("model", "received", "total", "progress", title="transfers")
+        for t in transfers:
+            m, done, total = t["model"], t["received_bytes"], t["total_bytes"]
+            table.add_row(
+                f"{m['name']}@{m['version']}:{m['variant']}", str(done), str(total), f"{done / max(1, total):.0%}"
+            )
+        console.print(table)
     table = Table("generation", "models", "published", title="assignments")
     for a in assignments:
         table.add_row(

@@ -60,6 +60,10 @@ class ControllerConfig:
     """A device whose last message is older than this is shown offline, whatever its last state said."""
     assignment_poll_s: float = 1.0
     """How often ``serve`` looks for assignments written by the CLI that it has not published yet."""
+    artifact_bind: str = "127.0.0.1"
+    """Address of ``serve``'s HTTP artifact server (release metadata and blobs, controller.link.http)."""
+    artifact_port: int = 0
+    """Its port; 0 = no artifact server (releases go over MQTT only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,8 @@ def validate(config: FleetConfig) -> FleetConfig:
         raise ConfigError("controller.keepalive_s must be between 2 and 600")
     if ctl.heartbeat_timeout_s < 1:
         raise ConfigError("controller.heartbeat_timeout_s must be at least 1")
+    if not 0 <= ctl.artifact_port <= 65535:
+        raise ConfigError(f"controller.artifact_port {ctl.artifact_port} is not a TCP port (0 = off)")
     return config
 
 

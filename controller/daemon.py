@@ -16,8 +16,9 @@ What it does (DESIGN.md §5, docs/protocol.md):
   gets the desired state back.
 
 The DB is used from one writer thread (SQLite from asyncio); handlers run one message at a time in arrival
-order. ``audit`` and ``fetch`` messages go to handlers registered by later features (``extra_handlers``);
-without one they are left unacked, so devices keep them.
+order. ``audit`` messages go to :class:`controller.audit_ingest.AuditIngest` (acked after its commit); ``fetch``
+messages go to handlers registered by later features (``extra_handlers``); without one they are left unacked,
+so devices keep them.
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
+from controller.audit_ingest import AuditIngest
 from controller.home import FleetHome
+from controller.link.blobs import ChunkServer, RepositoryPublisher
+from controller.link.http import ArtifactServer
 from controller.link.mqtt import Backoff, ControllerLink, InboundMessage, NotConnectedError, tls_context
 from controller.pki import controller_common_name
+from controller.releases import ReleaseRepository
 from controller.store import FleetStore
 from protocols.errors import ProtocolError
 from protocols.keys import public_key_from_pem
@@ -67,7 +72,9 @@ class FleetServer:
         self.home = home
         self.config = home.config
         self.clock = clock
-        self.extra_handlers = dict(extra_handlers or {})
+        self.audit = AuditIngest()
+        """The audit upload handler (DESIGN.md §6); an ``extra_handlers`` entry for ``audit`` replaces it."""
+        self.extra_handlers: dict[TopicKind, ExtraHandler] = {TopicKind.AUDIT: self.audit, **(extra_handlers or {})}
         self._key = home.assignment_key()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-db")
         self._store: FleetStore | None = None
@@ -84,6 +91,15 @@ class FleetServer:
         )
         self.acks_sent = 0
         self.rejected = 0
+        # Release delivery (controller.link.blobs): retained repository metadata, chunks for fetch requests.
+        self.releases: RepositoryPublisher | None = None
+        self.chunks: ChunkServer | None = None
+        self.artifacts: ArtifactServer | None = None
+        if home.repo_dir.exists():
+            repo = ReleaseRepository(home.repo_dir)
+            self.releases = RepositoryPublisher(repo)
+            self.chunks = ChunkServer(repo, max_packet_size=self.config.broker.max_packet_size)
+            self.extra_handlers.setdefault(TopicKind.FETCH, _serve_chunks)
 
     async def db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` on the one DB writer thread."""
@@ -101,9 +117,15 @@ class FleetServer:
         """Serve until cancelled."""
         self._store = await self.db(FleetStore.open, self.home.db_path)
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.link.run(self._on_connect, self._on_message), name="mqtt-link")
-                tasks.create_task(self._assignment_loop(), name="assignment-publisher")
+            async with contextlib.AsyncExitStack() as stack:
+                ctl = self.config.controller
+                if self.releases is not None and ctl.artifact_port:  # HTTP release delivery (controller.link.http)
+                    self.artifacts = await stack.enter_async_context(
+                        ArtifactServer(self.releases.repo, ctl.artifact_bind, ctl.artifact_port)
+                    )
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self.link.run(self._on_connect, self._on_message), name="mqtt-link")
+                    tasks.create_task(self._assignment_loop(), name="assignment-publisher")
         finally:
             store, self._store = self._store, None
             await self.db(store.close)
@@ -112,6 +134,8 @@ class FleetServer:
     # --- handlers -----------------------------------------------------------------------------------------
 
     async def _on_connect(self, link: ControllerLink) -> None:
+        if self.releases is not None:  # metadata first: an assignment may name a target devices then look up
+            await self.releases.publish_all(link)
         rows = await self.db(self.store.latest_assignments)
         for row in rows:
             await link.publish(device_topic(row.device, TopicKind.ASSIGN), row.envelope, retain=True)
@@ -125,6 +149,9 @@ class FleetServer:
             await asyncio.sleep(interval)
             if not self.link.connected.is_set():
                 continue
+            if self.releases is not None:  # new metadata before the assignments that may name it
+                with contextlib.suppress(NotConnectedError):  # the next connect publishes everything
+                    await self.releases.publish_new(self.link)
             for row in await self.db(self.store.latest_assignments, unpublished_only=True):
                 try:
                     await self.link.publish(device_topic(row.device, TopicKind.ASSIGN), row.envelope, retain=True)
@@ -208,6 +235,13 @@ class FleetServer:
         ack = Ack(device=device, ts_ms=int(self.clock() * 1000), **fields)
         await self.link.publish(device_topic(device, TopicKind.ACK), seal(ack, TopicKind.ACK, [self._key]))
         self.acks_sent += 1
+
+
+async def _serve_chunks(server: FleetServer, message: InboundMessage, device: str) -> None:
+    """The ``fetch`` handler: chunks of published blobs (controller.link.blobs)."""
+    if server.chunks is not None:
+        with contextlib.suppress(NotConnectedError):  # the device asks again after the reconnect
+            await server.chunks.handle(server.link, message.payload, device)
 
 
 async def serve(home: FleetHome, *, stop: asyncio.Event | None = None) -> int:

@@ -11,6 +11,7 @@ Layout::
     broker/server.crt  broker/server.key (0600)
     broker/mosquitto.conf  broker/acl  broker/data/   (persistence)
     controllers/<name>.crt  controllers/<name>.key (0600)   controller MQTT identities
+    repo/                           the TUF release repository and its keys (controller.releases)
 
 Invariants: private keys are created 0600 (never world- or group-readable at any moment: the file is created
 with that mode), every file is written atomically (temp file, fsync, ``os.replace``, fsync of the directory),
@@ -24,6 +25,7 @@ import datetime as dt
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -125,6 +127,20 @@ class FleetHome:
     def acl_path(self) -> Path:
         return self.broker_dir / "acl"
 
+    @property
+    def repo_dir(self) -> Path:
+        """The TUF release repository (controller.releases)."""
+        return self.root / "repo"
+
+    def _tuf_root(self) -> str:
+        """The latest root of the release repository (a device's TUF trust anchor), or "" without one."""
+        roots = sorted(
+            (int(p.name.split(".", 1)[0]), p)
+            for p in (self.repo_dir / "metadata").glob("*.root.json")
+            if p.name.split(".", 1)[0].isdigit()
+        )
+        return roots[-1][1].read_text(encoding="utf-8") if roots else ""
+
     def controller_tls(self, name: str | None = None) -> TlsFiles:
         """TLS files of controller identity ``name`` (default: this home's ``controller.name``)."""
         name = name or self.config.controller.name
@@ -134,8 +150,10 @@ class FleetHome:
     # --- create / open ----------------------------------------------------------------------------------
 
     @classmethod
-    def init(cls, root: Path, config: FleetConfig) -> FleetHome:
-        """Create a new home: keys, CA, server and controller certificates, broker files, fleet DB.
+    def init(cls, root: Path, config: FleetConfig, *, release_thresholds: Mapping[str, int] | None = None) -> FleetHome:
+        """Create a new home: keys, CA, server and controller certificates, broker files, fleet DB, TUF repository.
+
+        ``release_thresholds`` sets the signature threshold (and so the number of keys made) per TUF role.
 
         Raises:
             HomeError: ``root`` already holds a home (``fleet.toml`` exists) or cannot be written.
@@ -176,6 +194,9 @@ class FleetHome:
             finally:
                 store.close()
             atomic_write(home.mosquitto_conf_path, home.render_mosquitto_conf().encode())
+            from controller.releases import ReleaseRepository  # imports this module (atomic_write)
+
+            ReleaseRepository.create(home.repo_dir, thresholds=release_thresholds)
             # Last: fleet.toml marks the home as complete.
             atomic_write(home.config_path, dump_config(config).encode())
         except OSError as exc:
@@ -351,6 +372,7 @@ class FleetHome:
             signing_key_pem=private_key_to_pem(signing).decode(),
             controller_keys={keyid(key): public_key_to_pem(key).decode()},
             controller_threshold=1,
+            tuf_root=self._tuf_root(),
         )
         try:
             atomic_write(out, encode_bundle(bundle, [key]), 0o600)

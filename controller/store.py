@@ -17,6 +17,9 @@ Tables (migrations in :data:`MIGRATIONS`):
 - ``rejections``: messages the controller refused (bad signature, unknown or revoked device, device
   mismatch), newest kept (bounded).
 - ``meta``: counters such as the CRL number.
+- ``audit_records``, ``audit_heads``, ``audit_alerts``: the devices' verified audit logs, unique by
+  ``(device, epoch, seq)``, each device's last accepted head, and what verification flagged
+  (:mod:`controller.audit_ingest`).
 
 Invariants: a report is acked only after the transaction that stored it committed (the caller's order);
 ``devices.last_seen`` is the controller's clock, never later than "now"; an offline device is never
@@ -161,6 +164,48 @@ def m001_link(db: sqlite_utils.Database) -> None:
             reason TEXT NOT NULL
         )""")
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+@MIGRATIONS()
+def m002_audit(db: sqlite_utils.Database) -> None:
+    """The devices' verified audit records, accepted heads and alerts (see :mod:`controller.audit_ingest`)."""
+    db.execute("""
+        CREATE TABLE audit_records (
+            device TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            data TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            received_ts REAL NOT NULL,
+            PRIMARY KEY (device, epoch, seq)
+        ) WITHOUT ROWID""")
+    db.execute("CREATE INDEX audit_records_received ON audit_records (received_ts)")
+    db.execute("""
+        CREATE TABLE audit_heads (
+            device TEXT PRIMARY KEY,
+            epoch INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            hash TEXT NOT NULL,
+            checkpoint TEXT NOT NULL,
+            updated_ts REAL NOT NULL,
+            records INTEGER NOT NULL DEFAULT 0,
+            duplicates INTEGER NOT NULL DEFAULT 0
+        )""")
+    db.execute("""
+        CREATE TABLE audit_alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            first_ts REAL NOT NULL,
+            last_ts REAL NOT NULL,
+            count INTEGER NOT NULL DEFAULT 1,
+            UNIQUE (device, kind, detail)
+        )""")
 
 
 @dataclass(frozen=True, slots=True)

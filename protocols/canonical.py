@@ -90,9 +90,39 @@ def canonical_json(obj: object, *, allow_floats: bool = False) -> bytes:
             that is not valid Unicode (lone surrogate), or nesting deeper than :data:`MAX_DEPTH`.
         TypeError: a value of any other type, or a non-``str`` key.
     """
-    _check_encodable(obj, allow_floats=allow_floats, depth=1, path="$")
+    # Fast path: a walk without error paths (hashing thousands of audit records per second depends on it);
+    # anything it does not accept outright, and any encoding failure, goes through the full check, which
+    # raises with the offending value's path.
+    if not _plainly_encodable(obj, allow_floats, 1):
+        _check_encodable(obj, allow_floats=allow_floats, depth=1, path="$")
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        _check_encodable(obj, allow_floats=allow_floats, depth=1, path="$")
+        raise
+
+
+def _plainly_encodable(value: object, allow_floats: bool, depth: int) -> bool:
+    """True when ``value`` is exactly made of the accepted types within bounds (strings' Unicode is checked
+    when encoding). False means "ask :func:`_check_encodable`", which accepts subclasses too."""
+    if depth > MAX_DEPTH:
+        return False
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return MIN_INT <= value <= MAX_INT  # type: ignore[operator]
+    if kind is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str or not _plainly_encodable(item, allow_floats, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        return all(_plainly_encodable(item, allow_floats, depth + 1) for item in value)  # type: ignore[attr-defined]
+    if kind is float:
+        return allow_floats and math.isfinite(value)  # type: ignore[arg-type]
+    return False
 
 
 def _check_encodable(value: object, *, allow_floats: bool, depth: int, path: str) -> None:
@@ -169,7 +199,9 @@ def loads_object(data: bytes, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> 
         raise DecodeError(f"input is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise DecodeError(f"top level must be a JSON object, got {_json_kind(value)}")
-    _check_decoded_tree(value, max_depth)
+    # Lone surrogates can only come from \u escapes (the text itself is valid UTF-8): without any, only the
+    # nesting depth needs checking.
+    _check_decoded_tree(value, max_depth, strings="\\u" in text)
     return value
 
 
@@ -193,9 +225,19 @@ def _parse_finite_float(text: str) -> float:
     return value
 
 
-def _check_decoded_tree(root: dict[str, Any], max_depth: int) -> None:
+def _check_decoded_tree(root: dict[str, Any], max_depth: int, *, strings: bool = True) -> None:
     # Iterative, so a hostile document cannot make *this* walk recurse; the C parser's own recursion is
     # bounded by the interpreter (RecursionError above) and by max_bytes.
+    if not strings:
+        containers: list[tuple[dict[str, Any] | list[Any], int]] = [(root, 1)]
+        while containers:
+            node, depth = containers.pop()
+            if depth > max_depth:
+                raise DecodeError(f"JSON nested deeper than {max_depth}")
+            for item in node.values() if isinstance(node, dict) else node:
+                if isinstance(item, dict | list):
+                    containers.append((item, depth + 1))
+        return
     stack: list[tuple[object, int]] = [(root, 1)]
     while stack:
         value, depth = stack.pop()

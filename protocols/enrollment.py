@@ -8,7 +8,8 @@ and installs it. The file is a DSSE envelope (:mod:`protocols.envelope`) of payl
      "broker": {"host": "<name or IP>", "port": <1..65535>, "max_packet_size": <int>},
      "ca_pem": "<device CA certificate>", "cert_pem": "<device certificate>", "tls_key_pem": "<its key>",
      "signing_key_pem": "<Ed25519 device key, PKCS#8>",
-     "controller_keys": {"<keyid>": "<Ed25519 public key PEM>", ...}, "controller_threshold": <int>}
+     "controller_keys": {"<keyid>": "<Ed25519 public key PEM>", ...}, "controller_threshold": <int>,
+     "tuf_root": "<root metadata JSON, optional>"}
 
 It is signed by the controller keys it names. That makes the file self-certifying: it proves integrity (any
 changed byte is rejected) but not, by itself, authenticity; an operator who wants that pins the controller
@@ -80,6 +81,9 @@ MAX_PEM = 16 * 1024
 
 MAX_CONTROLLER_KEYS = 16
 
+MAX_TUF_ROOT = 128 * 1024
+"""Longest root metadata document a bundle may carry."""
+
 
 @dataclass(frozen=True, slots=True)
 class BrokerAddress(JSONStruct):
@@ -117,6 +121,8 @@ class EnrollmentBundle(JSONStruct):
         signing_key_pem: The device's Ed25519 signing key (reports, state, audit checkpoints).
         controller_keys: The controller's Ed25519 public keys (PEM) by key id: they sign assignments and acks.
         controller_threshold: How many of them must sign an assignment.
+        tuf_root: The release repository's root metadata (JSON text) the device's TUF client starts from;
+            optional (absent in bundles of controllers without a repository: no release can be installed).
     """
 
     device: str
@@ -128,6 +134,7 @@ class EnrollmentBundle(JSONStruct):
     signing_key_pem: str
     controller_keys: Mapping[str, str] = field(default_factory=dict)
     controller_threshold: int = 1
+    tuf_root: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The payload object, ``type`` and ``v`` included."""
@@ -143,7 +150,7 @@ class EnrollmentBundle(JSONStruct):
             "signing_key_pem": self.signing_key_pem,
             "controller_keys": dict(self.controller_keys),
             "controller_threshold": self.controller_threshold,
-        }
+        } | ({"tuf_root": self.tuf_root} if self.tuf_root else {})
 
     @classmethod
     def read(cls, reader: ObjectReader) -> Self:
@@ -172,6 +179,7 @@ class EnrollmentBundle(JSONStruct):
             signing_key_pem=reader.string("signing_key_pem", max_len=MAX_PEM),
             controller_keys=keys,
             controller_threshold=reader.integer("controller_threshold", lo=1, hi=len(keys)),
+            tuf_root=reader.string("tuf_root", max_len=MAX_TUF_ROOT) if reader.present("tuf_root") else "",
         )
         return bundle
 

@@ -16,9 +16,11 @@ Two parts (the python-tuf habit: trust rules apart from the driver):
   assignment takes effect exactly once: activation is idempotent in the registry, and the reports and the
   "applied" mark commit together.
 
-In this version an assignment can only activate models already in the local registry; a model that is not
-installed (or whose installed copy differs from the signed sha256/length) is refused with a signed report.
-Delivery of new models arrives with the releases feature.
+A desired model that is not installed is fetched and installed by the ``installer``
+(:class:`agent.link.releases.ReleaseInstaller`) when a *new* generation is applied; without one, or when the
+installed copy differs from the signed sha256/length, it is refused with a signed report. A refused release stays
+refused until a new generation arrives; a transient failure (link or repository unreachable) is retried after
+``retry_after_s`` without being reported.
 """
 
 from __future__ import annotations
@@ -131,6 +133,30 @@ class _Outcome:
     outcome: str
     reason: str
     changed: bool
+    missing: bool = False
+
+
+class InstallResult(Protocol):
+    """What :meth:`ReleaseInstaller.install` returns (:class:`agent.link.releases.InstallOutcome`)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def changed(self) -> bool: ...
+    @property
+    def retry(self) -> bool: ...
+
+
+class ReleaseInstall(Protocol):
+    """Installs a desired model missing from the registry (:class:`agent.link.releases.ReleaseInstaller`)."""
+
+    async def install(self, model: DesiredModel) -> InstallResult:
+        """Install and activate ``model``; never raises for a refusal."""
+        ...
 
 
 class Dispatcher:
@@ -147,7 +173,12 @@ class Dispatcher:
         on_change: Callable[[], None] | None = None,
         fault: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        installer: ReleaseInstall | None = None,
+        retry_after_s: float = 15.0,
     ) -> None:
+        self.installer = installer
+        """Installs desired models that are not in the registry (release delivery); None: refuse them."""
+        self.retry_after_s = retry_after_s
         self.store = store
         self.outbox = outbox
         self.verifier = verifier
@@ -250,6 +281,13 @@ class Dispatcher:
             return
         first = assignment.generation > desired.applied_generation
         outcomes = [await asyncio.to_thread(self._apply_model, model) for model in assignment.models]
+        if first and self.installer is not None and any(o.missing for o in outcomes):
+            outcomes, retry = await self._install_missing(outcomes)
+            if retry:  # the link or repository is unreachable: try again later, report nothing yet
+                asyncio.get_running_loop().call_later(self.retry_after_s, self.wake.set)
+                if any(o.changed for o in outcomes):
+                    self.on_change()
+                return
         if first:
             self.fault("applied")  # crash-test seam: the registry changed, the "applied" mark is not written
             reports = [self._model_report(assignment, o) for o in outcomes]
@@ -272,6 +310,21 @@ class Dispatcher:
         if any(o.changed for o in outcomes) or first:
             self.on_change()
 
+    async def _install_missing(self, outcomes: list[_Outcome]) -> tuple[list[_Outcome], bool]:
+        """Fetch and install the models of a new assignment that are not installed (one at a time)."""
+        assert self.installer is not None
+        done: list[_Outcome] = []
+        retry = False
+        for o in outcomes:
+            if not o.missing:
+                done.append(o)
+                continue
+            result = await self.installer.install(o.model)
+            retry = retry or result.retry
+            done.append(_Outcome(o.model, result.kind, result.outcome, result.reason, result.changed))
+            log.info("release.outcome", device_id=self.device, model=o.model.ref.key, outcome=result.outcome)
+        return done, retry
+
     def _commit_applied(self, generation: int, reports: list[Report]) -> None:
         with self.store.transaction() as db:
             db.execute(
@@ -290,7 +343,7 @@ class Dispatcher:
                 if r.variant == model.variant and r.version == model.version
             ]
             if not records:
-                return _Outcome(model, "refusal", "refused", f"not installed: {model.ref.key}", False)
+                return _Outcome(model, "refusal", "refused", f"not installed: {model.ref.key}", False, missing=True)
             record = records[0]
             if record.sha256 != model.sha256 or record.size != model.length:
                 return _Outcome(

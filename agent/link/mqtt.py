@@ -39,6 +39,7 @@ from agent.errors import EnrollmentError, LinkError
 from agent.link.dispatch import AssignmentVerifier, Dispatcher, ModelRegistry
 from agent.link.enrollment import Enrollment, link_dir, load_enrollment
 from agent.link.outbox import Outbox, OutboxItem
+from agent.link.releases import HealthCheck, build_installer
 from agent.link.state import StateBuilder, fingerprint
 from agent.link.store import LinkStore
 from protocols.audit import AuditHead
@@ -159,6 +160,12 @@ class AgentLink:
         self._connack: dict[str, Any] = {}
         self._notices: set[str] = set()
         self._in_flight: OutboxItem | None = None
+        # Release delivery (agent/link/updater.py, agent/link/fetch.py): repository metadata and chunks.
+        self.chunk_sink: Callable[[bytes], None] | None = None
+        """Called on the event loop with every frame from the ``chunk`` topic (the active download's)."""
+        self._client_now: aiomqtt.Client | None = None
+        self._repo_cache: dict[str, bytes] = {}
+        self._repo_waiters: dict[str, list[asyncio.Future[bytes]]] = {}
 
     # --- the rest of the agent --------------------------------------------------------------------------
 
@@ -184,6 +191,70 @@ class AgentLink:
         if kind not in (TopicKind.REPORT, TopicKind.AUDIT):
             raise ValueError(f"{kind} messages do not go through the outbox")
         return await self.outbox.put(kind, msg_id, payload)
+
+    async def publish_fetch(self, payload: bytes) -> None:
+        """Publish a fetch request on this device's ``fetch`` topic (QoS 1; not kept: the fetcher re-asks).
+
+        Raises:
+            LinkError: not connected, or the connection dropped while publishing.
+        """
+        client = self._client_now
+        if client is None:
+            raise LinkError("not connected to the broker")
+        try:
+            await client.publish(device_topic(self.device, TopicKind.FETCH), payload, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"fetch request not sent: {exc}") from exc
+
+    async def repo_document(self, topic: str, *, absent_after: float, within: float) -> bytes | None:
+        """The retained repository document on ``topic``, or None if the broker has none.
+
+        Versioned documents never change, so they are cached; ``repo/timestamp`` (always subscribed) is the
+        last one received. Other topics are subscribed for the lookup only: a retained message arrives right
+        after the SUBACK, so one that has not come ``absent_after`` seconds later does not exist.
+
+        Raises:
+            LinkError: not connected within ``within`` seconds, or the connection dropped.
+        """
+        cached = self._repo_cache.get(topic)
+        if cached is not None:
+            return cached
+        try:
+            async with asyncio.timeout(within):
+                await self.connected.wait()
+        except TimeoutError as exc:
+            raise LinkError("not connected to the broker: repository metadata unavailable") from exc
+        client = self._client_now
+        if client is None:
+            raise LinkError("not connected to the broker")
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._repo_waiters.setdefault(topic, []).append(waiter)
+        standing = topic in agent_subscriptions(self.device)
+        try:
+            if not standing:
+                await client.subscribe(topic, qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within if standing else absent_after):
+                    return await waiter
+            return None
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"repository metadata unavailable: {exc}") from exc
+        finally:
+            waiters = self._repo_waiters.get(topic, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not standing:
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.unsubscribe(topic)
+
+    def _on_repo_message(self, topic: str, payload: bytes) -> None:
+        if not payload or len(self._repo_cache) > 256:
+            self._repo_cache.clear()  # bounded: documents are fetched again if needed
+        if payload:
+            self._repo_cache[topic] = payload
+        for waiter in self._repo_waiters.pop(topic, []):
+            if not waiter.done() and payload:
+                waiter.set_result(payload)
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -267,6 +338,7 @@ class AgentLink:
                     await client.subscribe(topic, qos=1)
                 await self._publish_state(client, await self._build_state("online"))
                 await self.outbox.resend_all()
+                self._client_now = client
                 self.connected.set()
                 await _run_until_first_failure(
                     self._reader(client),
@@ -279,6 +351,7 @@ class AgentLink:
                 raise
             finally:
                 self.connected.clear()
+                self._client_now = None
                 _retrieve_disconnect_error(client)
 
     async def _say_goodbye(self, client: aiomqtt.Client) -> None:
@@ -297,10 +370,14 @@ class AgentLink:
             try:
                 kind = parse_device_topic(topic).kind
             except DecodeError:
-                continue  # repository metadata: the release updater's business
+                self._on_repo_message(topic, payload)  # repository metadata: the release updater's business
+                continue
             if not payload:
                 continue  # a cleared retained message
-            if kind is TopicKind.ASSIGN:
+            if kind is TopicKind.CHUNK:
+                if self.chunk_sink is not None:
+                    self.chunk_sink(payload)
+            elif kind is TopicKind.ASSIGN:
                 await self.dispatcher.on_assign(payload)
             elif kind is TopicKind.ACK:
                 await self._on_ack(topic, payload)
@@ -480,6 +557,7 @@ async def open_agent_link(
     loaded_models: Callable[[], Collection[tuple[str, str, str]]] | None = None,
     audit_head: Callable[[], AuditHead | None] | None = None,
     fault: Callable[[str], None] | None = None,
+    health_check: HealthCheck | None = None,
 ) -> AsyncIterator[AgentLink | None]:
     """The link if the device is enrolled (and the link enabled), else None; closes its database on exit.
 
@@ -511,7 +589,7 @@ async def open_agent_link(
             agent_version=agent_version,
             audit_head=audit_head,
         )
-        yield AgentLink(
+        link = AgentLink(
             config=config.link,
             enrollment=enrollment,
             store=store,
@@ -521,5 +599,20 @@ async def open_agent_link(
             loaded_models=loaded_models,
             fault=fault,
         )
+        # Release delivery: TUF metadata and chunks over this link (agent/link/releases.py).
+        tuf_root = enrollment.bundle.tuf_root.encode() if enrollment.bundle.tuf_root else None
+        link.dispatcher.installer = build_installer(
+            link,
+            registry,
+            metadata_dir=link_dir(config.state_dir) / "tuf",
+            bootstrap=tuf_root,
+            hardware=state.hardware,
+            health_check=health_check,
+            artifact_url=config.link.artifact_url,
+        )
+        if link.dispatcher.installer is not None:  # transfers in progress go into the device state
+            state.transfers = link.dispatcher.installer.transfers
+            link.dispatcher.installer.on_change = link.state_changed
+        yield link
     finally:
         await asyncio.to_thread(store.close)

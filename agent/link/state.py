@@ -19,7 +19,7 @@ from agent.link.dispatch import ModelRegistry
 from protocols.audit import AuditHead
 from protocols.canonical import canonical_json
 from protocols.errors import DecodeError
-from protocols.messages import MAX_VERSION, DeviceState, HardwareProfile, ModelInfo
+from protocols.messages import MAX_VERSION, DeviceState, HardwareProfile, ModelInfo, TransferProgress
 
 __all__ = ["StateBuilder", "fingerprint"]
 
@@ -60,6 +60,8 @@ class StateBuilder:
         self.audit_head = audit_head or (lambda: None)
         self.clock = clock
         self._hardware: HardwareProfile | None = None
+        self.transfers: Callable[[], tuple[TransferProgress, ...]] = lambda: ()
+        """Release downloads in progress (set by the link's release installer)."""
 
     def hardware(self) -> HardwareProfile:
         """The hardware profile (static facts cached; free disk read each time)."""
@@ -113,4 +115,5 @@ class StateBuilder:
             models=self.models(loaded),
             heartbeat=heartbeat,
             audit_head=self.audit_head(),
+            transfers=self.transfers(),
         )

@@ -10,7 +10,8 @@ Tables:
   (sha256, size, format facts).
 - ``model_events``: append-only log of every state change (triggers refuse UPDATE and DELETE). Rows are
   written only by :func:`append_event`, always inside the transaction that makes the change, so the log and
-  the state can never disagree. The audit-log work turns this function into the hash-chain writer.
+  the state can never disagree. It also appends the hash-chained audit record (:func:`agent.audit.append_record`)
+  in that same transaction.
 
 Connection settings: WAL journal, ``synchronous=FULL`` (a committed transaction survives power loss),
 foreign keys on, autocommit mode with explicit ``BEGIN IMMEDIATE`` transactions (never Python's implicit ones).
@@ -208,6 +209,14 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         BEGIN SELECT RAISE(ABORT, 'model_events is append-only'); END""")
 
 
+@MIGRATIONS()
+def m002_audit_log(db: sqlite_utils.Database) -> None:
+    """The tamper-evident audit log's tables (see :mod:`agent.audit`)."""
+    from agent.audit import create_tables  # agent.audit must not import the registry
+
+    create_tables(db)
+
+
 def open_database(path: Path) -> sqlite_utils.Database:
     """Open (creating if needed) the registry database with the registry's settings, migrated.
 
@@ -256,4 +265,15 @@ def append_event(
     )
     seq: int | None = cursor.lastrowid
     assert seq is not None
+    # The same transaction appends the hash-chained audit record (a no-op until the daemon started the log).
+    from agent.audit import append_record
+
+    details = {"name": name, "variant": variant, "version": version, "model_id": model_id, "install_id": install_id}
+    append_record(
+        db,
+        f"registry.{kind}",
+        actor,
+        {**{k: v for k, v in details.items() if v is not None}, **dict(data or {})},
+        ts_ms=int(ts * 1000),
+    )
     return seq

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -230,6 +230,9 @@ class BlobStore:
         return size
 
 
+_T = TypeVar("_T")
+
+
 class _Tx:
     """An open ``BEGIN IMMEDIATE`` transaction: writes and the events that record them."""
 
@@ -395,6 +398,24 @@ class Registry:
                 raise
             self._db.execute("COMMIT")
 
+    def run_in_transaction(self, fn: Callable[[sqlite_utils.Database], _T]) -> _T:
+        """Run ``fn(db)`` in one ``BEGIN IMMEDIATE`` transaction (the audit log's own writes)."""
+        with self._lock:
+            if self._closed:
+                raise RegistryError("the registry is closed")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+    def query_readonly(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        """Rows of a read-only query (the audit log's reads)."""
+        return self._query(sql, params)
+
     def _query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         with self._lock:
             if self._closed:
@@ -425,6 +446,13 @@ class Registry:
             if freed:
                 fsync_dir(self._blobs.blobs_dir)
             return freed
+
+    def check_space(self, needed: int, what: str) -> None:
+        """Raise ``InsufficientSpaceError`` unless ``needed`` more bytes fit the free-space floor and quota.
+
+        For callers that must refuse *before* fetching anything (release delivery).
+        """
+        self._check_space(needed, what)
 
     def _check_space(self, needed: int, what: str) -> None:
         """Refuse (before any byte is copied) when ``needed`` bytes would break the free-space floor or quota."""

@@ -1,0 +1,600 @@
+"""The device's tamper-evident audit log (DESIGN.md §6, docs/audit.md).
+
+Storage: three tables in ``registry.db`` (created by the registry's migration ``m002_audit_log``):
+
+- ``audit_state``: one row: the device, the current ``epoch``, the head (``head_seq``, ``head_hash``), the
+  highest seq the controller acknowledged (``acked_seq``) and how many records are stored (``stored``).
+- ``audit_log``: the records not yet acknowledged, one row per record (the hashed fields as columns, ``data``
+  as canonical JSON).
+- ``audit_checkpoints``: the latest signed checkpoints made while offline (a few are kept).
+
+Invariants:
+
+- A record is appended by :func:`append_record` *inside the caller's open transaction*: the registry's one
+  event writer (:func:`agent.registry.schema.append_event`) calls it, so a model state change and its audit
+  record commit together or not at all; other events (API, tokens, link, start/stop) use
+  :meth:`AuditLog.record`, one transaction per record.
+- Records only go forward: seq + 1, ``prev_hash`` = the previous hash (:func:`protocols.audit.make_record`).
+  ``data`` never holds prompt or completion text (callers pass metadata only); floats become strings.
+- Nothing is deleted before the controller acknowledged it: :meth:`AuditLog.acked` deletes up to the acked seq,
+  and refuses an ack whose hash differs from the local record at that seq. Past ``max_records``
+  unacknowledged records the log drops a consecutive range *just before the newest record* (the oldest
+  records, which anchor the chain to what the controller has, are kept) and appends a chained ``gap``
+  record naming it, so the GAP record always
+  directly follows the hole, within one upload batch, and a drop is never silent. A later drop that touches
+  an earlier GAP record merges the two ranges.
+- A new ``registry.db`` (first start, reinstall) starts a new epoch whose number is the wall-clock second:
+  epochs go up across reinstalls unless the clock goes back; the controller flags an unlinked epoch.
+
+:class:`AuditUploader` ships the log over the link: one batch at a time through the outbox (so a batch
+survives restarts and is re-sent until acked), each batch a run of consecutive records split by encoded bytes
+to fit ``limits.max_message_bytes``, with a checkpoint signed by the device key. It also signs a checkpoint
+every ``checkpoint_interval`` while the head moves, online or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import sqlite_utils
+import structlog
+
+from agent.link.outbox import audit_ack_key
+from protocols.audit import (
+    ACTOR_RE,
+    KIND_GAP,
+    KIND_RE,
+    AuditHead,
+    AuditRecord,
+    Checkpoint,
+    SignedCheckpoint,
+    gap_data,
+    make_record,
+    sign_checkpoint,
+    start_epoch,
+    verify_chain,
+    verify_checkpoint,
+)
+from protocols.canonical import canonical_json
+from protocols.errors import ProtocolError
+from protocols.limits import DEFAULT_LIMITS, Limits
+from protocols.messages import Ack, AuditBatch
+from protocols.topics import TopicKind
+
+if TYPE_CHECKING:
+    from agent.link.mqtt import AgentLink
+    from protocols.keys import Ed25519PrivateKey
+
+__all__ = [
+    "DEFAULT_MAX_RECORDS",
+    "AuditLog",
+    "AuditUploader",
+    "AuditStore",
+    "LocalVerification",
+    "ReadOnlyAuditStore",
+    "append_record",
+    "create_tables",
+    "watch_clock",
+]
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+DEFAULT_MAX_RECORDS = 100_000
+"""Unacknowledged records kept before the log drops a range and writes a GAP record."""
+
+KEPT_CHECKPOINTS = 16
+"""Offline checkpoints kept on the device."""
+
+MAX_TEXT = 1024
+"""Longest string kept in a record's data (longer ones are cut)."""
+
+BATCH_OVERHEAD = 2048
+"""Bytes kept free in an upload for the message framing and the checkpoint."""
+
+
+def create_tables(db: sqlite_utils.Database) -> None:
+    """Create the audit tables (called by the registry migration inside its transaction)."""
+    db.execute("""
+        CREATE TABLE audit_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            device TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            head_seq INTEGER NOT NULL,
+            head_hash TEXT NOT NULL,
+            acked_seq INTEGER NOT NULL DEFAULT -1,
+            stored INTEGER NOT NULL DEFAULT 0,
+            max_records INTEGER NOT NULL
+        )""")
+    db.execute("""
+        CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY,
+            epoch INTEGER NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            data TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )""")
+    db.execute("""
+        CREATE TABLE audit_checkpoints (
+            epoch INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            signed TEXT NOT NULL,
+            PRIMARY KEY (epoch, seq)
+        )""")
+
+
+def _clean(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON the chain accepts: no floats (as text), strings cut to :data:`MAX_TEXT`."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) < value < 2**63 else str(value)
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() and abs(value) < 2**53 else repr(value)
+    if isinstance(value, str):
+        return value if len(value) <= MAX_TEXT else value[: MAX_TEXT - 1] + "…"
+    if depth > 8:
+        return str(value)[:MAX_TEXT]
+    if isinstance(value, Mapping):
+        return {str(k)[:128]: _clean(v, depth + 1) for k, v in list(value.items())[:64]}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_clean(v, depth + 1) for v in list(value)[:64]]
+    return str(value)[:MAX_TEXT]
+
+
+def _kind(kind: str) -> str:
+    kind = kind.lower().replace("-", "_")
+    return kind if KIND_RE.fullmatch(kind) else "event"
+
+
+def _actor(actor: str) -> str:
+    return actor if ACTOR_RE.fullmatch(actor) else "agent"
+
+
+def _row(record: AuditRecord) -> list[Any]:
+    return [
+        record.seq,
+        record.epoch,
+        record.ts_ms,
+        record.kind,
+        record.actor,
+        canonical_json(record.data).decode(),
+        record.prev_hash,
+        record.hash,
+    ]
+
+
+def _record(row: Mapping[str, Any]) -> AuditRecord:
+    return AuditRecord(
+        epoch=row["epoch"],
+        seq=row["seq"],
+        ts_ms=row["ts_ms"],
+        kind=row["kind"],
+        actor=row["actor"],
+        data=json.loads(row["data"]),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )
+
+
+_INSERT = (
+    "INSERT INTO audit_log (seq, epoch, ts_ms, kind, actor, data, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def initialise(db: sqlite_utils.Database, device: str, *, max_records: int, ts_ms: int, reason: str) -> bool:
+    """Start the log (epoch = the wall-clock second) unless it exists; inside the caller's transaction.
+
+    Returns:
+        True if a new epoch was started.
+    """
+    if db.execute("SELECT 1 FROM audit_state").fetchone() is not None:
+        db.execute("UPDATE audit_state SET max_records = ?", [max_records])
+        return False
+    first = start_epoch(device, max(1, ts_ms // 1000), previous=None, reason=reason, actor="agent", ts_ms=ts_ms)
+    db.execute(_INSERT, _row(first))
+    db.execute(
+        "INSERT INTO audit_state (id, device, epoch, head_seq, head_hash, stored, max_records) "
+        "VALUES (1, ?, ?, 0, ?, 1, ?)",
+        [device, first.epoch, first.hash, max_records],
+    )
+    return True
+
+
+def append_record(
+    db: sqlite_utils.Database, kind: str, actor: str, data: Mapping[str, Any], *, ts_ms: int | None = None
+) -> AuditRecord | None:
+    """Append one record inside the caller's open transaction; None if the log is not initialised yet.
+
+    ``kind`` and ``actor`` are normalised to the protocol's syntax, ``data`` cleaned (no floats, bounded).
+    """
+    if not db.conn.in_transaction:
+        raise RuntimeError("append_record must run inside the transaction of the change it records")
+    state = db.execute("SELECT epoch, head_seq, head_hash, stored, max_records FROM audit_state").fetchone()
+    if state is None:
+        return None
+    epoch, head_seq, head_hash, stored, max_records = state
+    ts = ts_ms if ts_ms is not None else int(time.time() * 1000)
+    cleaned = _clean(dict(data))
+    if len(canonical_json(cleaned)) > DEFAULT_LIMITS.max_audit_data_bytes // 2:
+        cleaned = {"truncated": True, "keys": sorted(cleaned)[:32]}
+    record = make_record(AuditHead(epoch, head_seq, head_hash), _kind(kind), _actor(actor), cleaned, ts)
+    db.execute(_INSERT, _row(record))
+    stored += 1
+    if stored > max_records:
+        record, stored = _drop(db, record, stored, max_records, ts)
+    db.execute("UPDATE audit_state SET head_seq = ?, head_hash = ?, stored = ?", [record.seq, record.hash, stored])
+    return record
+
+
+def _drop(
+    db: sqlite_utils.Database, newest: AuditRecord, stored: int, max_records: int, ts_ms: int
+) -> tuple[AuditRecord, int]:
+    """Drop the range between the oldest half of the cap and ``newest``, then chain a GAP record after it."""
+    keep_oldest = max(1, max_records // 2)
+    rows = db.execute(
+        "SELECT seq FROM audit_log WHERE seq < ? ORDER BY seq LIMIT 1 OFFSET ?", [newest.seq, keep_oldest]
+    ).fetchone()
+    if rows is None:
+        return newest, stored
+    first = rows[0]
+    # The range ends just before ``newest``: the GAP record then comes right after it, in the same batch.
+    last, last_hash = newest.seq - 1, newest.prev_hash
+    if first > last:
+        return newest, stored
+    for (earlier,) in db.execute(
+        "SELECT data FROM audit_log WHERE kind = ? AND seq >= ? AND seq <= ?", [KIND_GAP, first, last]
+    ).fetchall():
+        first = min(first, json.loads(earlier)["first_seq"])
+    cursor = db.execute("DELETE FROM audit_log WHERE seq >= ? AND seq <= ?", [first, last])
+    stored -= int(cursor.rowcount)
+    gap = make_record(newest, KIND_GAP, "agent", gap_data(first, last, last_hash), ts_ms)
+    db.execute(_INSERT, _row(gap))
+    log.warning("audit.gap", first_seq=first, last_seq=last, count=last - first + 1)
+    return gap, stored + 1
+
+
+@dataclass(frozen=True, slots=True)
+class LocalVerification:
+    """What :meth:`AuditLog.verify` found on the device."""
+
+    records: int
+    head: AuditHead | None
+    checkpoints: int
+    errors: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when the stored chain and checkpoints verify."""
+        return not self.errors
+
+
+class AuditStore(Protocol):
+    """Where the log lives: the open :class:`~agent.registry.Registry`, or :class:`ReadOnlyAuditStore`."""
+
+    def run_in_transaction(self, fn: Callable[[sqlite_utils.Database], _T]) -> _T:
+        """Run ``fn(db)`` in one ``BEGIN IMMEDIATE`` transaction."""
+        ...
+
+    def query_readonly(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        """Rows of a read-only query."""
+        ...
+
+
+class ReadOnlyAuditStore:
+    """``registry.db`` opened read-only (the CLI, while the daemon holds the registry): reads only."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite_utils.Database(sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False))
+
+    def run_in_transaction(self, fn: Callable[[sqlite_utils.Database], _T]) -> _T:
+        """Refused: this store is read-only."""
+        raise RuntimeError("the audit log is open read-only")
+
+    def query_readonly(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        """Rows of a read-only query."""
+        return list(self.db.query(sql, params))
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.conn.close()
+
+
+class AuditLog:
+    """The device's audit log in ``registry.db`` (through the open registry, or read-only)."""
+
+    def __init__(self, registry: AuditStore, *, clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.changed = asyncio.Event()
+        """Set when a record is appended from the event loop, or an ack arrives (the uploader waits on it)."""
+
+    @classmethod
+    def open(
+        cls, registry: AuditStore, device: str, *, max_records: int = DEFAULT_MAX_RECORDS, reason: str = "first start"
+    ) -> AuditLog:
+        """Initialise the log in ``registry`` if needed (blocking: call it in a worker thread)."""
+        ts_ms = int(time.time() * 1000)
+        registry.run_in_transaction(
+            lambda db: initialise(db, device, max_records=max_records, ts_ms=ts_ms, reason=reason)
+        )
+        return cls(registry)
+
+    # --- writing ------------------------------------------------------------------------------------------
+
+    def append(self, kind: str, actor: str, data: Mapping[str, Any]) -> AuditRecord | None:
+        """Append one record in its own transaction (blocking)."""
+        ts_ms = int(self.clock() * 1000)
+        return self.registry.run_in_transaction(lambda db: append_record(db, kind, actor, data, ts_ms=ts_ms))
+
+    async def record(self, kind: str, actor: str, data: Mapping[str, Any]) -> None:
+        """Append one record from the event loop (the API's audit hook); committed when this returns."""
+        await asyncio.to_thread(self.append, kind, actor, data)
+        self.changed.set()
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def head(self) -> AuditHead | None:
+        """The current head (None if the log is not initialised)."""
+        rows = self.registry.query_readonly("SELECT epoch, head_seq, head_hash FROM audit_state")
+        if not rows:
+            return None
+        return AuditHead(rows[0]["epoch"], rows[0]["head_seq"], rows[0]["head_hash"])
+
+    def status(self) -> dict[str, Any]:
+        """``{device, epoch, head_seq, head_hash, acked_seq, stored, max_records}`` or ``{}``."""
+        rows = self.registry.query_readonly("SELECT * FROM audit_state")
+        return {k: v for k, v in rows[0].items() if k != "id"} if rows else {}
+
+    def tail(self, limit: int = 20, *, after_seq: int = -1) -> list[AuditRecord]:
+        """The newest ``limit`` stored records after ``after_seq``, oldest first."""
+        rows = self.registry.query_readonly(
+            "SELECT * FROM (SELECT * FROM audit_log WHERE seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            [after_seq, limit],
+        )
+        return [_record(r) for r in rows]
+
+    def batch(self, *, max_bytes: int, max_records: int) -> list[AuditRecord]:
+        """The oldest stored records, consecutive, whose encodings fit ``max_bytes`` (at least one)."""
+        out: list[AuditRecord] = []
+        used = 0
+        rows = self.registry.query_readonly("SELECT * FROM audit_log ORDER BY seq LIMIT ?", [max_records])
+        for row in rows:
+            record = _record(row)
+            size = len(canonical_json(record.to_dict())) + 1
+            if out and (used + size > max_bytes or record.seq != out[-1].seq + 1 or record.epoch != out[-1].epoch):
+                break
+            out.append(record)
+            used += size
+        return out
+
+    def verify(self, public_key: Any | None = None) -> LocalVerification:
+        """Re-verify the stored records' chain (and the offline checkpoints' signatures, given the key)."""
+        errors: list[str] = []
+        rows = self.registry.query_readonly("SELECT * FROM audit_log ORDER BY seq")
+        records = [_record(r) for r in rows]
+        head: AuditHead | None = None
+        run: list[AuditRecord] = []
+        for record in [*records, None]:
+            if record is not None and (not run or (record.seq == run[-1].seq + 1 and record.epoch == run[-1].epoch)):
+                run.append(record)
+                continue
+            if run:
+                try:
+                    head = verify_chain(run, after=None) if run[0].seq == 0 else _verify_suffix(run)
+                except ProtocolError as exc:
+                    errors.append(str(exc))
+            run = [record] if record is not None else []
+        state = self.status()
+        if records and state and head is not None and (head.seq, head.hash) != (state["head_seq"], state["head_hash"]):
+            errors.append(f"the stored head seq {state['head_seq']} is not the last record (seq {head.seq})")
+        checkpoints = self.registry.query_readonly("SELECT signed FROM audit_checkpoints")
+        if public_key is not None:
+            for row in checkpoints:
+                try:
+                    verify_checkpoint(SignedCheckpoint.decode(row["signed"].encode()), public_key)
+                except ProtocolError as exc:
+                    errors.append(f"checkpoint: {exc}")
+        return LocalVerification(len(records), head, len(checkpoints), tuple(errors))
+
+    # --- acks and checkpoints -----------------------------------------------------------------------------
+
+    def acked(self, head: AuditHead) -> int:
+        """Delete the records up to ``head`` if the local record there has its hash; returns how many."""
+        return self.registry.run_in_transaction(lambda db: _apply_ack(db, head))
+
+    def store_checkpoint(self, signed: SignedCheckpoint, checkpoint: Checkpoint) -> None:
+        """Keep an offline checkpoint (the newest :data:`KEPT_CHECKPOINTS`)."""
+
+        def write(db: sqlite_utils.Database) -> None:
+            db.execute(
+                "INSERT OR IGNORE INTO audit_checkpoints (epoch, seq, ts_ms, signed) VALUES (?, ?, ?, ?)",
+                [checkpoint.epoch, checkpoint.seq, checkpoint.ts_ms, signed.encode().decode()],
+            )
+            db.execute(
+                "DELETE FROM audit_checkpoints WHERE rowid NOT IN "
+                "(SELECT rowid FROM audit_checkpoints ORDER BY epoch DESC, seq DESC LIMIT ?)",
+                [KEPT_CHECKPOINTS],
+            )
+
+        self.registry.run_in_transaction(write)
+
+
+def _verify_suffix(run: list[AuditRecord]) -> AuditHead:
+    """Verify a stored run that starts after acknowledged (deleted) records: links and hashes only."""
+    first = run[0]
+    return verify_chain(run, after=AuditHead(first.epoch, first.seq - 1, first.prev_hash))
+
+
+def _apply_ack(db: sqlite_utils.Database, head: AuditHead) -> int:
+    state = db.execute("SELECT epoch, acked_seq, head_seq FROM audit_state").fetchone()
+    if state is None or state[0] != head.epoch or head.seq > state[2]:
+        return 0
+    row = db.execute("SELECT hash FROM audit_log WHERE seq = ?", [head.seq]).fetchone()
+    if row is not None and row[0] != head.hash:
+        log.warning("audit.ack_mismatch", epoch=head.epoch, seq=head.seq)
+        return 0
+    # No row at the acked seq: it was acked before, or dropped behind a GAP record after the batch went out.
+    # The controller signs an ack only for a batch it verified against its head, so everything up to it is
+    # stored there.
+    cursor = db.execute("DELETE FROM audit_log WHERE seq <= ?", [head.seq])
+    removed = int(cursor.rowcount)
+    db.execute("UPDATE audit_state SET acked_seq = max(acked_seq, ?), stored = stored - ?", [head.seq, removed])
+    return removed
+
+
+class AuditUploader:
+    """Ships the audit log over the link, one batch at a time through the outbox (see the module docstring)."""
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        link: AgentLink,
+        *,
+        interval: float = 1.0,
+        checkpoint_interval: float = 300.0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.audit = audit
+        self.link = link
+        self.interval = interval
+        self.checkpoint_interval = checkpoint_interval
+        self.limits = limits
+        self.device = link.device
+        self.key: Ed25519PrivateKey = link.enrollment.signing_key
+        self.batches = 0
+        self._last_checkpoint: AuditHead | None = None
+        link.ack_listeners.append(self.on_ack)
+
+    async def on_ack(self, ack: Ack) -> None:
+        """An ack naming an audit head: drop the acked records, then the outbox copy, then send the next batch."""
+        if ack.audit is None:
+            return
+        removed = await asyncio.to_thread(self.audit.acked, ack.audit)
+        await self.link.outbox.acked([audit_ack_key(ack.audit), *await self._covered(ack.audit)])
+        log.debug("audit.acked", seq=ack.audit.seq, removed=removed, duplicate=ack.duplicate)
+        self.audit.changed.set()
+
+    def checkpoint(self, head: AuditHead) -> SignedCheckpoint:
+        """A checkpoint of ``head`` signed with the device key."""
+        cp = Checkpoint(self.device, head.epoch, head.seq, head.hash, int(time.time() * 1000))
+        return sign_checkpoint(cp, self.key)
+
+    def build_batch(self) -> tuple[AuditHead, bytes] | None:
+        """The next upload (blocking): the oldest stored records that fit one message, with a checkpoint."""
+        max_bytes = self.limits.max_message_bytes - BATCH_OVERHEAD
+        max_records = self.limits.max_audit_batch
+        while True:
+            records = self.audit.batch(max_bytes=max_bytes, max_records=max_records)
+            if not records:
+                return None
+            head = records[-1].head
+            batch = AuditBatch(
+                device=self.device, epoch=head.epoch, records=tuple(records), checkpoint=self.checkpoint(head)
+            )
+            try:
+                return head, batch.encode(limits=self.limits)
+            except ValueError:
+                if len(records) == 1:
+                    raise
+                max_records = max(1, len(records) // 2)
+
+    async def _covered(self, head: AuditHead) -> list[str]:
+        """Outbox ids of pending batches of ``head``'s epoch that end at or before it (acked by it)."""
+        store = self.link.store
+
+        def query() -> list[str]:
+            rows = store.db.execute(
+                "SELECT msg_id FROM outbox WHERE msg_id LIKE ?", [f"audit:{head.epoch}:%"]
+            ).fetchall()
+            return [r[0] for r in rows if int(r[0].split(":")[2]) <= head.seq]
+
+        return await store.run(query)
+
+    async def _pending(self) -> bool:
+        store = self.link.store
+
+        def query() -> bool:
+            row = store.db.execute(
+                "SELECT 1 FROM outbox WHERE state = 'pending' AND msg_id LIKE 'audit:%' LIMIT 1"
+            ).fetchone()
+            return row is not None
+
+        return await store.run(query)
+
+    async def step(self) -> bool:
+        """Queue the next batch if none waits for its ack; True if one was queued."""
+        if await self._pending():
+            return False
+        built = await asyncio.to_thread(self.build_batch)
+        if built is None:
+            return False
+        head, payload = built
+        added = await self.link.send(TopicKind.AUDIT, audit_ack_key(head), payload)
+        self.batches += int(added)
+        return added
+
+    async def offline_checkpoint(self) -> None:
+        """Sign and keep a checkpoint of the head if it moved since the last one."""
+        head = await asyncio.to_thread(self.audit.head)
+        if head is None or head == self._last_checkpoint:
+            return
+        signed = self.checkpoint(head)
+        await asyncio.to_thread(self.audit.store_checkpoint, signed, Checkpoint.from_dict(json.loads(signed.body)))
+        self._last_checkpoint = head
+
+    async def run(self) -> None:
+        """Upload until cancelled."""
+        loop = asyncio.get_running_loop()
+        next_checkpoint = loop.time()
+        while True:
+            self.audit.changed.clear()
+            try:
+                await self.step()
+            except Exception as exc:  # an outbox that is full is retried later; the records stay
+                log.warning("audit.upload_deferred", error=str(exc))
+            if loop.time() >= next_checkpoint:
+                await self.offline_checkpoint()
+                next_checkpoint = loop.time() + self.checkpoint_interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self.audit.changed.wait()
+
+
+async def watch_clock(
+    audit: AuditLog,
+    *,
+    interval: float = 10.0,
+    threshold: float = 30.0,
+    wall: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> None:
+    """Record ``agent.clock_jump`` whenever the wall clock moves more than ``threshold`` seconds away from the
+    monotonic clock between two looks (NTP step, manual change, suspend); runs until cancelled."""
+    last_wall, last_mono = wall(), monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        now_wall, now_mono = wall(), monotonic()
+        skew = (now_wall - last_wall) - (now_mono - last_mono)
+        if abs(skew) > threshold:
+            log.warning("audit.clock_jump", skew_s=round(skew, 3))
+            await audit.record(
+                "agent.clock_jump",
+                "agent",
+                {"skew_ms": int(skew * 1000), "before_ms": int(last_wall * 1000), "after_ms": int(now_wall * 1000)},
+            )
+        last_wall, last_mono = now_wall, now_mono

@@ -1,0 +1,93 @@
+"""``edge-agent audit tail|verify``: the device's own audit log, read from ``STATE_DIR/registry.db``.
+
+Both open the database read-only (SQLite WAL lets them read while the daemon writes), so they work whether or
+not the daemon runs. The log holds only what the controller has not acknowledged yet: acknowledged records are
+deleted on the device and live in the fleet DB (``edge-fleet audit ...``).
+
+Register with ``main.add_command(audit)`` in :mod:`agent.cli`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import click
+
+from agent.audit import AuditLog, ReadOnlyAuditStore
+from agent.cli import AgentContext, pass_context
+from agent.errors import AgentError
+from agent.link.enrollment import load_enrollment
+
+__all__ = ["audit"]
+
+
+def _open(ctx: AgentContext) -> tuple[ReadOnlyAuditStore, AuditLog]:
+    path = ctx.config.state_dir / "registry.db"
+    if not path.exists():
+        raise click.ClickException(f"no registry in {ctx.config.state_dir}")
+    try:
+        store = ReadOnlyAuditStore(path)
+        return store, AuditLog(store)
+    except Exception as exc:
+        raise click.ClickException(f"cannot read the audit log in {path}: {exc}") from exc
+
+
+@click.group()
+def audit() -> None:
+    """The device's tamper-evident audit log (records not yet acknowledged by the controller)."""
+
+
+@audit.command("tail")
+@click.option("--lines", "-n", type=click.IntRange(1, 100_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per line.")
+@pass_context
+def audit_tail(ctx: AgentContext, lines: int, as_json: bool) -> None:
+    """Show the newest records kept on this device, and the log's head."""
+    store, log = _open(ctx)
+    try:
+        status = log.status()
+        records = log.tail(lines)
+    finally:
+        store.close()
+    if not status:
+        click.echo("the audit log is not started (it starts with the daemon once the device id is known)")
+        return
+    for record in records:
+        if as_json:
+            click.echo(json.dumps(record.to_dict(), sort_keys=True))
+            continue
+        when = dt.datetime.fromtimestamp(record.ts_ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        data = json.dumps(record.data, sort_keys=True)
+        click.echo(f"{when}  {record.epoch}:{record.seq}  {record.kind}  {record.actor}  {data}")
+    if not as_json:
+        click.echo(
+            f"head epoch {status['epoch']} seq {status['head_seq']}; acked up to seq {status['acked_seq']}; "
+            f"{status['stored']} records kept (cap {status['max_records']})",
+            err=True,
+        )
+
+
+@audit.command("verify")
+@pass_context
+def audit_verify(ctx: AgentContext) -> None:
+    """Re-verify the kept records' hash chain and the offline checkpoints' signatures; exit 1 on failure."""
+    key = None
+    try:
+        enrollment = load_enrollment(ctx.config.state_dir, device_id=ctx.config.device_id)
+        key = enrollment.signing_key.public_key() if enrollment is not None else None
+    except (AgentError, OSError):
+        key = None
+    store, log = _open(ctx)
+    try:
+        result = log.verify(key)
+    finally:
+        store.close()
+    head = "-" if result.head is None else f"epoch {result.head.epoch} seq {result.head.seq}"
+    checked = "verified" if key is not None else "not checked (no enrollment)"
+    click.echo(f"{result.records} records, head {head}, {result.checkpoints} checkpoints {checked}")
+    for error in result.errors:
+        click.echo(f"  {error}")
+    if not result.ok:
+        raise SystemExit(1)
+    click.echo("ok")

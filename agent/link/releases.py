@@ -1,0 +1,339 @@
+"""Install an assigned release: TUF lookup, fit and space checks, fetch, verify, install, health check.
+
+:meth:`ReleaseInstaller.install` is what the dispatcher calls for a desired model that is not in the registry
+(DESIGN.md §4, Uptane's "director + image repository" rule: the assignment is signed by the controller, the
+target by the TUF repository, and both must agree). Steps, each refusing with a reason that is reported:
+
+1. Refresh TUF and get the verified target info (:class:`~agent.link.updater.ReleaseUpdater`). An expired
+   timestamp refuses the install (freeze); installed models keep serving, nothing here touches them.
+2. The assignment's sha256, length and target path must be the TUF target's.
+3. The target must fit the device (arch, RAM budget, accelerators) — checked before any byte is fetched.
+4. Free space and quota for the download and the install copy — also before any byte is fetched.
+5. Fetch into ``<state_dir>/downloads/fetch-<sha256>`` (per-chunk verification, resume).
+6. Install through the registry's state machine with the expected sha256 (length, sha256 and the format's
+   header validator again; a hostile GGUF is refused here and never loaded), not yet active.
+7. Health check (injected: load + a fixed prompt at temperature 0 in the daemon); on failure the model is
+   quarantined and the active model is unchanged; on success it is activated.
+
+The outcome is an :class:`InstallOutcome`; ``retry`` marks failures worth retrying later (the link is down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import structlog
+
+from agent.errors import AgentError, LinkError
+from agent.link.fetch import (
+    DOWNLOADS_DIR,
+    FetchError,
+    FetchPolicy,
+    FetchRefusedError,
+    HttpBlobFetcher,
+    MqttBlobFetcher,
+)
+from agent.link.updater import (
+    HttpMetadataSource,
+    MetadataSource,
+    ReleaseRefusedError,
+    ReleaseUnavailableError,
+    ReleaseUpdater,
+    VerifiedTarget,
+)
+from protocols.messages import DesiredModel, HardwareProfile, TransferProgress
+from protocols.topics import repo_topic
+
+__all__ = [
+    "HealthCheck",
+    "InstallOutcome",
+    "InstallRegistry",
+    "LinkMetadataSource",
+    "ReleaseInstaller",
+    "build_installer",
+]
+
+log = structlog.get_logger(__name__)
+
+HealthCheck = Callable[[Any], Awaitable[None]]
+"""Called with the installed (staged) model record; raises ``AgentError`` if the model is unhealthy."""
+
+
+@runtime_checkable
+class InstallRegistry(Protocol):
+    """The registry operations an install needs (:class:`agent.registry.Registry`); blocking."""
+
+    state_dir: Path
+
+    def check_space(self, needed: int, what: str) -> None:
+        """Raise ``InsufficientSpaceError`` if ``needed`` bytes do not fit."""
+        ...
+
+    def import_file(self, src: Path, **kwargs: Any) -> Any:
+        """Install a file through the state machine."""
+        ...
+
+    def activate(self, name: str, variant: str | None = None, version: int | None = None) -> Any:
+        """Make a model active."""
+        ...
+
+    def quarantine(self, record: Any, reason: str) -> Any:
+        """Quarantine a model."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class InstallOutcome:
+    """What an install attempt did."""
+
+    kind: str
+    outcome: str
+    reason: str
+    changed: bool
+    retry: bool = False
+
+
+class ReleaseInstaller:
+    """Fetches and installs assigned releases, one at a time (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        registry: InstallRegistry,
+        updater: ReleaseUpdater,
+        fetcher: MqttBlobFetcher,
+        hardware: Callable[[], HardwareProfile],
+        health_check: HealthCheck | None = None,
+        on_progress: Callable[[str, int, int], None] | None = None,
+        http: HttpBlobFetcher | None = None,
+        artifact_url: str = "",
+    ) -> None:
+        self.http = http
+        """Fetches over HTTP from ``artifact_url`` and the target's signed mirrors, before MQTT (None: MQTT only)."""
+        self.artifact_url = artifact_url.rstrip("/")
+        self.registry = registry
+        self.updater = updater
+        self.fetcher = fetcher
+        self.hardware = hardware
+        self.health_check = health_check
+        self.on_progress = on_progress or (lambda path, done, total: None)
+        self.on_change: Callable[[], None] = lambda: None
+        """Called when a transfer starts, progresses or ends (the link re-publishes the device state)."""
+        self._transfers: dict[str, TransferProgress] = {}
+
+    def partial_path(self, sha256: str) -> Path:
+        """Where the download of blob ``sha256`` is assembled (kept across restarts for resume)."""
+        return self.registry.state_dir / DOWNLOADS_DIR / f"fetch-{sha256}"
+
+    async def install(self, model: DesiredModel) -> InstallOutcome:
+        """Install and activate ``model`` (see the module docstring); never raises for a refusal."""
+        key = model.ref.key
+        try:
+            target = await self.updater.target(model.target_path)
+        except ReleaseUnavailableError as exc:
+            return InstallOutcome("error", "failed", f"{key}: {exc}", False, retry=True)
+        except ReleaseRefusedError as exc:
+            return InstallOutcome("refusal", "refused", f"{key} is not installed and cannot be: {exc}", False)
+        problem = await asyncio.to_thread(self._precheck, model, target)
+        if problem is not None:
+            return InstallOutcome("refusal", "refused", f"{key}: {problem}", False)
+        dest = self.partial_path(target.sha256)
+        transfer_id = secrets.token_hex(16)
+        self._transfers[target.path] = TransferProgress(transfer_id, model.ref, 0, target.length)
+        try:
+            await self._fetch(target, dest)
+        except FetchRefusedError as exc:
+            await asyncio.to_thread(_unlink, dest)
+            return InstallOutcome("refusal", "refused", f"{key}: {exc}", False)
+        except FetchError as exc:
+            return InstallOutcome("error", "failed", f"{key}: {exc}", False, retry=True)
+        except OSError as exc:  # the download file (disk full, permissions): report it, try again later
+            return InstallOutcome("error", "failed", f"{key}: cannot write the download: {exc}", False, retry=True)
+        finally:
+            self._transfers.pop(target.path, None)
+            self.on_change()
+        return await self._install(model, target, dest)
+
+    def http_urls(self, target: VerifiedTarget) -> list[str]:
+        """HTTP sources of ``target``, in order: the artifact server, then the signed mirrors."""
+        urls = [f"{self.artifact_url}/targets/{target.path}"] if self.artifact_url else []
+        return [*urls, *target.mirrors] if self.http is not None else []
+
+    async def _fetch(self, target: VerifiedTarget, dest: Path) -> None:
+        """HTTP sources first (a failing or lying one is skipped), then the MQTT link."""
+
+        def progress(done: int, total: int) -> None:
+            self._progress(target.path, done, total)
+
+        for url in self.http_urls(target):
+            assert self.http is not None
+            try:
+                await self.http.fetch(target, dest, url, progress)
+                return
+            except FetchRefusedError as exc:
+                log.warning("release.source_refused", url=url, error=str(exc))
+                await asyncio.to_thread(_unlink, dest)
+            except FetchError as exc:
+                log.warning("release.source_failed", url=url, error=str(exc))
+        await self.fetcher.fetch(target, dest, progress)
+
+    def transfers(self) -> tuple[TransferProgress, ...]:
+        """Downloads in progress, for the device state (safe to call from a worker thread)."""
+        return tuple(self._transfers.values())
+
+    def _progress(self, path: str, done: int, total: int) -> None:
+        current = self._transfers.get(path)
+        if current is not None:
+            self._transfers[path] = dataclasses.replace(current, received_bytes=min(done, total))
+            self.on_change()
+        self.on_progress(path, done, total)
+
+    def _precheck(self, model: DesiredModel, target: VerifiedTarget) -> str | None:
+        if (model.sha256, model.length) != (target.sha256, target.length):
+            return "the assignment and the signed target disagree on sha256 or length"
+        if target.fields.format != model.target_path.rsplit(".", 1)[1]:
+            return f"signed format {target.fields.format} does not match {model.target_path}"
+        hw = self.hardware()
+        misfit = target.fields.fit_problem(arch=hw.arch, ram_bytes=hw.ram_budget_bytes, accelerators=hw.accelerators)
+        if misfit is not None:
+            return f"does not fit this device: {misfit} (nothing downloaded)"
+        already = self.partial_path(target.sha256)
+        have = already.stat().st_size if already.exists() else 0
+        try:  # the download (minus what is there) and the registry's install copy, before any byte is fetched
+            self.registry.check_space(2 * target.length - have, f"{model.ref.key} ({target.length} bytes)")
+        except AgentError as exc:
+            return f"{exc} (refused before download)"
+        return None
+
+    async def _install(self, model: DesiredModel, target: VerifiedTarget, dest: Path) -> InstallOutcome:
+        key = model.ref.key
+        try:
+            record = await asyncio.to_thread(
+                self.registry.import_file,
+                dest,
+                name=model.name,
+                variant=model.variant,
+                version=model.version,
+                origin=f"release:{target.path}",
+                expected_sha256=target.sha256,
+                activate=False,
+                metadata={"licence": target.fields.licence, "quant": target.fields.quant},
+            )
+        except AgentError as exc:
+            return InstallOutcome("install", "failed", f"{key}: install refused: {exc}", False)
+        finally:
+            await asyncio.to_thread(_unlink, dest)
+        if self.health_check is not None:
+            try:
+                await self.health_check(record)
+            except AgentError as exc:
+                await asyncio.to_thread(self.registry.quarantine, record, f"health check failed: {exc}")
+                return InstallOutcome("health", "failed", f"{key}: health check failed, quarantined: {exc}", True)
+        await asyncio.to_thread(self.registry.activate, model.name, model.variant, model.version)
+        log.info("release.installed", model=key, target=target.path)
+        return InstallOutcome("install", "ok", f"installed and activated {key} from {target.path}", True)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def describe(outcomes: Sequence[InstallOutcome]) -> str:
+    """One line for logs."""
+    return "; ".join(f"{o.outcome}: {o.reason}" for o in outcomes)
+
+
+class RepoLink(Protocol):
+    """What :class:`LinkMetadataSource` needs of the MQTT link (:class:`agent.link.mqtt.AgentLink`)."""
+
+    async def repo_document(self, topic: str, *, absent_after: float, within: float) -> bytes | None:
+        """The retained document on ``topic``, or None."""
+        ...
+
+
+class LinkMetadataSource:
+    """:class:`~agent.link.updater.MetadataSource` over the MQTT link's retained ``repo/...`` messages.
+
+    Called from the updater's worker thread; the lookups run on the event loop.
+    """
+
+    def __init__(
+        self, link: RepoLink, loop: asyncio.AbstractEventLoop, *, absent_after: float = 1.0, timeout: float = 30.0
+    ) -> None:
+        self.link = link
+        self.loop = loop
+        self.absent_after = absent_after
+        self.timeout = timeout
+
+    def get(self, role: str, version: int | None, max_length: int) -> bytes | None:
+        """The document from its retained topic (None if the broker has none)."""
+        try:
+            topic = repo_topic(role, version)
+        except ValueError:
+            return None
+        future = asyncio.run_coroutine_threadsafe(
+            self.link.repo_document(topic, absent_after=self.absent_after, within=self.timeout), self.loop
+        )
+        try:
+            return future.result(self.timeout + 5.0)
+        except LinkError as exc:
+            raise ReleaseUnavailableError(str(exc)) from exc
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise ReleaseUnavailableError(f"no answer for {topic} within {self.timeout:.0f} s") from exc
+
+
+class DeliveryLink(RepoLink, Protocol):
+    """The MQTT link as both a metadata source and a chunk transport."""
+
+    device: str
+    connected: asyncio.Event
+    chunk_sink: Callable[[bytes], None] | None
+
+    async def publish_fetch(self, payload: bytes) -> None:
+        """Publish a fetch request."""
+        ...
+
+
+def build_installer(
+    link: DeliveryLink,
+    registry: object,
+    *,
+    metadata_dir: Path,
+    bootstrap: bytes | None,
+    hardware: Callable[[], HardwareProfile],
+    health_check: HealthCheck | None = None,
+    policy: FetchPolicy | None = None,
+    artifact_url: str = "",
+) -> ReleaseInstaller | None:
+    """The installer for an enrolled link, or None when there is no trusted root (nothing can be verified).
+
+    Must be called on the event loop (the metadata source bridges the updater's thread back to it).
+    """
+    if not isinstance(registry, InstallRegistry):
+        return None
+    source: MetadataSource = (
+        HttpMetadataSource(artifact_url) if artifact_url else LinkMetadataSource(link, asyncio.get_running_loop())
+    )
+    updater = ReleaseUpdater(metadata_dir, source, bootstrap=bootstrap)
+    if not updater.bootstrapped:
+        log.warning("release.no_trusted_root", hint="re-enroll with a bundle from a controller with a repository")
+        return None
+    return ReleaseInstaller(
+        registry=registry,
+        updater=updater,
+        fetcher=MqttBlobFetcher(link, policy),
+        hardware=hardware,
+        health_check=health_check,
+        http=HttpBlobFetcher(policy),
+        artifact_url=artifact_url,
+    )

@@ -1,0 +1,247 @@
+"""The agent's TUF client: python-tuf's ``Updater`` behind a transport-independent metadata source.
+
+DESIGN.md §4: the agent installs a model only if TUF verifies its target info, and the blob matches it. This
+module does the first half; ``agent/link/fetch.py`` the second.
+
+- :class:`MetadataSource` is the one seam: ``get(role, version)`` returns the bytes of ``<version>.<role>.json``
+  (or ``timestamp.json``) or ``None`` if the repository has no such document. The MQTT link implements it with
+  retained ``edgefleet/v1/repo/...`` messages, the HTTP source with the artifact server, and tests with a
+  directory (:class:`DirectorySource`).
+- :class:`_SourceFetcher` adapts it to python-tuf's ``FetcherInterface``: a missing document is an HTTP-404-like
+  ``DownloadHTTPError`` (which ends root rotation, as TUF §5.3 expects), any other failure a ``DownloadError``.
+- :class:`ReleaseUpdater` runs one refresh at a time in a worker thread (python-tuf is blocking and an
+  ``Updater`` is not reusable after a refresh: a new one is built from the trusted metadata on disk each time).
+  Every python-tuf error becomes a :class:`ReleaseError` naming the TUF check that failed; nothing partial is
+  trusted. Rollback, freeze (expired timestamp), fast-forward, mix-and-match and threshold attacks are
+  therefore refused by python-tuf's ``TrustedMetadataSet``, not by code here.
+
+Errors::
+
+    LinkError
+     └── ReleaseError                 a release cannot be trusted or found
+          ├── ReleaseUnavailableError  metadata could not be fetched (link down, timeout): try again later
+          └── ReleaseRefusedError      TUF refused the metadata, or the target is absent/invalid: do not retry
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from agent.errors import LinkError
+from protocols.errors import DecodeError
+from protocols.releases import ModelTargetFields
+
+__all__ = [
+    "DirectorySource",
+    "HttpMetadataSource",
+    "MetadataSource",
+    "ReleaseError",
+    "ReleaseRefusedError",
+    "ReleaseUnavailableError",
+    "ReleaseUpdater",
+    "VerifiedTarget",
+]
+
+METADATA_BASE = "edgefleet-repo:/metadata/"
+_NAME_RE = re.compile(r"(?:(?P<version>[1-9][0-9]{0,18})\.)?(?P<role>[a-z0-9][a-z0-9._-]{0,63})\.json")
+
+
+class ReleaseError(LinkError):
+    """A release cannot be trusted or found."""
+
+
+class ReleaseUnavailableError(ReleaseError):
+    """Repository metadata could not be fetched (the link is down or slow): retry later."""
+
+
+class ReleaseRefusedError(ReleaseError):
+    """TUF refused the metadata (signature, threshold, rollback, expiry, mix-and-match), or the target is bad."""
+
+
+class MetadataSource(Protocol):
+    """Where repository metadata comes from (the seam; see the module docstring). Called from a worker thread."""
+
+    def get(self, role: str, version: int | None, max_length: int) -> bytes | None:
+        """The document ``<version>.<role>.json`` (``timestamp.json`` if ``version`` is None), or None if absent.
+
+        Raises:
+            ReleaseUnavailableError: the source cannot be reached.
+        """
+        ...
+
+
+class DirectorySource:
+    """Metadata from a directory laid out like the controller's ``repo/metadata`` (bundles, tests)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def get(self, role: str, version: int | None, max_length: int) -> bytes | None:
+        """The file, or None if it does not exist."""
+        name = f"{role}.json" if version is None else f"{version}.{role}.json"
+        try:
+            with (self.directory / name).open("rb") as f:
+                return f.read(max_length + 1)
+        except FileNotFoundError:
+            return None
+
+
+class HttpMetadataSource:
+    """Metadata from an HTTP artifact server or mirror: ``GET <base>/metadata/<name>`` (404: absent)."""
+
+    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def get(self, role: str, version: int | None, max_length: int) -> bytes | None:
+        """The document, or None on 404."""
+        name = f"{role}.json" if version is None else f"{version}.{role}.json"
+        url = f"{self.base_url}/metadata/{name}"
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:  # noqa: S310 (http(s) from config)
+                data: bytes = response.read(max_length + 1)
+                return data
+        except urllib.error.HTTPError as exc:
+            if exc.code in (403, 404):
+                return None
+            raise ReleaseUnavailableError(f"{url}: HTTP {exc.code}") from exc
+        except (OSError, ValueError) as exc:
+            raise ReleaseUnavailableError(f"{url}: {exc}") from exc
+
+
+class _SourceFetcher(FetcherInterface):
+    """python-tuf's fetcher interface over a :class:`MetadataSource`."""
+
+    def __init__(self, source: MetadataSource, max_length: int) -> None:
+        self.source = source
+        self.max_length = max_length
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(METADATA_BASE):
+            raise tuf_exc.DownloadHTTPError(f"only metadata is fetched through the updater, not {url}", 404)
+        match = _NAME_RE.fullmatch(url[len(METADATA_BASE) :])
+        if match is None:
+            raise tuf_exc.DownloadHTTPError(f"no such metadata {url}", 404)
+        version = match.group("version")
+        try:
+            data = self.source.get(match.group("role"), int(version) if version else None, self.max_length)
+        except ReleaseUnavailableError as exc:
+            raise tuf_exc.DownloadError(str(exc)) from exc
+        if data is None:
+            raise tuf_exc.DownloadHTTPError(f"{url} is not in the repository", 404)
+        return iter([data])
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedTarget:
+    """A model target whose info TUF verified: trust its length, sha256 and fields, nothing else."""
+
+    path: str
+    length: int
+    sha256: str
+    fields: ModelTargetFields
+    mirrors: tuple[str, ...]
+
+
+class ReleaseUpdater:
+    """Refresh TUF metadata and look up targets, one refresh at a time (see the module docstring)."""
+
+    def __init__(
+        self,
+        metadata_dir: Path,
+        source: MetadataSource,
+        *,
+        bootstrap: bytes | None = None,
+        config: UpdaterConfig | None = None,
+    ) -> None:
+        self.metadata_dir = metadata_dir
+        self.source = source
+        self.config = config or UpdaterConfig()
+        self._bootstrap = bootstrap
+        self._lock = asyncio.Lock()
+        metadata_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @property
+    def bootstrapped(self) -> bool:
+        """Whether a trusted root exists (from the enrollment bundle, or cached after a refresh)."""
+        return self._bootstrap is not None or (self.metadata_dir / "root.json").exists()
+
+    def _updater(self) -> Updater:
+        max_length = max(self.config.root_max_length, self.config.targets_max_length)
+        try:
+            return Updater(
+                str(self.metadata_dir),
+                METADATA_BASE,
+                fetcher=_SourceFetcher(self.source, max_length),
+                config=self.config,
+                bootstrap=self._bootstrap if not (self.metadata_dir / "root.json").exists() else None,
+            )
+        except (OSError, tuf_exc.RepositoryError, ValueError) as exc:
+            raise ReleaseRefusedError(f"no usable trusted root in {self.metadata_dir}: {exc}") from exc
+
+    def lookup(self, path: str) -> VerifiedTarget:
+        """Refresh (root, timestamp, snapshot, targets) and return the verified info of target ``path``.
+
+        Blocking: call from a worker thread, or use :meth:`target`.
+
+        Raises:
+            ReleaseUnavailableError: metadata could not be fetched.
+            ReleaseRefusedError: TUF refused the metadata, or ``path`` is not a valid signed target.
+        """
+        updater = self._updater()
+        try:
+            updater.refresh()
+            info = updater.get_targetinfo(path)
+        except tuf_exc.ExpiredMetadataError as exc:
+            raise ReleaseRefusedError(f"repository metadata expired (freeze protection): {exc}") from exc
+        except tuf_exc.RepositoryError as exc:
+            raise ReleaseRefusedError(f"TUF refused the repository metadata: {type(exc).__name__}: {exc}") from exc
+        except tuf_exc.DownloadError as exc:
+            raise ReleaseUnavailableError(f"repository metadata unavailable: {exc}") from exc
+        if info is None:
+            raise ReleaseRefusedError(f"{path} is not a target of the verified repository")
+        return _verified(info.path, info.length, info.hashes, info.custom)
+
+    async def target(self, path: str) -> VerifiedTarget:
+        """:meth:`lookup` in a worker thread; concurrent calls wait for each other."""
+        async with self._lock:
+            return await asyncio.to_thread(self.lookup, path)
+
+    def trusted_versions(self) -> dict[str, int]:
+        """Versions of the trusted metadata cached on disk (for status output)."""
+        from tuf.api.metadata import Metadata
+
+        found: dict[str, int] = {}
+        for role in ("root", "timestamp", "snapshot", "targets"):
+            path = self.metadata_dir / f"{role}.json"
+            if path.exists():
+                found[role] = Metadata.from_bytes(path.read_bytes()).signed.version
+        return found
+
+
+def _verified(path: str, length: int, hashes: Mapping[str, str], custom: Mapping[str, Any]) -> VerifiedTarget:
+    sha256 = hashes.get("sha256")
+    if sha256 is None:
+        raise ReleaseRefusedError(f"target {path} has no sha256")
+    try:
+        fields = ModelTargetFields.from_custom(custom, length)
+    except DecodeError as exc:
+        raise ReleaseRefusedError(f"target {path}: {exc}") from exc
+    mirrors: Sequence[object] = custom.get("mirrors", []) if isinstance(custom.get("mirrors"), list) else []
+    return VerifiedTarget(
+        path=path,
+        length=length,
+        sha256=sha256,
+        fields=fields,
+        mirrors=tuple(m for m in mirrors if isinstance(m, str) and m.startswith(("http://", "https://"))),
+    )

@@ -1,0 +1,192 @@
+"""Audit ingest benchmark: records/s verified and stored by the controller, next to a bare SQLite insert.
+
+In one run, on this machine:
+
+1. builds, for ``--devices`` devices with real Ed25519 keys, ``--records`` hash-chained audit records each
+   (:func:`protocols.audit.start_epoch` / :func:`~protocols.audit.make_record`), cut into upload batches the
+   way the device's uploader cuts them (at most ``limits.max_audit_batch`` records and
+   ``limits.max_message_bytes`` encoded), each with a signed checkpoint, encoded as on the wire;
+2. times :func:`controller.audit_ingest.ingest_batch` on a fresh fleet DB for every batch, devices interleaved
+   (decode, checkpoint signature, chain verification, dedupe, insert, head update, commit per batch:
+   everything ``serve`` does but MQTT);
+3. times a bare SQLite insert of the same rows into a table of the same shape in a database with the same
+   settings (WAL, ``synchronous=FULL``), one ``executemany`` and one commit per batch;
+4. prints both rates and their ratio (target: ingest >= 50 % of the bare insert) and writes
+   ``.cache/bench/audit.json``.
+
+Usage: ``python bench/audit.py [--devices N] [--records N] [--rounds N]``. Exit status 0 whether or not the
+target is met (this is a benchmark, not a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from controller.audit_ingest import ingest_batch  # noqa: E402
+from controller.store import FleetStore  # noqa: E402
+from protocols.audit import AuditRecord, Checkpoint, make_record, sign_checkpoint, start_epoch  # noqa: E402
+from protocols.canonical import canonical_json  # noqa: E402
+from protocols.keys import Ed25519PrivateKey, keyid, public_key_to_pem  # noqa: E402
+from protocols.limits import DEFAULT_LIMITS  # noqa: E402
+from protocols.messages import AuditBatch  # noqa: E402
+
+BARE_SCHEMA = """
+CREATE TABLE audit_records (
+    device TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL, actor TEXT NOT NULL, data TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
+    received_ts REAL NOT NULL, PRIMARY KEY (device, epoch, seq)
+) WITHOUT ROWID
+"""
+
+
+def build(
+    devices: int, records: int
+) -> tuple[list[tuple[str, Ed25519PrivateKey]], list[tuple[str, bytes, list[AuditRecord]]]]:
+    """Keys and encoded batches (device, payload, records), devices interleaved batch by batch."""
+    keys = [(f"bench-{i:03d}", Ed25519PrivateKey.generate()) for i in range(devices)]
+    per_device: list[list[tuple[str, bytes, list[AuditRecord]]]] = []
+    budget = DEFAULT_LIMITS.max_message_bytes - 2048
+    for device, key in keys:
+        ts = 1_790_000_000_000
+        chain = [start_epoch(device, 1, previous=None, reason="bench", actor="agent", ts_ms=ts)]
+        for i in range(records - 1):
+            data = {"model": "smollm2-135m-instruct", "variant": "q4_0", "version": i % 7 + 1, "uid": 1000 + i % 3}
+            chain.append(make_record(chain[-1], "registry.model_activated", "uid:1000", data, ts + i))
+        batches = []
+        start = 0
+        while start < len(chain):
+            used, end = 0, start
+            while end < len(chain) and end - start < DEFAULT_LIMITS.max_audit_batch:
+                size = len(canonical_json(chain[end].to_dict())) + 1
+                if used + size > budget:
+                    break
+                used += size
+                end += 1
+            part = chain[start:end]
+            head = part[-1].head
+            checkpoint = sign_checkpoint(Checkpoint(device, head.epoch, head.seq, head.hash, part[-1].ts_ms), key)
+            batches.append((device, AuditBatch(device, 1, tuple(part), checkpoint).encode(), part))
+            start = end
+        per_device.append(batches)
+    interleaved = []
+    for index in range(max(len(b) for b in per_device)):
+        interleaved += [batches[index] for batches in per_device if index < len(batches)]
+    return keys, interleaved
+
+
+def run_ingest(directory: Path, keys: list[tuple[str, Ed25519PrivateKey]], batches: list[Any]) -> float:
+    store = FleetStore.open(directory / "fleet.db")
+    try:
+        with store.transaction():
+            for device, key in keys:
+                store.add_device(
+                    device,
+                    cert_serial=1,
+                    cert_not_after=dt.datetime(2100, 1, 1, tzinfo=dt.UTC),
+                    signing_keyid=keyid(key),
+                    signing_key_pem=public_key_to_pem(key).decode(),
+                )
+        started = time.perf_counter()
+        for device, payload, _ in batches:
+            result = ingest_batch(store, device, payload, now=time.time())
+            if result.head is None:
+                raise RuntimeError(f"batch of {device} refused: {result.alert}")
+        elapsed = time.perf_counter() - started
+        (count,) = store.db.execute("SELECT count(*) FROM audit_records").fetchone()
+        assert count == sum(len(b[2]) for b in batches)
+        return elapsed
+    finally:
+        store.close()
+
+
+def run_bare(directory: Path, batches: list[Any]) -> float:
+    conn = sqlite3.connect(directory / "bare.db", isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(BARE_SCHEMA)
+        rows = [
+            [
+                (
+                    device,
+                    r.epoch,
+                    r.seq,
+                    r.ts_ms,
+                    r.kind,
+                    r.actor,
+                    canonical_json(r.data).decode(),
+                    r.prev_hash,
+                    r.hash,
+                    0.0,
+                )
+                for r in records
+            ]
+            for device, _, records in batches
+        ]
+        started = time.perf_counter()
+        for batch_rows in rows:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch_rows)
+            conn.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--records", type=int, default=2000, help="records per device")
+    parser.add_argument("--rounds", type=int, default=3, help="best of N rounds for each side")
+    args = parser.parse_args()
+    keys, batches = build(args.devices, args.records)
+    total = sum(len(b[2]) for b in batches)
+    ingest_times, bare_times = [], []
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
+            ingest_times.append(run_ingest(Path(tmp), keys, batches))
+            bare_times.append(run_bare(Path(tmp), batches))
+    ingest_rate, bare_rate = total / min(ingest_times), total / min(bare_times)
+    ratio = ingest_rate / bare_rate
+    result = {
+        "benchmark": "audit_ingest",
+        "devices": args.devices,
+        "records": total,
+        "batches": len(batches),
+        "rounds": args.rounds,
+        "ingest_records_per_s": round(ingest_rate),
+        "bare_insert_records_per_s": round(bare_rate),
+        "ratio": round(ratio, 3),
+        "target_ratio": 0.5,
+        "met": ratio >= 0.5,
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    out = ROOT / ".cache" / "bench" / "audit.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"audit ingest: {total} records from {args.devices} devices in {len(batches)} batches\n"
+        f"  verified + stored: {ingest_rate:,.0f} records/s\n"
+        f"  bare SQLite insert: {bare_rate:,.0f} records/s\n"
+        f"  ratio: {ratio:.0%} (target >= 50 %){'' if ratio >= 0.5 else '  -- MISSED'}\n"
+        f"  written to {out.relative_to(ROOT)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Release delivery benchmark: the 98 MB SmolLM2 file delivered end to end, over MQTT and over HTTP, on loopback.
+
+In one run, on this machine, with a private Mosquitto running the configuration ``edge-fleet init`` generated
+(TLS, client certificates, ACL) and the real ``serve`` (tests/fleet_harness.py):
+
+1. publishes the SmolLM2 GGUF as a signed release (256 KiB chunks);
+2. **signed MQTT delivery**: the agent's ``ReleaseInstaller.install`` — TUF refresh over retained topics, windowed
+   chunk transfer with per-chunk sha256, whole-file sha256, fsync, the registry's install pipeline (copy, verify,
+   fsync, rename, activate) — timed from the call to its return;
+3. **raw MQTT pipe**: a bare aiomqtt QoS 1 publish loop of the same bytes in the same chunk size, controller
+   identity → device identity through the same broker, timed until the subscriber has every byte;
+4. **signed HTTP delivery**: the same install with the metadata and the blob from ``serve``'s artifact server;
+5. **raw HTTP GET** of the same blob from the same server into a file;
+6. prints throughputs and ratios (target: each signed delivery >= 50 % of its raw pipe) and writes
+   ``.cache/bench/delivery.json``.
+
+Usage: ``python bench/delivery.py [--rounds N]`` (best of N for each). Exit status 0 whether or not the target is
+met (this is a benchmark, not a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import ssl
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import aiohttp  # noqa: E402
+import aiomqtt  # noqa: E402
+import structlog  # noqa: E402
+from broker import free_port  # noqa: E402
+from fleet_harness import FAST_LINK, Fleet, running_fleet, wait_for  # noqa: E402
+
+from agent.link.enrollment import link_dir  # noqa: E402
+from controller.pki import controller_common_name  # noqa: E402
+from controller.releases import ReleaseRepository  # noqa: E402
+from protocols.messages import DesiredModel  # noqa: E402
+from protocols.topics import TopicKind, device_topic  # noqa: E402
+
+MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAME, VARIANT = "smollm2-135m-instruct", "q4_1"
+CHUNK = 256 * 1024
+
+
+def _tls(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+async def signed_delivery(fleet: Fleet, device: str, version: int, sha256: str, length: int) -> float:
+    """Seconds for one full install of ``version`` on ``device`` (refresh, transfer, verify, fsync, install)."""
+    agent = fleet.agents[device]
+    assert agent.link is not None
+    installer: Any = agent.link.dispatcher.installer
+    model = DesiredModel(NAME, version, VARIANT, f"models/{NAME}/{version}/{VARIANT}.gguf", sha256, length)
+    started = time.perf_counter()
+    outcome = await installer.install(model)
+    elapsed = time.perf_counter() - started
+    if outcome.outcome != "ok":
+        raise RuntimeError(f"delivery failed: {outcome.reason}")
+    return elapsed
+
+
+async def raw_mqtt(fleet: Fleet, device: str, data: bytes) -> float:
+    """Seconds for a bare QoS 1 publish loop of ``data`` (in CHUNK pieces) from the controller to ``device``."""
+    files = fleet.home.controller_tls()
+    device_tls = link_dir(fleet.agents[device].state_dir) / "tls"
+    topic = device_topic(device, TopicKind.CHUNK)
+    pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    received = 0
+    done = asyncio.Event()
+    # the agent's own link is stopped for this, so that the device identity's session is ours
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        fleet.port,
+        identifier=device,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=_tls(device_tls / "ca.crt", device_tls / "device.crt", device_tls / "device.key"),
+    ) as subscriber:
+        await subscriber.subscribe(topic, qos=1)
+
+        async def read() -> None:
+            nonlocal received
+            async for message in subscriber.messages:
+                received += len(bytes(message.payload))  # type: ignore[arg-type]
+                if received >= len(data):
+                    done.set()
+                    return
+
+        reader = asyncio.create_task(read())
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            fleet.port,
+            identifier=controller_common_name(fleet.home.config.controller.name),
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=_tls(files.ca, files.cert, files.key),
+        ) as publisher:
+            started = time.perf_counter()
+            for piece in pieces:
+                await publisher.publish(topic, piece, qos=1)
+            await done.wait()
+            elapsed = time.perf_counter() - started
+        reader.cancel()
+    return elapsed
+
+
+async def raw_http(url: str, dest: Path) -> float:
+    """Seconds for a bare HTTP GET of ``url`` into ``dest``."""
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        response.raise_for_status()
+        with dest.open("wb") as f:
+            async for block in response.content.iter_chunked(1 << 16):
+                f.write(block)
+    elapsed = time.perf_counter() - started
+    dest.unlink()  # noqa: ASYNC240 (after the clock stopped)
+    return elapsed
+
+
+async def run(rounds: int) -> dict[str, Any]:
+    data = MODEL.read_bytes()
+    length = len(data)
+    (ROOT / ".cache" / "bench").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
+        async with running_fleet(Path(tmp)) as fleet:
+            for version in range(1, 2 * rounds + 1):
+                fleet.cli(
+                    "model", "add", str(MODEL), "--name", NAME, "--variant", VARIANT,
+                    "--version", str(version), "--chunk-size", str(CHUNK),
+                )  # fmt: skip
+            fleet.cli("model", "publish")
+            target = ReleaseRepository(fleet.home.repo_dir).target(f"models/{NAME}/1/{VARIANT}.gguf")
+            sha256 = target.hashes["sha256"]
+            port = free_port()
+            controller = dataclasses.replace(fleet.home.config.controller, artifact_port=port)
+            fleet.home.config = dataclasses.replace(fleet.home.config, controller=controller)
+            await fleet.start_server()
+            mqtt_agent = fleet.enroll("bench-mqtt", models=())
+            http_agent = fleet.enroll(
+                "bench-http", models=(), link=dataclasses.replace(FAST_LINK, artifact_url=f"http://127.0.0.1:{port}")
+            )
+            await mqtt_agent.start()
+            await http_agent.start()
+            assert mqtt_agent.link is not None
+            assert http_agent.link is not None
+            await wait_for(mqtt_agent.link.connected.is_set, what="the MQTT agent")
+            await wait_for(http_agent.link.connected.is_set, what="the HTTP agent")
+            signed_mqtt, signed_http, raw_m, raw_h = [], [], [], []
+            for r in range(rounds):
+                signed_mqtt.append(await signed_delivery(fleet, "bench-mqtt", 1 + 2 * r, sha256, length))
+                signed_http.append(await signed_delivery(fleet, "bench-http", 2 + 2 * r, sha256, length))
+                raw_h.append(
+                    await raw_http(f"http://127.0.0.1:{port}/targets/models/{NAME}/1/{VARIANT}.gguf", Path(tmp) / "raw")
+                )
+            # the raw pipe uses the same two identities (client id = certificate CN): stop their owners first
+            await mqtt_agent.stop()
+            await fleet.stop_server()
+            for _ in range(rounds):
+                raw_m.append(await raw_mqtt(fleet, "bench-mqtt", data))
+    mb = length / 1e6
+
+    def rate(times: list[float]) -> float:
+        return mb / min(times)
+
+    result = {
+        "benchmark": "release_delivery",
+        "bytes": length,
+        "chunk_size": CHUNK,
+        "rounds": rounds,
+        "signed_mqtt_MBps": round(rate(signed_mqtt), 1),
+        "raw_mqtt_MBps": round(rate(raw_m), 1),
+        "mqtt_ratio": round(rate(signed_mqtt) / rate(raw_m), 3),
+        "signed_http_MBps": round(rate(signed_http), 1),
+        "raw_http_MBps": round(rate(raw_h), 1),
+        "http_ratio": round(rate(signed_http) / rate(raw_h), 3),
+        "seconds": {"signed_mqtt": signed_mqtt, "raw_mqtt": raw_m, "signed_http": signed_http, "raw_http": raw_h},
+        "target_ratio": 0.5,
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    result["met"] = result["mqtt_ratio"] >= 0.5 and result["http_ratio"] >= 0.5
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2, help="best of N for each measurement")
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    result = asyncio.run(run(args.rounds))
+    out = ROOT / ".cache" / "bench" / "delivery.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"release delivery of {result['bytes'] / 1e6:.1f} MB on loopback (best of {args.rounds}):\n"
+        f"  signed MQTT delivery: {result['signed_mqtt_MBps']} MB/s, "
+        f"raw MQTT QoS 1 pipe: {result['raw_mqtt_MBps']} MB/s"
+        f" -> {result['mqtt_ratio']:.0%}\n"
+        f"  signed HTTP delivery: {result['signed_http_MBps']} MB/s, raw HTTP GET: {result['raw_http_MBps']} MB/s"
+        f" -> {result['http_ratio']:.0%}\n"
+        f"  target >= 50 % each: {'met' if result['met'] else 'MISSED'}; written to {out.relative_to(ROOT)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Audit uploads on the controller: verify, store once, ack after commit, flag what does not verify.
+
+:class:`AuditIngest` is the ``serve`` handler of ``edgefleet/v1/devices/{d}/audit`` (DESIGN.md §6). For each
+:class:`~protocols.messages.AuditBatch`, on the fleet DB's one writer thread (so neither the hashing nor SQLite
+blocks the event loop), :func:`ingest_batch`:
+
+1. decodes the batch (bounded by ``limits.max_message_bytes``) and checks it names the topic's device;
+2. verifies it with :class:`protocols.audit.ChainVerifier` against the device's last accepted head, read from
+   ``audit_heads`` in the same transaction (so several ``serve`` processes sharing the subscription agree):
+   checkpoint signature with the enrolled device key, checkpoint = last record, chain continuity, no seq
+   regression, no fork; re-sent records are recognised through a lookup of stored hashes;
+3. stores the new records (``(device, epoch, seq)`` is the primary key: stored once), the new head and the
+   duplicate count, and alerts for GAP records (records the device dropped) and unlinked epochs, in one
+   transaction.
+
+Only after that commit does the handler publish the signed :class:`~protocols.messages.Ack` naming the head;
+the device deletes its records only then. A batch that does not verify is never acked (the device keeps its
+records, the evidence) and raises an alert: ``bad_signature``, ``regression``, ``fork``, ``gap`` (a hole no
+GAP record explains), ``chain`` (a record that does not hash or link), ``malformed``, plus ``dropped`` and
+``epoch_reset`` for what verified but lost records. Alerts are unique per ``(device, kind, detail)`` with a
+count, so a device re-sending the same bad batch does not flood the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlite_utils
+import structlog
+
+from controller.store import FleetStore
+from protocols.audit import AuditHead, AuditRecord, ChainVerifier, VerifiedBatch, verify_chain
+from protocols.errors import ChainError, DecodeError, ProtocolError, RollbackError, VerificationError
+from protocols.keys import public_key_from_pem
+from protocols.limits import DEFAULT_LIMITS, Limits
+from protocols.messages import AuditBatch, decode
+
+if TYPE_CHECKING:
+    from controller.daemon import FleetServer
+    from controller.link.mqtt import InboundMessage
+
+__all__ = [
+    "EXPORT_FIELDS",
+    "AuditIngest",
+    "IngestResult",
+    "StoredChain",
+    "alerts",
+    "export_rows",
+    "format_export",
+    "ingest_batch",
+    "record_alert",
+    "tail",
+    "verify_stored",
+]
+
+log = structlog.get_logger(__name__)
+
+EXPORT_FIELDS = ("device", "epoch", "seq", "ts_ms", "kind", "actor", "data", "prev_hash", "hash", "received_ts")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one upload did.
+
+    Attributes:
+        head: The accepted head to ack, or None when the batch was refused (then ``alert`` says why).
+        stored: New records stored.
+        duplicates: Records the controller already had.
+        alert: The alert kind raised for a refused batch, if any.
+    """
+
+    head: AuditHead | None
+    stored: int = 0
+    duplicates: int = 0
+    alert: str | None = None
+
+
+def record_alert(db: sqlite_utils.Database, device: str, kind: str, detail: str, *, now: float) -> None:
+    """Add an alert, or count one more of the same (inside the caller's transaction)."""
+    db.execute(
+        "INSERT INTO audit_alerts (device, kind, detail, first_ts, last_ts) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (device, kind, detail) DO UPDATE SET count = count + 1, last_ts = excluded.last_ts",
+        [device, kind, detail[:1000], now, now],
+    )
+
+
+def _head(db: sqlite_utils.Database, device: str) -> AuditHead | None:
+    row = db.execute("SELECT epoch, seq, hash FROM audit_heads WHERE device = ?", [device]).fetchone()
+    return None if row is None else AuditHead(row[0], row[1], row[2])
+
+
+def _classify(exc: ProtocolError, batch: AuditBatch, head: AuditHead | None) -> str:
+    checkpoint_behind = head is not None and (
+        batch.epoch < head.epoch
+        or (batch.epoch == head.epoch and bool(batch.records) and batch.records[-1].seq < head.seq)
+    )
+    if isinstance(exc, RollbackError) or checkpoint_behind:
+        return "regression"
+    if isinstance(exc, DecodeError):
+        return "malformed"
+    if not isinstance(exc, ChainError):
+        return "bad_signature"  # signature, key, or a checkpoint that does not name the last record
+    text = str(exc)
+    if "fork" in text:
+        return "fork"
+    if "no GAP record" in text:
+        return "gap"
+    return "chain"
+
+
+def ingest_batch(
+    store: FleetStore,
+    device: str,
+    payload: bytes,
+    *,
+    now: float,
+    limits: Limits = DEFAULT_LIMITS,
+) -> IngestResult:
+    """Decode, verify and store one upload of ``device`` (blocking; the DB writer thread). See the module docstring."""
+    db = store.db
+    row = db.execute("SELECT signing_key_pem, revoked_ts FROM devices WHERE id = ?", [device]).fetchone()
+    if row is None or row[1] is not None:
+        return IngestResult(None, alert=None)
+    try:
+        message = decode(payload, limits=limits)
+        if not isinstance(message, AuditBatch):
+            raise DecodeError(f"a {type(message).__name__} on an audit topic")
+        if message.device != device:
+            raise VerificationError(f"batch names device {message.device!r} on {device!r}'s topic")
+    except ProtocolError as exc:
+        with store.transaction():
+            record_alert(db, device, "malformed", f"{type(exc).__name__}: {exc}", now=now)
+        return IngestResult(None, alert="malformed")
+    public_key = public_key_from_pem(row[0].encode())
+    with store.transaction():
+        head = _head(db, device)
+        verifier = ChainVerifier({device: head} if head is not None else {})
+
+        def known(epoch: int, seq: int) -> str | None:
+            found = db.execute(
+                "SELECT hash FROM audit_records WHERE device = ? AND epoch = ? AND seq = ?", [device, epoch, seq]
+            ).fetchone()
+            return None if found is None else str(found[0])
+
+        try:
+            verified = verifier.verify_batch(
+                device, message.records, message.checkpoint, public_key, known=known, limits=limits
+            )
+        except ProtocolError as exc:
+            kind = _classify(exc, message, head)
+            record_alert(db, device, kind, str(exc), now=now)
+            log.warning("audit.refused", device_id=device, alert=kind, error=str(exc))
+            return IngestResult(None, alert=kind)
+        _store(db, verified, now=now)
+    verifier.commit(verified)
+    return IngestResult(verified.head, stored=len(verified.records), duplicates=verified.duplicates)
+
+
+def _data_text(data: dict[str, Any]) -> str:
+    """A verified record's ``data`` as compact sorted JSON (already checked encodable when it was hashed)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _store(db: sqlite_utils.Database, verified: VerifiedBatch, *, now: float) -> None:
+    device = verified.device
+    db.conn.executemany(
+        "INSERT OR IGNORE INTO audit_records (device, epoch, seq, ts_ms, kind, actor, data, prev_hash, hash, "
+        "received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (device, r.epoch, r.seq, r.ts_ms, r.kind, r.actor, _data_text(r.data), r.prev_hash, r.hash, now)
+            for r in verified.records
+        ],
+    )
+    checkpoint = json.dumps(verified.checkpoint.to_dict(), sort_keys=True)
+    db.execute(
+        "INSERT INTO audit_heads (device, epoch, seq, hash, checkpoint, updated_ts, records, duplicates) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device) DO UPDATE SET epoch = excluded.epoch, "
+        "seq = excluded.seq, hash = excluded.hash, checkpoint = excluded.checkpoint, "
+        "updated_ts = excluded.updated_ts, records = records + excluded.records, "
+        "duplicates = duplicates + excluded.duplicates",
+        [
+            device,
+            verified.head.epoch,
+            verified.head.seq,
+            verified.head.hash,
+            checkpoint,
+            now,
+            len(verified.records),
+            verified.duplicates,
+        ],
+    )
+    for dropped in verified.dropped:
+        detail = (
+            f"epoch {dropped.epoch}: the device dropped seqs {dropped.first_seq}..{dropped.last_seq} "
+            f"(GAP record seq {dropped.declared_at}; {dropped.missing} never received)"
+        )
+        record_alert(db, device, "dropped", detail, now=now)
+    change = verified.epoch_change
+    if change is not None and not change.linked:
+        detail = (
+            f"new epoch {change.epoch} does not continue the accepted head "
+            f"(epoch {change.accepted.epoch} seq {change.accepted.seq}): records after it may be lost"
+        )
+        record_alert(db, device, "epoch_reset", detail, now=now)
+
+
+class AuditIngest:
+    """The ``serve`` handler for audit uploads (register it under :attr:`TopicKind.AUDIT`)."""
+
+    def __init__(self, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self.batches = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.refused = 0
+
+    async def __call__(self, server: FleetServer, message: InboundMessage, device: str) -> None:
+        """Ingest one upload, then (only after the commit) ack the stored head."""
+        now = server.clock()
+        result = await server.db(ingest_batch, server.store, device, message.payload, now=now, limits=self.limits)
+        if result.head is None:
+            self.refused += 1
+            if result.alert is None:
+                await server.db(
+                    server.store.record_rejection, message.topic, device, "unknown or revoked device", now=now
+                )
+            return
+        self.batches += 1
+        self.stored += result.stored
+        self.duplicates += result.duplicates
+        await server.send_ack(device, audit=result.head, duplicate=result.duplicates)
+        log.info(
+            "audit.stored", device_id=device, seq=result.head.seq, stored=result.stored, duplicates=result.duplicates
+        )
+
+
+# --- queries for the CLI --------------------------------------------------------------------------------
+
+
+def _record(row: dict[str, Any]) -> AuditRecord:
+    return AuditRecord(
+        epoch=row["epoch"],
+        seq=row["seq"],
+        ts_ms=row["ts_ms"],
+        kind=row["kind"],
+        actor=row["actor"],
+        data=json.loads(row["data"]),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )
+
+
+def tail(store: FleetStore, *, device: str | None = None, limit: int = 20, after: float = 0.0) -> list[dict[str, Any]]:
+    """The newest ``limit`` records (received after ``after``), oldest first."""
+    where, params = "received_ts > ?", list[Any]([after])
+    if device is not None:
+        where += " AND device = ?"
+        params.append(device)
+    rows = list(
+        store.db.query(
+            f"SELECT * FROM audit_records WHERE {where} ORDER BY received_ts DESC, device, epoch DESC, seq DESC "  # noqa: S608
+            "LIMIT ?",
+            [*params, limit],
+        )
+    )
+    return rows[::-1]
+
+
+def export_rows(store: FleetStore, *, since_ms: int = 0, device: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every stored record with ``ts_ms >= since_ms``, by device, epoch and seq (streamed)."""
+    where, params = "ts_ms >= ?", list[Any]([since_ms])
+    if device is not None:
+        where += " AND device = ?"
+        params.append(device)
+    yield from store.db.query(
+        f"SELECT * FROM audit_records WHERE {where} ORDER BY device, epoch, seq",  # noqa: S608
+        params,
+    )
+
+
+def format_export(rows: Iterator[dict[str, Any]], fmt: str) -> Iterator[str]:
+    """Lines of ``jsonl`` or ``csv`` output."""
+    if fmt == "jsonl":
+        for row in rows:
+            yield json.dumps({k: row[k] if k != "data" else json.loads(row[k]) for k in EXPORT_FIELDS}, sort_keys=True)
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="")
+    writer.writerow(EXPORT_FIELDS)
+    yield buffer.getvalue()
+    for row in rows:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow([row[k] for k in EXPORT_FIELDS])
+        yield buffer.getvalue()
+
+
+def alerts(store: FleetStore, *, device: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    """Alerts, newest first."""
+    if device is None:
+        return list(store.db.query("SELECT * FROM audit_alerts ORDER BY last_ts DESC LIMIT ?", [limit]))
+    return list(
+        store.db.query("SELECT * FROM audit_alerts WHERE device = ? ORDER BY last_ts DESC LIMIT ?", [device, limit])
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChain:
+    """One device epoch as re-verified by :func:`verify_stored`."""
+
+    device: str
+    epoch: int
+    records: int
+    head: AuditHead | None
+    errors: tuple[str, ...]
+
+
+def verify_stored(store: FleetStore, *, device: str | None = None, chunk: int = 5000) -> list[StoredChain]:
+    """Re-verify every stored chain (hashes, links; holes only where a stored GAP record explains them)."""
+    params: Sequence[Any] = [] if device is None else [device]
+    where = "" if device is None else "WHERE device = ?"
+    pairs = store.db.execute(
+        f"SELECT device, epoch, count(*) FROM audit_records {where} GROUP BY device, epoch ORDER BY device, epoch",  # noqa: S608
+        params,
+    ).fetchall()
+    out = []
+    for dev, epoch, count in pairs:
+        head, errors = _verify_epoch(store, dev, epoch, chunk)
+        stored_head = store.db.execute("SELECT epoch, seq, hash FROM audit_heads WHERE device = ?", [dev]).fetchone()
+        accepted = stored_head is not None and stored_head[0] == epoch and head is not None
+        if accepted and head is not None and (stored_head[1], stored_head[2]) != (head.seq, head.hash):
+            errors.append(f"epoch {epoch}: the accepted head seq {stored_head[1]} is not the last stored record")
+        out.append(StoredChain(dev, epoch, count, head, tuple(errors)))
+    return out
+
+
+def _verify_epoch(store: FleetStore, device: str, epoch: int, chunk: int) -> tuple[AuditHead | None, list[str]]:
+    """Verify one stored epoch in runs of consecutive records; a hole must be explained by a GAP record."""
+    head: AuditHead | None = None
+    run: list[AuditRecord] = []
+    try:
+        for row in store.db.query(
+            "SELECT * FROM audit_records WHERE device = ? AND epoch = ? ORDER BY seq", [device, epoch]
+        ):
+            record = _record(row)
+            if run and (record.seq != run[-1].seq + 1 or len(run) >= chunk):
+                head = verify_chain(run, after=head)
+                run = []
+            run.append(record)
+        if run:
+            head = verify_chain(run, after=head)
+    except ProtocolError as exc:
+        return head, [str(exc)]
+    return head, []

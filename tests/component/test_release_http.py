@@ -1,0 +1,148 @@
+"""HTTP release delivery: the controller's artifact server and hostile mirrors against the agent's HTTP client.
+
+Real parts: ``ReleaseRepository`` (signed metadata), ``ArtifactServer`` on a loopback port, python-tuf through
+``HttpMetadataSource``, ``HttpBlobFetcher``. The hostile mirrors are small aiohttp apps (the fetcher's seam is
+its URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from agent.link.fetch import FetchError, FetchPolicy, FetchRefusedError, HttpBlobFetcher
+from agent.link.updater import HttpMetadataSource, ReleaseUpdater, VerifiedTarget
+from controller.link.http import ArtifactServer
+from controller.releases import ModelDetails, ReleaseRepository
+
+pytestmark = pytest.mark.component
+
+PATH = "models/tiny/1/q4_0.gguf"
+CHUNK = 16 * 1024
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ReleaseRepository:
+    """A repository with one published 200 kB target in 16 KiB chunks."""
+    repo = ReleaseRepository.create(tmp_path / "repo")
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(hashlib.sha256(b"seed").digest() * 6400)
+    repo.add_model(model, name="tiny", variant="q4_0", details=ModelDetails(chunk_size=CHUNK))
+    repo.publish()
+    return repo
+
+
+@pytest.fixture
+async def artifacts(repo: ReleaseRepository) -> AsyncIterator[ArtifactServer]:
+    async with ArtifactServer(repo, "127.0.0.1", 0) as server:
+        yield server
+
+
+async def _lookup(repo: ReleaseRepository, server: ArtifactServer, tmp_path: Path) -> VerifiedTarget:
+    source = HttpMetadataSource(server.url)
+    updater = ReleaseUpdater(tmp_path / "tuf", source, bootstrap=repo.metadata_bytes("root", 1))
+    return await updater.target(PATH)
+
+
+async def _mirror(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_get("/blob", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/blob"
+
+
+async def test_metadata_and_blob_over_http(repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path) -> None:
+    """TUF metadata and the blob come from the artifact server; the file has the signed sha256."""
+    target = await _lookup(repo, artifacts, tmp_path)
+    stats = await HttpBlobFetcher().fetch(target, tmp_path / "out", f"{artifacts.url}/targets/{PATH}")
+    assert hashlib.sha256((tmp_path / "out").read_bytes()).hexdigest() == target.sha256
+    assert set(stats.verified.values()) == {1}
+
+
+async def test_dropped_connection_resumes_with_range(
+    repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path
+) -> None:
+    """A mirror that drops the first connection at 40 %: the retry asks for the rest with Range, nothing twice."""
+    target = await _lookup(repo, artifacts, tmp_path)
+    data = repo.blob_path(target.sha256).read_bytes()
+    ranges: list[str | None] = []
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        ranges.append(request.headers.get("Range"))
+        if len(ranges) == 1:
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            await response.write(data[: int(len(data) * 0.4)])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        start = int(request.headers["Range"].split("=")[1].split("-")[0])
+        return web.Response(status=206, body=data[start:])
+
+    runner, url = await _mirror(flaky)
+    try:
+        stats = await HttpBlobFetcher(retries=2).fetch(target, tmp_path / "out", url)
+    finally:
+        await runner.cleanup()
+    assert (tmp_path / "out").read_bytes() == data
+    assert ranges[0] is None
+    assert ranges[1] is not None
+    assert ranges[1].startswith("bytes=")
+    assert set(stats.verified.values()) == {1}
+    assert len(stats.verified) == len(target.fields.chunks)
+
+
+async def test_tampered_mirror_is_refused(repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path) -> None:
+    """A mirror serving changed bytes of the right length is refused at the first bad chunk."""
+    target = await _lookup(repo, artifacts, tmp_path)
+    data = bytearray(repo.blob_path(target.sha256).read_bytes())
+    data[5 * CHUNK + 1] ^= 0x80
+
+    async def tampered(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=bytes(data))
+
+    runner, url = await _mirror(tampered)
+    try:
+        with pytest.raises(FetchRefusedError, match="chunk 5 failed verification"):
+            await HttpBlobFetcher().fetch(target, tmp_path / "out", url)
+    finally:
+        await runner.cleanup()
+
+
+async def test_endless_data_is_refused(repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path) -> None:
+    """A mirror sending more bytes than the signed length is refused; the file never exceeds the length."""
+    target = await _lookup(repo, artifacts, tmp_path)
+    data = repo.blob_path(target.sha256).read_bytes() + b"\0" * 50_000
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(data)
+        return response
+
+    runner, url = await _mirror(endless)
+    try:
+        with pytest.raises(FetchRefusedError, match="more bytes than the signed length"):
+            await HttpBlobFetcher().fetch(target, tmp_path / "out", url)
+    finally:
+        await runner.cleanup()
+    assert (tmp_path / "out").stat().st_size <= target.length
+
+
+async def test_unpublished_path_is_not_served(
+    artifacts: ArtifactServer, repo: ReleaseRepository, tmp_path: Path
+) -> None:
+    """The artifact server serves published targets only (404 otherwise)."""
+    target = await _lookup(repo, artifacts, tmp_path)
+    with pytest.raises(FetchError, match="HTTP 404"):
+        await HttpBlobFetcher(FetchPolicy(), retries=0).fetch(
+            target, tmp_path / "out", f"{artifacts.url}/targets/models/tiny/2/q4_0.gguf"
+        )
