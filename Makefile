@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make test   - set up (venv, mosquitto, test models), then make check and the whole test suite"
-	@echo "make demo   - set up, then run the whole story on this box (not yet: see README)"
+	@echo "make demo   - set up, then run the whole story on this box (broker, controller, two agents, a real model)"
 	@echo "make check  - ruff (lint + format), mypy (strict), import layering"
 	@echo "make bench  - benchmarks under bench/ (JSON + PNG into .cache/bench/)"
 
@@ -54,7 +54,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	@echo "make demo: not yet — the end-to-end demo lands with the 'Ship it' issue. Try: make test"
+	bash deploy/demo.sh
 
 bench: setup
 	bench/build-llama-tools.sh
