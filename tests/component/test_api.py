@@ -7,7 +7,6 @@ and ``curl --unix-socket``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +26,7 @@ import numpy as np
 import openai
 import pytest
 from click.testing import CliRunner
+from loop_thread import LoopThread
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
@@ -43,23 +43,6 @@ pytestmark = pytest.mark.component
 LLM = "smollm2-135m-instruct"
 VAD = "silero-vad"
 _T = TypeVar("_T")
-
-
-class LoopThread:
-    """An asyncio event loop on a daemon thread, for servers that synchronous clients talk to."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="api-test-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 120.0) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 @dataclass
@@ -120,7 +103,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, silero_v
     tokens = TokenStore.open(config.state_dir)
     _, infer_token = tokens.create("tests", ["infer"])
     _, admin_token = tokens.create("admin", ["admin"])
-    loop = LoopThread()
+    loop = LoopThread("api-test-loop")
 
     async def make_pool() -> ModelPool:
         return ModelPool(config.inference.memory_budget_bytes)

@@ -6,17 +6,16 @@ store and the files under the state directory are exactly as before.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
+from loop_thread import LoopThread
 
 from agent.api import ApiServer, ApiState, TokenStore
 from agent.config import AgentConfig, ApiConfig, InferenceConfig
@@ -32,23 +31,6 @@ MAX_BODY = 64 * 1024
 MAX_TOKENS = 512
 MAX_MESSAGES = 8
 _T = TypeVar("_T")
-
-
-class LoopThread:
-    """An asyncio event loop on a daemon thread, for servers that synchronous clients talk to."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="api-bad-input-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 120.0) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 @dataclass
@@ -136,7 +118,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, silero_v
     _, vad_token = tokens.create("vad-only", [f"infer:{VAD}"])
     revoked, revoked_token = tokens.create("old", ["infer", "admin"])
     tokens.revoke(revoked.id)
-    loop = LoopThread()
+    loop = LoopThread("api-bad-input-loop")
 
     async def make_pool() -> ModelPool:
         return ModelPool(base.inference.memory_budget_bytes)
