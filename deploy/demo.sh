@@ -24,6 +24,13 @@ fail() { printf '    \033[31mFAILED\033[0m: %s\n' "$*"; for f in "$work"/*.log; 
 port=$("$bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fleet() { "$bin/edge-fleet" --home "$work/fleet" "$@"; }
 agent() { local d=$1; shift; "$bin/edge-agent" --state-dir "$work/$d" --socket "$work/$d/api.sock" "$@"; }
+# The names of a device's active models (not merely loaded: the health check loads before activating).
+active_models() {
+  local status
+  status=$(agent "$1" status --json 2>/dev/null || echo '{}')
+  "$bin/python" -c 'import json, sys; print(" ".join(m["name"] for m in json.loads(sys.argv[1]).get("active_models", [])))' \
+    "$status"
+}
 
 say "edge-fleet init: CA, broker certificate and config, TUF keys, assignment key (in $work/fleet)"
 user=()
@@ -69,12 +76,12 @@ say "deploy it to both devices (signed desired state over MQTT; chunks verified 
 fleet deploy "$name@1" --to kiosk-1 --to kiosk-2 | sed 's/^/    /'
 for dev in kiosk-1 kiosk-2; do
   for _ in $(seq 180); do
-    status=$(agent "$dev" status --json 2>/dev/null || true)
-    [[ "$status" == *"\"name\": \"$name\""* ]] && break
+    active=$(active_models "$dev")
+    [[ " $active " == *" $name "* ]] && break
     sleep 1
   done
   agent "$dev" status | sed 's/^/    /'
-  [[ "$status" == *"\"name\": \"$name\""* ]] || fail "$dev installed and activated the model"
+  [[ " $active " == *" $name "* ]] || fail "$dev installed and activated the model"
 done
 ok "installed, health-checked and active on both devices"
 
@@ -85,7 +92,8 @@ for dev in kiosk-1 kiosk-2; do
     -d "{\"model\": \"$name\", \"temperature\": 0, \"max_tokens\": 16, \"messages\": [
          {\"role\": \"system\", \"content\": \"You are a helpful assistant.\"},
          {\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}")
-  text=$("$bin/python" -c 'import json, sys; print(json.loads(sys.argv[1])["choices"][0]["message"]["content"])' "$answer")
+  text=$("$bin/python" -c 'import json, sys; print(json.loads(sys.argv[1])["choices"][0]["message"]["content"])' \
+    "$answer" 2>/dev/null) || fail "$dev answered: $answer"
   echo "    $dev: $text"
   [[ "$text" == *Paris* ]] || fail "$dev answered"
 done
