@@ -16,13 +16,14 @@ Invariants:
   :meth:`AuditLog.record`, one transaction per record.
 - Records only go forward: seq + 1, ``prev_hash`` = the previous hash (:func:`protocols.audit.make_record`).
   ``data`` never holds prompt or completion text (callers pass metadata only); floats become strings.
-- Nothing is deleted before the controller acknowledged it: :meth:`AuditLog.acked` deletes up to the acked seq,
-  and refuses an ack whose hash differs from the local record at that seq. Past ``max_records``
-  unacknowledged records the log drops a consecutive range *just before the newest record* (the oldest
-  records, which anchor the chain to what the controller has, are kept) and appends a chained ``gap``
-  record naming it, so the GAP record always
-  directly follows the hole, within one upload batch, and a drop is never silent. A later drop that touches
-  an earlier GAP record merges the two ranges.
+- Retention (``[audit] max_records`` and ``max_bytes``, the size cap): records stay on the device after the
+  controller acknowledged them (``edge-agent audit tail`` shows them) and are deleted only when the log is over
+  a cap, oldest acknowledged first. :meth:`AuditLog.acked` moves ``acked_seq`` and refuses an ack whose hash
+  differs from the local record at that seq. Only when the unacknowledged records alone are over a cap does
+  the log drop a consecutive range of them *just before the newest record* (the oldest records, which anchor
+  the chain to what the controller has, are kept) and append a chained ``gap`` record naming it, so the GAP
+  record always directly follows the hole, within one upload batch, and a drop is never silent. A later drop
+  that touches an earlier GAP record merges the two ranges.
 - A new ``registry.db`` (first start, reinstall) starts a new epoch whose number is the wall-clock second:
   epochs go up across reinstalls unless the clock goes back; the controller flags an unlinked epoch.
 
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
     from protocols.keys import Ed25519PrivateKey
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_RECORDS",
     "AuditLog",
     "AuditUploader",
@@ -91,7 +93,13 @@ log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
 DEFAULT_MAX_RECORDS = 100_000
-"""Unacknowledged records kept before the log drops a range and writes a GAP record."""
+"""Records kept; past it acknowledged ones are deleted, then (if still over) a range and a GAP record."""
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+"""The retention size cap: bytes of records kept (:func:`record_bytes`), same policy as the count."""
+
+RECORD_OVERHEAD = 192
+"""Bytes counted per record besides its data, kind and actor (seq, epoch, time, two hashes, the row)."""
 
 KEPT_CHECKPOINTS = 16
 """Offline checkpoints kept on the device."""
@@ -101,6 +109,23 @@ MAX_TEXT = 1024
 
 BATCH_OVERHEAD = 2048
 """Bytes kept free in an upload for the message framing and the checkpoint."""
+
+
+def add_size_columns(db: sqlite_utils.Database) -> None:
+    """Add the size cap's columns (the registry migration ``m003_audit_size_cap``, inside its transaction)."""
+    db.execute("ALTER TABLE audit_state ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0")
+    db.execute(f"ALTER TABLE audit_state ADD COLUMN max_bytes INTEGER NOT NULL DEFAULT {DEFAULT_MAX_BYTES}")
+    db.execute(
+        "UPDATE audit_state SET stored_bytes = (SELECT COALESCE(SUM(length(data) + length(kind) + length(actor) + ?),"
+        " 0) FROM audit_log)",
+        [RECORD_OVERHEAD],
+    )
+
+
+def record_bytes(record: AuditRecord) -> int:
+    """What one record counts against the size cap (about its size in the database)."""
+    # characters, as SQLite's length() counts the stored text (the two must agree: see _delete)
+    return len(canonical_json(record.data).decode()) + len(record.kind) + len(record.actor) + RECORD_OVERHEAD
 
 
 def create_tables(db: sqlite_utils.Database) -> None:
@@ -196,21 +221,32 @@ _INSERT = (
 )
 
 
-def initialise(db: sqlite_utils.Database, device: str, *, max_records: int, ts_ms: int, reason: str) -> bool:
+def initialise(
+    db: sqlite_utils.Database,
+    device: str,
+    *,
+    max_records: int,
+    ts_ms: int,
+    reason: str,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> bool:
     """Start the log (epoch = the wall-clock second) unless it exists; inside the caller's transaction.
+
+    The caps (from the agent's ``[audit]`` configuration) are stored with the log: :func:`append_record` runs in
+    the registry's transactions, which know nothing of the configuration.
 
     Returns:
         True if a new epoch was started.
     """
     if db.execute("SELECT 1 FROM audit_state").fetchone() is not None:
-        db.execute("UPDATE audit_state SET max_records = ?", [max_records])
+        db.execute("UPDATE audit_state SET max_records = ?, max_bytes = ?", [max_records, max_bytes])
         return False
     first = start_epoch(device, max(1, ts_ms // 1000), previous=None, reason=reason, actor="agent", ts_ms=ts_ms)
     db.execute(_INSERT, _row(first))
     db.execute(
-        "INSERT INTO audit_state (id, device, epoch, head_seq, head_hash, stored, max_records) "
-        "VALUES (1, ?, ?, 0, ?, 1, ?)",
-        [device, first.epoch, first.hash, max_records],
+        "INSERT INTO audit_state (id, device, epoch, head_seq, head_hash, stored, max_records, stored_bytes, "
+        "max_bytes) VALUES (1, ?, ?, 0, ?, 1, ?, ?, ?)",
+        [device, first.epoch, first.hash, max_records, record_bytes(first), max_bytes],
     )
     return True
 
@@ -224,48 +260,103 @@ def append_record(
     """
     if not db.conn.in_transaction:
         raise RuntimeError("append_record must run inside the transaction of the change it records")
-    state = db.execute("SELECT epoch, head_seq, head_hash, stored, max_records FROM audit_state").fetchone()
+    state = db.execute("SELECT epoch, head_seq, head_hash FROM audit_state").fetchone()
     if state is None:
         return None
-    epoch, head_seq, head_hash, stored, max_records = state
+    epoch, head_seq, head_hash = state
     ts = ts_ms if ts_ms is not None else int(time.time() * 1000)
     cleaned = _clean(dict(data))
     if len(canonical_json(cleaned)) > DEFAULT_LIMITS.max_audit_data_bytes // 2:
         cleaned = {"truncated": True, "keys": sorted(cleaned)[:32]}
     record = make_record(AuditHead(epoch, head_seq, head_hash), _kind(kind), _actor(actor), cleaned, ts)
     db.execute(_INSERT, _row(record))
-    stored += 1
-    if stored > max_records:
-        record, stored = _drop(db, record, stored, max_records, ts)
-    db.execute("UPDATE audit_state SET head_seq = ?, head_hash = ?, stored = ?", [record.seq, record.hash, stored])
-    return record
+    db.execute(
+        "UPDATE audit_state SET head_seq = ?, head_hash = ?, stored = stored + 1, stored_bytes = stored_bytes + ?",
+        [record.seq, record.hash, record_bytes(record)],
+    )
+    return _enforce_caps(db, record, ts)
 
 
-def _drop(
-    db: sqlite_utils.Database, newest: AuditRecord, stored: int, max_records: int, ts_ms: int
-) -> tuple[AuditRecord, int]:
-    """Drop the range between the oldest half of the cap and ``newest``, then chain a GAP record after it."""
+def _over(db: sqlite_utils.Database) -> tuple[bool, int, int]:
+    """``(over a cap, acked_seq, max_records)``."""
+    stored, stored_bytes, max_records, max_bytes, acked_seq = db.execute(
+        "SELECT stored, stored_bytes, max_records, max_bytes, acked_seq FROM audit_state"
+    ).fetchone()
+    return stored > max_records or stored_bytes > max_bytes, acked_seq, max_records
+
+
+def _delete(db: sqlite_utils.Database, first: int, last: int) -> int:
+    """Delete stored records ``first..last`` and update the counters; returns how many."""
+    removed, size = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(length(data) + length(kind) + length(actor) + ?), 0) FROM audit_log "
+        "WHERE seq >= ? AND seq <= ?",
+        [RECORD_OVERHEAD, first, last],
+    ).fetchone()
+    db.execute("DELETE FROM audit_log WHERE seq >= ? AND seq <= ?", [first, last])
+    db.execute("UPDATE audit_state SET stored = stored - ?, stored_bytes = stored_bytes - ?", [removed, size])
+    return int(removed)
+
+
+def _enforce_caps(db: sqlite_utils.Database, newest: AuditRecord, ts_ms: int) -> AuditRecord:
+    """Bring the log under its caps: oldest acknowledged records first, then a range and a GAP record."""
+    over, acked_seq, max_records = _over(db)
+    if not over:
+        return newest
+    # 1. acknowledged records (the controller has them): drop the oldest, down to 90 % of the caps (so that
+    #    a log at its cap does not delete on every append)
+    stored, stored_bytes, max_bytes = db.execute("SELECT stored, stored_bytes, max_bytes FROM audit_state").fetchone()
+    excess_records = stored - (max_records - max_records // 10)
+    excess_bytes = stored_bytes - (max_bytes - max_bytes // 10)
+    row = db.execute(
+        "SELECT seq FROM (SELECT seq, COUNT(*) OVER w AS n, "
+        "SUM(length(data) + length(kind) + length(actor) + ?) OVER w AS b FROM audit_log WHERE seq <= ? "
+        "WINDOW w AS (ORDER BY seq)) WHERE n >= ? AND b >= ? ORDER BY seq LIMIT 1",
+        [RECORD_OVERHEAD, acked_seq, excess_records, excess_bytes],
+    ).fetchone()
+    last_acked = row[0] if row is not None else acked_seq
+    if db.execute("SELECT 1 FROM audit_log WHERE seq <= ? LIMIT 1", [last_acked]).fetchone() is not None:
+        removed = _delete(db, -1, last_acked)
+        log.info("audit.retention", dropped_acked=removed, up_to_seq=last_acked)
+        over, acked_seq, max_records = _over(db)
+        if not over:
+            return newest
+    # 2. still over: unacknowledged records must go, never silently
+    return _drop(db, newest, max_records, ts_ms)
+
+
+def _drop(db: sqlite_utils.Database, newest: AuditRecord, max_records: int, ts_ms: int) -> AuditRecord:
+    """Drop the unacknowledged range between the oldest half of the caps and ``newest``, then chain a GAP record."""
+    max_bytes = db.execute("SELECT max_bytes FROM audit_state").fetchone()[0]
     keep_oldest = max(1, max_records // 2)
+    # the first record past half of either cap (counting from the oldest stored one) starts the range
     rows = db.execute(
-        "SELECT seq FROM audit_log WHERE seq < ? ORDER BY seq LIMIT 1 OFFSET ?", [newest.seq, keep_oldest]
+        "SELECT seq FROM (SELECT seq, COUNT(*) OVER w AS n, "
+        "SUM(length(data) + length(kind) + length(actor) + ?) OVER w AS b FROM audit_log WHERE seq < ? "
+        "WINDOW w AS (ORDER BY seq)) WHERE n > ? OR b > ? ORDER BY seq LIMIT 1",
+        [RECORD_OVERHEAD, newest.seq, keep_oldest, max(1, max_bytes // 2)],
     ).fetchone()
     if rows is None:
-        return newest, stored
+        return newest
     first = rows[0]
+    if first == db.execute("SELECT MIN(seq) FROM audit_log").fetchone()[0]:
+        first += 1  # keep at least the oldest record: it anchors the chain to what the controller has
     # The range ends just before ``newest``: the GAP record then comes right after it, in the same batch.
     last, last_hash = newest.seq - 1, newest.prev_hash
     if first > last:
-        return newest, stored
+        return newest
     for (earlier,) in db.execute(
         "SELECT data FROM audit_log WHERE kind = ? AND seq >= ? AND seq <= ?", [KIND_GAP, first, last]
     ).fetchall():
         first = min(first, json.loads(earlier)["first_seq"])
-    cursor = db.execute("DELETE FROM audit_log WHERE seq >= ? AND seq <= ?", [first, last])
-    stored -= int(cursor.rowcount)
+    _delete(db, first, last)
     gap = make_record(newest, KIND_GAP, "agent", gap_data(first, last, last_hash), ts_ms)
     db.execute(_INSERT, _row(gap))
+    db.execute(
+        "UPDATE audit_state SET head_seq = ?, head_hash = ?, stored = stored + 1, stored_bytes = stored_bytes + ?",
+        [gap.seq, gap.hash, record_bytes(gap)],
+    )
     log.warning("audit.gap", first_seq=first, last_seq=last, count=last - first + 1)
-    return gap, stored + 1
+    return gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,12 +416,18 @@ class AuditLog:
 
     @classmethod
     def open(
-        cls, registry: AuditStore, device: str, *, max_records: int = DEFAULT_MAX_RECORDS, reason: str = "first start"
+        cls,
+        registry: AuditStore,
+        device: str,
+        *,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        reason: str = "first start",
     ) -> AuditLog:
-        """Initialise the log in ``registry`` if needed (blocking: call it in a worker thread)."""
+        """Initialise the log in ``registry`` if needed, with the caps (blocking: call it in a worker thread)."""
         ts_ms = int(time.time() * 1000)
         registry.run_in_transaction(
-            lambda db: initialise(db, device, max_records=max_records, ts_ms=ts_ms, reason=reason)
+            lambda db: initialise(db, device, max_records=max_records, max_bytes=max_bytes, ts_ms=ts_ms, reason=reason)
         )
         return cls(registry)
 
@@ -356,8 +453,11 @@ class AuditLog:
         return AuditHead(rows[0]["epoch"], rows[0]["head_seq"], rows[0]["head_hash"])
 
     def status(self) -> dict[str, Any]:
-        """``{device, epoch, head_seq, head_hash, acked_seq, stored, max_records}`` or ``{}``."""
-        rows = self.registry.query_readonly("SELECT * FROM audit_state")
+        """``{device, epoch, head_seq, head_hash, acked_seq, stored, max_records, stored_bytes, max_bytes,
+        pending}`` or ``{}``; ``pending``: stored records the controller has not acknowledged."""
+        rows = self.registry.query_readonly(
+            "SELECT *, (SELECT COUNT(*) FROM audit_log WHERE seq > audit_state.acked_seq) AS pending FROM audit_state"
+        )
         return {k: v for k, v in rows[0].items() if k != "id"} if rows else {}
 
     def tail(self, limit: int = 20, *, after_seq: int = -1) -> list[AuditRecord]:
@@ -372,7 +472,10 @@ class AuditLog:
         """The oldest stored records, consecutive, whose encodings fit ``max_bytes`` (at least one)."""
         out: list[AuditRecord] = []
         used = 0
-        rows = self.registry.query_readonly("SELECT * FROM audit_log ORDER BY seq LIMIT ?", [max_records])
+        rows = self.registry.query_readonly(
+            "SELECT * FROM audit_log WHERE seq > (SELECT acked_seq FROM audit_state) ORDER BY seq LIMIT ?",
+            [max_records],
+        )
         for row in rows:
             record = _record(row)
             size = len(canonical_json(record.to_dict())) + 1
@@ -414,7 +517,8 @@ class AuditLog:
     # --- acks and checkpoints -----------------------------------------------------------------------------
 
     def acked(self, head: AuditHead) -> int:
-        """Delete the records up to ``head`` if the local record there has its hash; returns how many."""
+        """Mark the records up to ``head`` acknowledged if the local record there has its hash; returns how many
+        were newly acknowledged (they stay stored until a cap needs the room)."""
         return self.registry.run_in_transaction(lambda db: _apply_ack(db, head))
 
     def store_checkpoint(self, signed: SignedCheckpoint, checkpoint: Checkpoint) -> None:
@@ -450,11 +554,12 @@ def _apply_ack(db: sqlite_utils.Database, head: AuditHead) -> int:
         return 0
     # No row at the acked seq: it was acked before, or dropped behind a GAP record after the batch went out.
     # The controller signs an ack only for a batch it verified against its head, so everything up to it is
-    # stored there.
-    cursor = db.execute("DELETE FROM audit_log WHERE seq <= ?", [head.seq])
-    removed = int(cursor.rowcount)
-    db.execute("UPDATE audit_state SET acked_seq = max(acked_seq, ?), stored = stored - ?", [head.seq, removed])
-    return removed
+    # stored there. The records stay (retention): the caps delete acknowledged ones first.
+    if head.seq <= state[1]:
+        return 0
+    newly = db.execute("SELECT COUNT(*) FROM audit_log WHERE seq > ? AND seq <= ?", [state[1], head.seq]).fetchone()
+    db.execute("UPDATE audit_state SET acked_seq = max(acked_seq, ?)", [head.seq])
+    return int(newly[0])
 
 
 class AuditUploader:

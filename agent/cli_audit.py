@@ -35,7 +35,7 @@ def _open(ctx: AgentContext) -> tuple[ReadOnlyAuditStore, AuditLog]:
 
 @click.group()
 def audit() -> None:
-    """The device's tamper-evident audit log (records not yet acknowledged by the controller)."""
+    """The device's tamper-evident audit log (the records kept on the device, acknowledged or not)."""
 
 
 @audit.command("tail")
@@ -63,7 +63,8 @@ def audit_tail(ctx: AgentContext, lines: int, as_json: bool) -> None:
     if not as_json:
         click.echo(
             f"head epoch {status['epoch']} seq {status['head_seq']}; acked up to seq {status['acked_seq']}; "
-            f"{status['stored']} records kept (cap {status['max_records']})",
+            f"{status['stored']} records kept (cap {status['max_records']}), {status.get('stored_bytes', 0)} bytes "
+            f"(cap {status.get('max_bytes', 0)}), {status.get('pending', 0)} not yet acknowledged",
             err=True,
         )
 

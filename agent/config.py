@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AgentConfig",
     "ApiConfig",
+    "AuditConfig",
     "InferenceConfig",
     "LinkConfig",
     "LogConfig",
@@ -107,6 +108,24 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The device's audit log (docs/audit.md): how much of it is kept on the device."""
+
+    max_records: int = 100_000
+    """Records kept at most."""
+    max_bytes: int = 64 * MiB
+    """The retention size cap: bytes of records kept at most. Over either cap, the oldest records the controller
+    acknowledged are deleted first; only if the unacknowledged ones alone are over it is a range of them
+    dropped, and a chained GAP record says which (never a silent drop)."""
+
+    def __post_init__(self) -> None:
+        if self.max_records < 16:
+            raise ConfigError(f"audit.max_records: at least 16, not {self.max_records}")
+        if self.max_bytes < 64 * 1024:
+            raise ConfigError(f"audit.max_bytes: at least 65536, not {self.max_bytes}")
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """Logging."""
 
@@ -158,6 +177,7 @@ class AgentConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     config_path: Path | None = None
 
 
@@ -179,6 +199,7 @@ def _convert(cls: type[Any], key: str, value: Any, where: str) -> Any:
         (AgentConfig, "api"): ApiConfig,
         (AgentConfig, "inference"): InferenceConfig,
         (AgentConfig, "registry"): RegistryConfig,
+        (AgentConfig, "audit"): AuditConfig,
         (AgentConfig, "log"): LogConfig,
         (AgentConfig, "link"): LinkConfig,
     }

@@ -17,14 +17,13 @@ are imported only by the command that needs them.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -32,7 +31,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from controller.errors import ControllerError, QuantizeError
+from controller.cli_common import reports_errors
+from controller.errors import QuantizeError
 
 if TYPE_CHECKING:
     from controller.inspection import GgufDescription, OnnxDescription
@@ -40,20 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["model_group"]
 
-P = ParamSpec("P")
 T = TypeVar("T")
 MiB = 1 << 20
-
-
-def _errors(fn: Callable[P, T]) -> Callable[P, T]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except ControllerError as exc:
-            raise click.ClickException(exc.diagnostics()) from exc
-
-    return wrapper
 
 
 def _mib(n: int) -> str:
@@ -98,7 +86,7 @@ def _targets(value: str) -> list[str]:
     help="ONNX operator types to quantize [default: MatMul,Gemm,LSTM,GRU,Attention; add Conv at your risk].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@_errors
+@reports_errors
 def quantize_command(
     src: Path,
     targets: str,
@@ -234,7 +222,7 @@ def _result_dict(r: QuantizeResult) -> dict[str, Any]:
     help="Estimate for llama.cpp with flash attention on (its CPU default) or off.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@_errors
+@reports_errors
 def inspect_command(file: Path, n_ctx: int, n_slots: int, flash_attn: bool, as_json: bool) -> None:
     """Describe FILE (GGUF or ONNX) and, for GGUF, estimate the memory to run it at --ctx and --slots."""
     from controller.inspection import GgufDescription, describe
@@ -321,7 +309,7 @@ def _print_onnx(d: OnnxDescription) -> None:
 @click.option("--ctx", "n_ctx", type=click.IntRange(256, 1 << 20), default=1024, show_default=True)
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True, help="0 = every CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@_errors
+@reports_errors
 def compare_command(files: tuple[Path, ...], out: Path | None, n_ctx: int, threads: int, as_json: bool) -> None:
     """Measure GGUF FILES one after the other: size, estimated and measured memory, tokens/s, perplexity."""
     from controller.compare import compare_models, write_chart

@@ -51,9 +51,18 @@ from tuf.api.metadata import (
 
 from controller.errors import ControllerError
 from controller.home import atomic_write
+from protocols.canonical import canonical_json
 from protocols.limits import MODEL_NAME_RE, VARIANT_RE
 from protocols.messages import MODEL_FORMATS, target_path
-from protocols.releases import DEFAULT_CHUNK_SIZE, ModelTargetFields, chunk_count
+from protocols.releases import (
+    ASSIGNMENT_KEYS_CUSTOM,
+    ASSIGNMENT_KEYS_TARGET,
+    DEFAULT_CHUNK_SIZE,
+    AssignmentKeyList,
+    ModelTargetFields,
+    chunk_count,
+    decode_assignment_keys,
+)
 
 __all__ = [
     "DEFAULT_EXPIRY",
@@ -264,7 +273,8 @@ class ReleaseRepository:
     def entries(self) -> list[TargetEntry]:
         """Every model target: published ones, then pending ones, each sorted by path."""
         published = self.load("targets").signed.targets
-        out = [self._entry(t, published=True) for _, t in sorted(published.items())]
+        # only models: ``keys/assignments.json`` is a target too (publish_assignment_keys)
+        out = [self._entry(t, published=True) for p, t in sorted(published.items()) if p.startswith("models/")]
         out += [
             self._entry(TargetFile.from_dict(dict(d), p), published=False) for p, d in sorted(self._pending().items())
         ]
@@ -391,6 +401,45 @@ class ReleaseRepository:
         if found is None:
             raise ReleaseError(f"no published target {path}")
         return found
+
+    # --- assignment keys ----------------------------------------------------------------------------------
+
+    def publish_assignment_keys(self, keys: AssignmentKeyList) -> int:
+        """Sign ``keys`` as the target ``keys/assignments.json`` into a new targets version (then the chain).
+
+        DESIGN.md §4: the keys that sign assignments rotate under TUF's rules — a device takes a new list only
+        from verified targets metadata, so an old list cannot be replayed (rollback) or held back past the
+        timestamp's expiry (freeze). The document is the target's content and is carried in its ``custom``
+        field, so devices read it from the metadata they already verify (nothing to download).
+
+        Returns:
+            The new targets version.
+
+        Raises:
+            ReleaseError: the targets, snapshot or timestamp keys are not on this machine.
+        """
+        data = keys.encode()
+        targets_signers = self.signers("targets")
+        snapshot_signers, timestamp_signers = self.signers("snapshot"), self.signers("timestamp")
+        targets = self.load("targets")
+        targets.signed.targets[ASSIGNMENT_KEYS_TARGET] = TargetFile(
+            length=len(data),
+            hashes={"sha256": hashlib.sha256(data).hexdigest()},
+            path=ASSIGNMENT_KEYS_TARGET,
+            unrecognized_fields={"custom": {ASSIGNMENT_KEYS_CUSTOM: keys.to_dict()}},
+        )
+        targets.signed.version += 1
+        targets.signed.expires = self.clock() + DEFAULT_EXPIRY["targets"]
+        self._sign_and_write(targets, targets_signers)
+        self._sign_chain(snapshot_signers, timestamp_signers)
+        return int(targets.signed.version)
+
+    def assignment_keys(self) -> AssignmentKeyList | None:
+        """The published assignment key list (None: never published; devices use their enrollment keys)."""
+        target = self.load("targets").signed.targets.get(ASSIGNMENT_KEYS_TARGET)
+        if target is None:
+            return None
+        return decode_assignment_keys(canonical_json(target.custom[ASSIGNMENT_KEYS_CUSTOM]))
 
     # --- online roles -------------------------------------------------------------------------------------
 

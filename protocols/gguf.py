@@ -299,6 +299,9 @@ class GgufInfo:
         }
 
 
+_U64 = struct.Struct("<Q")
+
+
 def _fail(what: str, offset: int, detail: str) -> DecodeError:
     return DecodeError(f"invalid GGUF: {what} at offset {offset}: {detail}")
 
@@ -380,6 +383,29 @@ class _Reader:
             raise _fail(what, at, f"string length {n} runs past the end of the file ({self.size} bytes)")
         return at, n
 
+    def skip_strings(self, count: int, bound: int, what: str) -> None:
+        """Skip ``count`` length-prefixed strings (a vocabulary: ~100k of them) with the checks of
+        :meth:`string_length` and :meth:`skip`.
+
+        The tight loop formats no field names: only a string that breaks a bound goes through the checked path,
+        which raises the same error, naming the item, as reading it one by one would.
+        """
+        limit = min(self.size, self._max)
+        unpack = _U64.unpack_from
+        pos, buf, start = self.pos, self._buf, self._buf_start
+        for index in range(count):
+            if pos + 8 <= min(start + len(buf), limit):
+                n = unpack(buf, pos - start)[0]
+                if n <= bound and pos + 8 + n <= limit:
+                    pos += 8 + n
+                    continue
+            # not buffered yet, or out of bounds: the checked path refills the buffer or raises
+            self.pos = pos
+            _, n = self.string_length(f"{what}[{index}]", bound)
+            self.skip(n, f"{what}[{index}]")
+            pos, buf, start = self.pos, self._buf, self._buf_start
+        self.pos = pos
+
     def string(self, what: str, bound: int) -> str:
         at, n = self.string_length(what, bound)
         data = self.raw(n, what)
@@ -437,10 +463,7 @@ class _Parser:
             self.r.skip(length * _SCALAR_SIZES[item], f"{what} array data")
             return GgufArraySummary(item.name.lower(), length)
         if item is GgufValueType.STRING and not keep:
-            bound = self.limits.max_string_bytes
-            for index in range(length):
-                _, n = self.r.string_length(f"{what}[{index}]", bound)
-                self.r.skip(n, f"{what}[{index}]")
+            self.r.skip_strings(length, self.limits.max_string_bytes, what)
             return GgufArraySummary("string", length)
         items = [self.value(item, f"{what}[{index}]", depth) for index in range(length)]
         if not keep:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import secrets
 import ssl
 import time
@@ -38,14 +37,17 @@ from agent.config import AgentConfig, LinkConfig
 from agent.errors import EnrollmentError, LinkError
 from agent.link.dispatch import AssignmentVerifier, Dispatcher, ModelRegistry
 from agent.link.enrollment import Enrollment, link_dir, load_enrollment
+from agent.link.keyring import KEYRING_FILE, ControllerKeyring
 from agent.link.outbox import Outbox, OutboxItem
 from agent.link.releases import HealthCheck, build_installer
 from agent.link.state import StateBuilder, fingerprint
 from agent.link.store import LinkStore
 from protocols.audit import AuditHead
+from protocols.backoff import Backoff
 from protocols.errors import DecodeError, ProtocolError
 from protocols.link import open_sealed, seal
 from protocols.messages import Ack, DeviceState, Report
+from protocols.releases import AssignmentKeyList
 from protocols.topics import TopicKind, agent_subscriptions, device_topic, parse_device_topic
 
 __all__ = ["AgentLink", "Backoff", "LinkStats", "open_agent_link"]
@@ -59,26 +61,6 @@ PUBLISH_OVERHEAD = 64
 """Bytes an MQTT PUBLISH adds around topic and payload (fixed header, length, packet id, properties), rounded up."""
 
 MAX_INCOMING_QUEUE = 1000
-
-
-class Backoff:
-    """Jittered exponential backoff ("equal jitter"): half the step is fixed, half random."""
-
-    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None) -> None:
-        self.minimum = minimum
-        self.maximum = maximum
-        self.attempt = 0
-        self._rng = rng or random.SystemRandom()
-
-    def next(self) -> float:
-        """The next delay in seconds."""
-        step = min(self.maximum, self.minimum * 2.0**self.attempt)
-        self.attempt = min(self.attempt + 1, 32)
-        return step / 2 + self._rng.uniform(0, step / 2)
-
-    def reset(self) -> None:
-        """Start again from the minimum (after a connection that lasted)."""
-        self.attempt = 0
 
 
 @dataclass
@@ -129,6 +111,8 @@ class AgentLink:
         self.clock = clock
         self.host = config.host or enrollment.broker.host
         self.port = config.port or enrollment.broker.port
+        self.keyring = ControllerKeyring(enrollment.controller_keys, enrollment.controller_threshold)
+        """Keys for assignments and acks: the enrollment's until TUF publishes a list (agent/link/keyring.py)."""
         self.outbox = Outbox(
             store,
             max_messages=config.max_outbox_messages,
@@ -139,7 +123,9 @@ class AgentLink:
         self.dispatcher = Dispatcher(
             store=store,
             outbox=self.outbox,
-            verifier=AssignmentVerifier(self.device, enrollment.controller_keys, enrollment.controller_threshold),
+            verifier=AssignmentVerifier(
+                self.device, enrollment.controller_keys, enrollment.controller_threshold, keyring=self.keyring
+            ),
             registry=registry,
             signing_key=enrollment.signing_key,
             on_change=self.state_changed,
@@ -147,6 +133,8 @@ class AgentLink:
             clock=clock,
         )
         self.stats = LinkStats()
+        self.keys_lookup: Callable[[], Awaitable[AssignmentKeyList | None]] | None = None
+        """The TUF lookup of the assignment key list (set with the release installer; None: enrollment keys)."""
         self.connected = asyncio.Event()
         self.ack_listeners: list[AckListener] = []
         """Called with every verified ack (e.g. audit acks, by the audit log)."""
@@ -263,6 +251,11 @@ class AgentLink:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.dispatcher.run(), name="link-dispatch")
             tasks.create_task(self._connection_loop(), name="link-mqtt")
+            if self.keys_lookup is not None:
+                tasks.create_task(
+                    self.keyring.run(self.keys_lookup, self.dispatcher.on_assign, connected=self.connected),
+                    name="link-keyring",
+                )
         raise AssertionError("unreachable: both loops run forever")
 
     async def _connection_loop(self) -> NoReturn:
@@ -340,6 +333,7 @@ class AgentLink:
                 await self.outbox.resend_all()
                 self._client_now = client
                 self.connected.set()
+                self.keyring.stale.set()  # the assignment keys may have rotated meanwhile
                 await _run_until_first_failure(
                     self._reader(client),
                     self._sender(client),
@@ -384,7 +378,7 @@ class AgentLink:
 
     async def _on_ack(self, topic: str, payload: bytes) -> None:
         try:
-            ack = open_sealed(topic, payload, self.enrollment.controller_keys).message
+            ack = open_sealed(topic, payload, self.keyring.keys).message
         except ProtocolError as exc:
             log.warning("link.ack_refused", device_id=self.device, error=str(exc))
             await self.store.run(self.store.add_event, "ack_refused", {"error": str(exc)[:500]})
@@ -613,6 +607,13 @@ async def open_agent_link(
         if link.dispatcher.installer is not None:  # transfers in progress go into the device state
             state.transfers = link.dispatcher.installer.transfers
             link.dispatcher.installer.on_change = link.state_changed
+            # the assignment keys, as the TUF target keys/assignments.json (agent/link/keyring.py)
+            link.keyring = link.dispatcher.verifier.keyring = ControllerKeyring(
+                enrollment.controller_keys,
+                enrollment.controller_threshold,
+                link_dir(config.state_dir) / KEYRING_FILE,
+            )
+            link.keys_lookup = link.dispatcher.installer.updater.assignment_keys
         yield link
     finally:
         await asyncio.to_thread(store.close)

@@ -39,7 +39,12 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.errors import LinkError
 from protocols.errors import DecodeError
-from protocols.releases import ModelTargetFields
+from protocols.releases import (
+    ASSIGNMENT_KEYS_TARGET,
+    AssignmentKeyList,
+    ModelTargetFields,
+    assignment_keys_from_target,
+)
 
 __all__ = [
     "DirectorySource",
@@ -211,6 +216,39 @@ class ReleaseUpdater:
         if info is None:
             raise ReleaseRefusedError(f"{path} is not a target of the verified repository")
         return _verified(info.path, info.length, info.hashes, info.custom)
+
+    def lookup_assignment_keys(self) -> AssignmentKeyList | None:
+        """Refresh, then the verified assignment key list (None: the repository publishes none).
+
+        The list is the content of the target ``keys/assignments.json``, carried in its ``custom`` field: its
+        canonical bytes must have the target's signed length and sha256 before they are parsed (DESIGN.md §4:
+        the keys rotate under TUF's rules). Blocking: call from a worker thread, or use :meth:`assignment_keys`.
+
+        Raises:
+            ReleaseUnavailableError: metadata could not be fetched.
+            ReleaseRefusedError: TUF refused the metadata, or the listed document is invalid.
+        """
+        updater = self._updater()
+        try:
+            updater.refresh()
+            info = updater.get_targetinfo(ASSIGNMENT_KEYS_TARGET)
+        except tuf_exc.ExpiredMetadataError as exc:
+            raise ReleaseRefusedError(f"repository metadata expired (freeze protection): {exc}") from exc
+        except tuf_exc.RepositoryError as exc:
+            raise ReleaseRefusedError(f"TUF refused the repository metadata: {type(exc).__name__}: {exc}") from exc
+        except tuf_exc.DownloadError as exc:
+            raise ReleaseUnavailableError(f"repository metadata unavailable: {exc}") from exc
+        if info is None:
+            return None
+        try:
+            return assignment_keys_from_target(info.custom, info.length, info.hashes.get("sha256"))
+        except DecodeError as exc:
+            raise ReleaseRefusedError(str(exc)) from exc
+
+    async def assignment_keys(self) -> AssignmentKeyList | None:
+        """:meth:`lookup_assignment_keys` in a worker thread, one refresh at a time."""
+        async with self._lock:
+            return await asyncio.to_thread(self.lookup_assignment_keys)
 
     async def target(self, path: str) -> VerifiedTarget:
         """:meth:`lookup` in a worker thread; concurrent calls wait for each other."""

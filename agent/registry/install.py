@@ -15,8 +15,10 @@ Invariants:
   blob becomes a model row; only a model row can be activated. The active model of a name is therefore always
   a complete, hash-verified blob: the old one until the activation transaction commits, the new one after.
 - Every step is idempotent. :func:`recover_installs` (``Registry.recover``) resumes an install interrupted at or
-  after ``verified`` (re-hashing the content first, since an un-fsynced file may have lost data), restarts one
+  after ``copied`` (re-hashing the content first, since an un-fsynced file may have lost data), restarts one
   interrupted earlier from its source, or abandons it (deleting its partial file) if the source is gone.
+- ``move`` (release downloads): the source is hard-linked into ``partial/`` instead of copied and its name is
+  removed once ``copied`` is committed; the sha256 the caller verified is recorded without re-reading the file.
 - Crash-loop breaker: every start or resumption of an install increments ``installs.attempts`` in its own
   committed transaction. An install still unfinished at recovery crashed the agent once per attempt; when
   ``attempts`` reaches ``RegistryConfig.crash_quarantine_after`` it is quarantined instead of retried (and so
@@ -29,7 +31,8 @@ pipeline order (:data:`FAULT_POINTS`):
 
 ==============  =====================================================================================
 ``planned``     install row committed; nothing copied yet
-``copying``     after each chunk written to the partial file (``copying:3`` = after the third chunk)
+``copying``     after each chunk written to the partial file (``copying:3`` = after the third chunk); with
+                ``move``, once, after the hard link
 ``copied``      partial complete, sha256 and length recorded, not yet verified or fsynced
 ``verified``    length, sha256 and format verified (step committed); not fsynced
 ``fsynced``     partial file and ``partial/`` fsynced (step committed)
@@ -96,7 +99,6 @@ FAULT_POINTS = (
     "done",
 )
 TERMINAL_STEPS = ("done", "failed", "abandoned", "quarantined")
-_BEFORE_VERIFIED = ("planned", "copying", "copied")
 _CHUNK = 1 << 20
 _MAX_ORIGIN = 256
 _MAX_METADATA_BYTES = 64 * 1024
@@ -344,14 +346,49 @@ def _set_step(reg: Registry, row: dict[str, Any], step: str, **changes: Any) -> 
     return {**row, "step": step, **changes}
 
 
-def _copy(reg: Registry, row: dict[str, Any], progress: Callable[[int, int], None] | None) -> dict[str, Any]:
-    """(Re)copy the source into ``partial/``, hashing on the way."""
+def _move(reg: Registry, row: dict[str, Any], partial: Path) -> dict[str, Any] | None:
+    """Hard-link a caller-verified source into ``partial/``, then drop the source's name; None if not possible.
+
+    The caller vouches that the file's sha256 is ``expected_sha256`` (the release fetcher checked it, after
+    fsync, a moment ago), so it is recorded without reading 100 MB again; the length is checked here. Crash
+    safety is the copy's: the source keeps its name until ``copied`` is committed (a crash before that redoes
+    the link, or copies), and a crash after it resumes from the partial file, re-hashed (:func:`_drive`).
+    """
+    src, total, expected = Path(row["source"]), row["source_size"], row["expected_sha256"]
+    if expected is None:
+        return None
+    try:
+        os.link(src, partial, follow_symlinks=False)
+    except OSError:
+        return None  # another filesystem, or no hard links: copy instead
+    st = os.stat(partial, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != total:
+        partial.unlink(missing_ok=True)
+        raise IntegrityError(f"{src} changed since the install was planned (size {st.st_size}, was {total})")
+    os.chmod(partial, 0o640)
+    fault_point("copying")
+    row = _set_step(reg, row, "copied", sha256=expected, size=total)
+    src.unlink(missing_ok=True)  # the registry owns the content now; the partial is the only name
+    fault_point("copied")
+    return row
+
+
+def _copy(
+    reg: Registry, row: dict[str, Any], progress: Callable[[int, int], None] | None, *, move: bool = False
+) -> dict[str, Any]:
+    """(Re)copy the source into ``partial/``, hashing on the way (or move it: :func:`_move`)."""
     partial = reg._blobs.partial_path(row["id"])
     partial.unlink(missing_ok=True)
     src, total = Path(row["source"]), row["source_size"]
     if row["attempts"] > 1:  # a restart: the disk may have filled up since the plan
         reg._check_space(total, _ref(row))
     row = _set_step(reg, row, "copying")
+    if move:
+        moved = _move(reg, row, partial)
+        if moved is not None:
+            if progress is not None:
+                progress(total, total)
+            return moved
     digest, copied = new_sha256(), 0
     try:
         src_fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)
@@ -490,14 +527,17 @@ def _content_intact(reg: Registry, row: Mapping[str, Any]) -> bool:
     return reg._blobs.blob_intact(row["sha256"], row["size"])
 
 
-def _drive(reg: Registry, row: dict[str, Any], progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+def _drive(
+    reg: Registry, row: dict[str, Any], progress: Callable[[int, int], None] | None, *, move: bool = False
+) -> dict[str, Any]:
     resumed_at = row["step"]
-    if resumed_at in ("verified", "fsynced") and not _content_intact(reg, row):
+    # ``copied`` too: a moved source has no other name, and an unsynced copy may have lost data
+    if resumed_at in ("copied", "verified", "fsynced") and not _content_intact(reg, row):
         row["step"] = "planned"
     if resumed_at == "renamed" and not reg._blobs.blob_intact(row["sha256"], row["size"]):
         raise IntegrityError(f"{_ref(row)}: its blob is missing or damaged after a crash")
-    if row["step"] in _BEFORE_VERIFIED:
-        row = _copy(reg, row, progress)
+    if row["step"] in ("planned", "copying"):
+        row = _copy(reg, row, progress, move=move)
     if row["step"] == "copied":
         row = _verify(reg, row)
     if row["step"] == "verified":
@@ -524,8 +564,13 @@ def _finish(reg: Registry, row: Mapping[str, Any], step: str, error: str) -> Non
         tx.event(kind, install=row, reason=error[:2000], at_step=row["step"])
 
 
-def run_install(reg: Registry, install_id: str, *, progress: Callable[[int, int], None] | None = None) -> ModelRecord:
+def run_install(
+    reg: Registry, install_id: str, *, progress: Callable[[int, int], None] | None = None, move: bool = False
+) -> ModelRecord:
     """Drive an install from its persisted step to ``done``.
+
+    ``move``: take the source file instead of copying it (:func:`_move`; only for a file whose sha256 the
+    caller verified against the install's ``expected_sha256``). A resumption after a crash always copies.
 
     Returns:
         The installed model.
@@ -547,7 +592,7 @@ def run_install(reg: Registry, install_id: str, *, progress: Callable[[int, int]
             tx.event("install_started", install=row, attempt=row["attempts"] + 1, step=row["step"])
         row["attempts"] += 1
         try:
-            row = _drive(reg, row, progress)
+            row = _drive(reg, row, progress, move=move)
         except (IntegrityError, InvalidModelError, QuarantinedError, InsufficientSpaceError) as exc:
             _finish(reg, _install_row(reg, install_id), "failed", str(exc))
             raise
@@ -624,8 +669,8 @@ def recover_installs(reg: Registry) -> RecoveryReport:
             _quarantine_install(reg, row, reason)
             report.quarantined.append(ref)
             continue
-        needs_source = row["step"] in _BEFORE_VERIFIED or (
-            row["step"] in ("verified", "fsynced") and not _content_intact(reg, row)
+        needs_source = row["step"] in ("planned", "copying") or (
+            row["step"] in ("copied", "verified", "fsynced") and not _content_intact(reg, row)
         )
         if needs_source:
             try:

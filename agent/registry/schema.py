@@ -217,6 +217,14 @@ def m002_audit_log(db: sqlite_utils.Database) -> None:
     create_tables(db)
 
 
+@MIGRATIONS()
+def m003_audit_size_cap(db: sqlite_utils.Database) -> None:
+    """The audit log's retention size cap (``[audit] max_bytes``): stored and maximum bytes."""
+    from agent.audit import add_size_columns
+
+    add_size_columns(db)
+
+
 def open_database(path: Path) -> sqlite_utils.Database:
     """Open (creating if needed) the registry database with the registry's settings, migrated.
 

@@ -544,6 +544,7 @@ class Registry:
         activate: bool = True,
         metadata: Mapping[str, Any] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        move: bool = False,
     ) -> ModelRecord:
         """Install a local model file through the install pipeline (copy, verify, fsync, rename, activate).
 
@@ -557,6 +558,9 @@ class Registry:
             activate: make it the active model of ``name`` once installed.
             metadata: extra JSON-able facts to record (validated format facts take precedence).
             progress: called with (bytes copied, total bytes) while copying.
+            move: the registry takes ``src`` (hard link, then the source name is removed) instead of copying it,
+                when it is on the same filesystem. Only for a file the caller has just verified and fsynced
+                against ``expected_sha256`` (a release download): its content is then not hashed again here.
 
         Returns:
             The installed model.
@@ -580,7 +584,7 @@ class Registry:
         )
         with self._heavy:
             install_id = _install.plan_install(self, request)
-            return _install.run_install(self, install_id, progress=progress)
+            return _install.run_install(self, install_id, progress=progress, move=move)
 
     def list_models(self, name: str | None = None, *, include_removed: bool = False) -> list[ModelRecord]:
         """Models ordered by name, then version (newest first), then variant."""

@@ -190,7 +190,7 @@ def test_gap_record_is_accepted_and_alerted(device: Device) -> None:
         assert result.head is not None
         assert result.head == batch[-1].head
         assert device.log.acked(result.head) == len(batch)
-    assert device.log.status()["stored"] == 0
+    assert device.log.status()["pending"] == 0
     assert "dropped" in device.alerts()
     assert all(not chain.errors for chain in verify_stored(device.store))
 
@@ -209,5 +209,5 @@ def test_records_dropped_while_their_batch_waits_for_its_ack_still_get_deleted_a
         stored = device.upload(batch)
         assert stored.head == batch[-1].head, stored.alert
         device.log.acked(stored.head)
-    assert device.log.status()["stored"] == 0
+    assert device.log.status()["pending"] == 0
     assert device.alerts() == {"dropped"}

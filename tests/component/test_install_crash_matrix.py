@@ -21,16 +21,18 @@ from pathlib import Path
 import pytest
 
 from agent.config import RegistryConfig
-from agent.errors import QuarantinedError
+from agent.errors import IntegrityError, QuarantinedError
 from agent.registry import FAULT_ENV, FAULT_EXIT_CODE, FAULT_POINTS, Registry
 from agent.registry.gguf import GgmlType, build_gguf
+from agent.registry.install import InstallRequest, plan_install, run_install
 
 pytestmark = pytest.mark.component
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = RegistryConfig(min_free_bytes=0, crash_quarantine_after=3)
 NAME, VARIANT = "crashy", "q4_0"
-BEFORE_VERIFIED = {"planned", "copying", "copied"}
+NEEDS_SOURCE = {"planned", "copying"}
+"""Crash points whose recovery needs the source (after ``copied`` the partial file, re-hashed, is enough)."""
 
 CHILD = """
 import sys
@@ -41,6 +43,10 @@ state, op = Path(sys.argv[1]), sys.argv[2]
 with Registry.open(state, RegistryConfig(min_free_bytes=0, crash_quarantine_after=3)) as reg:
     if op == "import":
         reg.import_file(Path(sys.argv[3]), name=sys.argv[4], variant=sys.argv[5])
+    elif op == "import-move":
+        reg.import_file(
+            Path(sys.argv[3]), name=sys.argv[4], variant=sys.argv[5], expected_sha256=sys.argv[6], move=True
+        )
     else:
         reg.recover()
 """
@@ -122,7 +128,7 @@ def matrix_case(state_dir: Path, old: Path, new: Path, fault: str, *, keep_sourc
         assert reg.installs(unfinished_only=True) == []
         assert list((state_dir / "partial").iterdir()) == []
         install = reg.installs()[0]
-        if fault in BEFORE_VERIFIED and not keep_source:
+        if fault in NEEDS_SOURCE and not keep_source:
             assert install["step"] == "abandoned"
             assert after == old_sha
             assert report.abandoned == [f"{NAME}/{VARIANT}/v2"]
@@ -149,6 +155,59 @@ def test_crash_matrix_synthetic(tmp_path: Path, fault: str, keep_source: bool) -
     old = tiny_gguf(tmp_path / "old.gguf", "old")
     new = tiny_gguf(tmp_path / "new.gguf", "new-model")
     matrix_case(tmp_path / "state", old, new, fault, keep_source=keep_source, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("fault", FAULT_POINTS)
+def test_crash_matrix_move(tmp_path: Path, fault: str) -> None:
+    """A moved (hard-linked) download survives a crash at every point: old or new active, then the new one."""
+    state_dir = tmp_path / "state"
+    old = tiny_gguf(tmp_path / "old.gguf", "old")
+    new = tiny_gguf(tmp_path / "new.gguf", "new-model")
+    old_sha, new_sha = sha256(old), sha256(new)
+    with Registry.open(state_dir, CONFIG) as reg:
+        reg.import_file(old, name=NAME, variant=VARIANT)
+    result = child(state_dir, "import-move", str(new), NAME, VARIANT, new_sha, fault=fault)
+    assert result.returncode == FAULT_EXIT_CODE, result.stderr
+    # the source keeps its name until ``copied`` is committed, and loses it right after
+    assert new.exists() == (fault in NEEDS_SOURCE)
+    with Registry.open(state_dir, CONFIG) as reg:
+        assert_invariant(reg, {old_sha, new_sha})
+        reg.recover()
+        assert assert_invariant(reg, {new_sha}) == new_sha
+        assert reg.installs(unfinished_only=True) == []
+        assert reg.installs()[0]["step"] == "done"
+        assert list((state_dir / "partial").iterdir()) == []
+
+
+def test_move_takes_the_file_without_copying(tmp_path: Path) -> None:
+    """``move=True`` installs the verified file by hard link: same inode in blobs/, the source name is gone."""
+    new = tiny_gguf(tmp_path / "new.gguf", "new-model")
+    inode, digest = new.stat().st_ino, sha256(new)
+    with Registry.open(tmp_path / "state", CONFIG) as reg:
+        record = reg.import_file(new, name=NAME, variant=VARIANT, expected_sha256=digest, move=True)
+        blob = reg.blob_path(record)
+        assert record.sha256 == digest
+        assert blob.stat().st_ino == inode
+        assert not new.exists()
+        assert list((tmp_path / "state" / "partial").iterdir()) == []
+
+
+def test_move_refuses_a_wrong_length(tmp_path: Path) -> None:
+    """A moved file whose length changed after the plan is refused, and the partial name is removed."""
+    new = tiny_gguf(tmp_path / "new.gguf", "new-model")
+    digest = sha256(new)
+    with Registry.open(tmp_path / "state", CONFIG) as reg:
+        request = InstallRequest.build(
+            new, name=NAME, variant=VARIANT, version=None, origin="test", expected_sha256=digest, activate=True,
+            metadata=None,
+        )  # fmt: skip
+        install_id = plan_install(reg, request)
+        with new.open("ab") as f:
+            f.write(b"x")
+        with pytest.raises(IntegrityError):
+            run_install(reg, install_id, move=True)
+        assert list((tmp_path / "state" / "partial").iterdir()) == []
+        assert reg.active(NAME) is None
 
 
 @pytest.mark.parametrize("fault", FAULT_POINTS)

@@ -127,7 +127,7 @@ async def test_ten_thousand_events_while_the_broker_is_down_arrive_exactly_once_
             await wait_for(lambda: len(stored(fleet, "dev-10k")) == 10_001, within=60, what="10,001 records stored")
             assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200_000  # KiB
             assert uploader.batches >= 10
-            await wait_for(lambda: audit.status()["stored"] == 0, what="the device to delete every acked record")
+            await wait_for(lambda: audit.status()["pending"] == 0, what="the device to record every ack")
         rows = stored(fleet, "dev-10k")
         assert [seq for _, seq, _ in rows] == list(range(10_001))
         assert fleet.cli("audit", "verify", "--device", "dev-10k").count("ok") == 1
@@ -151,9 +151,9 @@ async def test_agent_killed_before_recording_the_ack_resends_and_the_controller_
             assert proc.stdout is not None
             assert "CRASHING on the ack of seq 50" in (await proc.stdout.read()).decode()
             assert server.audit.stored == 51
-            assert device_rows(agent.state_dir) == 51  # nothing deleted on the device without a recorded ack
+            assert device_pending(agent.state_dir) == 51  # nothing counts as acked without a recorded ack
             proc = await run_subprocess("tests/audit_agent_proc.py", str(agent.state_dir), link_json, "dev-k")
-            await wait_for(lambda: device_rows(agent.state_dir) == 0, within=30, what="the re-sent batch acked")
+            await wait_for(lambda: device_pending(agent.state_dir) == 0, within=30, what="the re-sent batch acked")
             assert server.audit.duplicates >= 51
             assert server.audit.stored == 51
             assert [seq for _, seq, _ in stored(fleet, "dev-k")] == list(range(51))
@@ -164,10 +164,11 @@ async def test_agent_killed_before_recording_the_ack_resends_and_the_controller_
             agent.registry = Registry.open(agent.state_dir, RegistryConfig())  # for the fleet's cleanup
 
 
-def device_rows(state_dir: Path) -> int:
-    """Records kept in the device's audit log (read-only, while the agent process runs)."""
+def device_pending(state_dir: Path) -> int:
+    """Records of the device's audit log not acknowledged yet (read-only, while the agent process runs)."""
     with contextlib.closing(sqlite3.connect(f"file:{state_dir / 'registry.db'}?mode=ro", uri=True)) as conn:
-        return int(conn.execute("SELECT count(*) FROM audit_log").fetchone()[0])
+        query = "SELECT count(*) FROM audit_log WHERE seq > (SELECT acked_seq FROM audit_state)"
+        return int(conn.execute(query).fetchone()[0])
 
 
 async def test_batch_resent_after_a_lost_ack_is_stored_once_and_counted_as_duplicate(tmp_path: Path) -> None:
@@ -186,10 +187,10 @@ async def test_batch_resent_after_a_lost_ack_is_stored_once_and_counted_as_dupli
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await agent.stop()
-        assert audit.status()["stored"] == 51  # nothing deleted without a recorded ack
+        assert audit.status()["pending"] == 51  # nothing counts as acked without a recorded ack
         async with uploading(agent, audit):
             await wait_for(lambda: server.audit.duplicates >= 51, what="the re-sent batch counted as duplicate")
-            await wait_for(lambda: audit.status()["stored"] == 0, what="the device to record the ack")
+            await wait_for(lambda: audit.status()["pending"] == 0, what="the device to record the ack")
         assert [seq for _, seq, _ in stored(fleet, "dev-dup")] == list(range(51))
 
 
@@ -220,7 +221,7 @@ async def test_retention_cap_writes_a_gap_record_and_the_controller_alerts(tmp_p
         assert audit.status()["stored"] <= 100
         assert any(r.kind == "gap" for r in audit.tail(100))
         async with uploading(agent, audit):
-            await wait_for(lambda: audit.status()["stored"] == 0, what="the capped log uploaded and acked")
+            await wait_for(lambda: audit.status()["pending"] == 0, what="the capped log uploaded and acked")
         assert "dropped" in alert_kinds(fleet, "dev-cap")
         alerts = json.loads(fleet.cli("audit", "alerts", "--json"))
         assert any(a["kind"] == "dropped" and a["device"] == "dev-cap" for a in alerts)
@@ -238,7 +239,7 @@ async def test_restored_old_copy_of_the_state_directory_is_flagged_as_a_regressi
         await asyncio.to_thread(_backup, agent.state_dir / "registry.db", backup)
         await append_many(audit, 20)
         async with uploading(agent, audit):
-            await wait_for(lambda: audit.status()["stored"] == 0, what="31 records uploaded and acked")
+            await wait_for(lambda: audit.status()["pending"] == 0, what="31 records uploaded and acked")
         agent.registry.close()
         _restore(backup, agent.state_dir / "registry.db")
         agent.registry = Registry.open(agent.state_dir, RegistryConfig())

@@ -1,0 +1,78 @@
+"""Rotating the assignment key under TUF: ``edge-fleet keys rotate assignments``.
+
+DESIGN.md §4: the keys that sign assignments (and acks) are published as the TUF target
+``keys/assignments.json``, signed by the targets role, so devices take a new list only from verified metadata
+(rollback and freeze protection) instead of from a re-enrolment. :func:`rotate_assignment_key`:
+
+1. makes a new Ed25519 key and publishes ``{new key}`` as the target (new targets, snapshot, timestamp) — first,
+   so that a failure later leaves devices on the old key, which still signs everything;
+2. retires the old private key to ``keys/retired/`` and installs the new one as the controller's assignment key;
+3. re-signs every device's newest assignment with the new key under a new generation (``serve`` publishes it):
+   devices that moved to the new list refuse anything signed by the old key, the retained old assignment
+   included.
+
+``edge-fleet serve`` loads the key when it starts: restart it afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from controller.home import FleetHome, atomic_write
+from controller.releases import ReleaseRepository
+from protocols.errors import ProtocolError
+from protocols.keys import generate_private_key, keyid, private_key_to_pem, public_key_to_pem
+from protocols.link import open_sealed, seal
+from protocols.messages import Assignment, DesiredModel
+from protocols.releases import AssignmentKeyList
+from protocols.topics import TopicKind, device_topic
+
+__all__ = ["Rotation", "rotate_assignment_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """What a rotation did."""
+
+    keyid: str
+    targets_version: int
+    resigned: int
+
+
+def rotate_assignment_key(home: FleetHome, repo: ReleaseRepository) -> Rotation:
+    """Rotate the assignment key (see the module docstring).
+
+    Raises:
+        ReleaseError: the targets, snapshot or timestamp keys are not on this machine.
+        HomeError: the current assignment key cannot be read.
+    """
+    old = home.assignment_key()
+    key = generate_private_key()
+    version = repo.publish_assignment_keys(AssignmentKeyList.of([key.public_key()]))
+    retired = home.assignment_key_path.parent / "retired"
+    retired.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(retired / f"assignment-{keyid(old)}.key", private_key_to_pem(old), 0o600)
+    atomic_write(home.assignment_key_path, private_key_to_pem(key), 0o600)
+    atomic_write(home.assignment_key_path.with_suffix(".pub"), public_key_to_pem(key))
+    store = home.open_store()
+    resigned = 0
+    try:
+        for row in store.latest_assignments():
+            topic = device_topic(row.device, TopicKind.ASSIGN)
+            try:  # the stored envelope, as devices verify it: the same desired state (rollout id included)
+                previous = open_sealed(topic, row.envelope, {keyid(old): old.public_key()}).message
+            except ProtocolError:
+                previous = Assignment(
+                    row.device, row.generation, 0, tuple(DesiredModel.from_dict(m) for m in row.models)
+                )
+            assert isinstance(previous, Assignment)
+            with store.transaction():
+                generation = store.next_generation(row.device)
+                assignment = dataclasses.replace(previous, generation=generation, issued_ts_ms=int(time.time() * 1000))
+                store.add_assignment(row.device, generation, seal(assignment, TopicKind.ASSIGN, [key]), row.models)
+            resigned += 1
+    finally:
+        store.close()
+    return Rotation(keyid(key), version, resigned)

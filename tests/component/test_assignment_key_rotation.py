@@ -1,0 +1,167 @@
+"""Assignment keys rotate through TUF: ``edge-fleet keys rotate assignments`` → the device's keyring.
+
+Real parts: a fleet home made by ``FleetHome.init`` (its TUF repository and assignment key), a device enrolled by
+the CLI, the agent's real :class:`ReleaseUpdater` reading the repository's metadata directory (the
+:class:`DirectorySource` seam instead of the broker; the integration tests cover transport), the real
+:class:`ControllerKeyring` and :class:`AssignmentVerifier`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from agent.link.dispatch import AssignmentVerifier
+from agent.link.enrollment import Enrollment, install_bundle, load_enrollment
+from agent.link.keyring import ControllerKeyring
+from agent.link.updater import DirectorySource, ReleaseUpdater
+from controller.cli import main as fleet_cli
+from controller.config import BrokerConfig, FleetConfig
+from controller.home import FleetHome
+from controller.releases import ReleaseRepository
+from protocols.errors import VerificationError
+from protocols.keys import Ed25519PrivateKey, keyid
+from protocols.link import open_sealed, seal
+from protocols.messages import Assignment
+from protocols.topics import TopicKind, device_topic
+
+pytestmark = [pytest.mark.component, pytest.mark.timeout(90)]
+
+DEVICE = "dev-rotate"
+
+
+class Setup:
+    """A fleet home, an enrolled device's enrollment, its TUF updater and keyring."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.home = FleetHome.init(tmp / "home", FleetConfig(broker=BrokerConfig(host="127.0.0.1", port=1883)))
+        self.tmp = tmp
+        bundle = tmp / "bundle"
+        self.fleet("device", "enroll", DEVICE, "--out", str(bundle))
+        install_bundle(tmp / "state", bundle.read_bytes())
+        enrollment = load_enrollment(tmp / "state")
+        assert enrollment is not None
+        self.enrollment: Enrollment = enrollment
+        self.repo = ReleaseRepository(self.home.repo_dir)
+        self.updater = ReleaseUpdater(
+            tmp / "tuf", DirectorySource(self.repo.metadata_dir), bootstrap=enrollment.bundle.tuf_root.encode()
+        )
+        self.cache = tmp / "assignment-keys.json"
+        self.keyring = self.new_keyring()
+        self.verifier = AssignmentVerifier(
+            DEVICE, enrollment.controller_keys, enrollment.controller_threshold, keyring=self.keyring
+        )
+
+    def new_keyring(self) -> ControllerKeyring:
+        return ControllerKeyring(self.enrollment.controller_keys, self.enrollment.controller_threshold, self.cache)
+
+    def fleet(self, *args: str) -> str:
+        result = CliRunner().invoke(fleet_cli, ["--home", str(self.home.root), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+
+def assignment(key: Ed25519PrivateKey, generation: int) -> bytes:
+    """A signed, empty assignment of ``generation`` for the device."""
+    message = Assignment(device=DEVICE, generation=generation, issued_ts_ms=int(time.time() * 1000), models=())
+    return seal(message, TopicKind.ASSIGN, [key])
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    """An initialised fleet with one enrolled device."""
+    return Setup(tmp_path)
+
+
+async def test_rotation_end_to_end_and_removed_keys_are_refused(setup: Setup) -> None:
+    """After ``keys rotate assignments`` and a TUF refresh the device verifies only the new key's assignments."""
+    old = setup.home.assignment_key()
+    setup.verifier.verify(assignment(old, 1))
+    assert not await setup.keyring.refresh(setup.updater.assignment_keys)  # nothing published: enrollment keys
+    assert set(setup.keyring.keys) == {keyid(old)}
+
+    output = setup.fleet("keys", "rotate", "assignments")
+    new = setup.home.assignment_key()
+    assert keyid(new) != keyid(old)
+    assert keyid(new) in output
+
+    fresh = assignment(new, 2)
+    with pytest.raises(VerificationError):
+        setup.verifier.verify(fresh)  # the device has not refreshed yet: an unknown key...
+    assert setup.keyring.stale.is_set()  # ...which asks for a refresh
+    assert await setup.keyring.refresh(setup.updater.assignment_keys)
+    assert setup.verifier.verify(fresh).generation == 2
+    with pytest.raises(VerificationError):
+        setup.verifier.verify(assignment(old, 3))  # the removed key is refused from now on
+
+    # a restart keeps the rotated keys, even before the next refresh
+    assert set(setup.new_keyring().keys) == {keyid(new)}
+
+    # a second rotation retires the first new key too; model targets are unaffected by the keys target
+    setup.fleet("keys", "rotate", "assignments")
+    newer = setup.home.assignment_key()
+    assert await setup.keyring.refresh(setup.updater.assignment_keys)
+    setup.verifier.verify(assignment(newer, 4))
+    with pytest.raises(VerificationError):
+        setup.verifier.verify(assignment(new, 5))
+    assert setup.repo.entries() == []
+    assert setup.repo.assignment_keys() is not None
+
+
+async def test_rotation_re_signs_the_newest_assignment_of_every_device(setup: Setup) -> None:
+    """The newest assignment is re-issued under a new generation, signed by the new key, same desired state."""
+    old = setup.home.assignment_key()
+    store = setup.home.open_store()
+    try:
+        with store.transaction():
+            store.add_assignment(DEVICE, 1, assignment(old, 1), [])
+    finally:
+        store.close()
+    assert "re-signed 1 assignment" in setup.fleet("keys", "rotate", "assignments")
+    new = setup.home.assignment_key()
+    store = setup.home.open_store()
+    try:
+        latest = store.latest_assignments()
+    finally:
+        store.close()
+    assert [(row.device, row.generation) for row in latest] == [(DEVICE, 2)]
+    message = open_sealed(device_topic(DEVICE, TopicKind.ASSIGN), latest[0].envelope, {keyid(new): new.public_key()})
+    assert isinstance(message.message, Assignment)
+    assert message.message.models == ()
+
+
+async def test_a_refused_assignment_is_verified_again_after_the_keys_refresh(setup: Setup) -> None:
+    """The keyring's task refreshes on demand and hands the refused assignment back for a second verification."""
+    setup.fleet("keys", "rotate", "assignments")
+    fresh = assignment(setup.home.assignment_key(), 2)
+    with pytest.raises(VerificationError):
+        setup.verifier.verify(fresh)
+    retried: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def retry(data: bytes) -> None:
+        setup.verifier.verify(data)
+        await retried.put(data)
+
+    connected = asyncio.Event()
+    connected.set()
+    task = asyncio.create_task(setup.keyring.run(setup.updater.assignment_keys, retry, connected=connected))
+    try:
+        assert await asyncio.wait_for(retried.get(), 30) == fresh
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_frozen_repository_keeps_the_current_keys(setup: Setup) -> None:
+    """When TUF refuses the metadata (expired timestamp), the refresh fails and the keys stay as they were."""
+    setup.fleet("keys", "rotate", "assignments")
+    new = setup.home.assignment_key()
+    assert await setup.keyring.refresh(setup.updater.assignment_keys)
+    (setup.repo.metadata_dir / "timestamp.json").write_bytes(b"{}")  # unusable metadata from now on
+    assert not await setup.keyring.refresh(setup.updater.assignment_keys)
+    assert set(setup.keyring.keys) == {keyid(new)}
