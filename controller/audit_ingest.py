@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -161,18 +161,13 @@ def ingest_batch(
     return IngestResult(verified.head, stored=len(verified.records), duplicates=verified.duplicates)
 
 
-def _data_text(data: dict[str, Any]) -> str:
-    """A verified record's ``data`` as compact sorted JSON (already checked encodable when it was hashed)."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def _store(db: sqlite_utils.Database, verified: VerifiedBatch, *, now: float) -> None:
     device = verified.device
     db.conn.executemany(
         "INSERT OR IGNORE INTO audit_records (device, epoch, seq, ts_ms, kind, actor, data, prev_hash, hash, "
         "received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (device, r.epoch, r.seq, r.ts_ms, r.kind, r.actor, _data_text(r.data), r.prev_hash, r.hash, now)
+            (device, r.epoch, r.seq, r.ts_ms, r.kind, r.actor, r.canonical_data().decode(), r.prev_hash, r.hash, now)
             for r in verified.records
         ],
     )
@@ -220,15 +215,30 @@ class AuditIngest:
         self.refused = 0
 
     async def __call__(self, server: FleetServer, message: InboundMessage, device: str) -> None:
-        """Ingest one upload, then (only after the commit) ack the stored head."""
-        now = server.clock()
-        result = await server.db(ingest_batch, server.store, device, message.payload, now=now, limits=self.limits)
+        """Ingest one upload in its own transaction, then (only after the commit) ack the stored head."""
+        job = self.job(message.topic, device, message.payload, now=server.clock())
+        await self.finish(server, device, await server.db(lambda: job(server.store)))
+
+    def job(self, topic: str, device: str, payload: bytes, *, now: float) -> Callable[[FleetStore], IngestResult]:
+        """The DB work of one upload, for ``serve``'s group commit (:class:`controller.ingest.WriteBatcher`).
+
+        Decoding, the checkpoint signature and the chain are verified inside the job, on the writer thread. An
+        upload from an unknown or revoked device is recorded as a rejection in the same transaction.
+        """
+        limits = self.limits
+
+        def run(store: FleetStore) -> IngestResult:
+            result = ingest_batch(store, device, payload, now=now, limits=limits)
+            if result.head is None and result.alert is None:
+                store.record_rejection(topic, device, "unknown or revoked device", now=now)
+            return result
+
+        return run
+
+    async def finish(self, server: FleetServer, device: str, result: IngestResult) -> None:
+        """After the commit: count, and ack the stored head (never for a refused upload)."""
         if result.head is None:
             self.refused += 1
-            if result.alert is None:
-                await server.db(
-                    server.store.record_rejection, message.topic, device, "unknown or revoked device", now=now
-                )
             return
         self.batches += 1
         self.stored += result.stored

@@ -47,7 +47,8 @@ def main(ctx: click.Context, home: Path) -> None:
 def _register_commands() -> None:
     from controller.cli_fleet import broker, controller_group, device, devices, init, serve
     from controller.cli_models import model_group
-    from controller.cli_releases import deploy, keys_group  # also adds `model add/publish/list`
+    from controller.cli_releases import keys_group  # also adds `model add/publish/list`
+    from controller.cli_rollouts import deploy, group_cmd, rollout_group  # also adds `device label`
 
     # Other modules extend the `model` group (releases: add/publish/list) by importing `model_group`.
     for command in (init, device, devices, serve, broker, controller_group, model_group, keys_group, deploy):
@@ -56,6 +57,12 @@ def _register_commands() -> None:
     from controller.cli_audit import audit_group
 
     main.add_command(audit_group)
+
+    from controller.cli_simulate import simulate
+
+    main.add_command(simulate)
+    for command in (rollout_group, group_cmd):
+        main.add_command(command)
 
 
 _register_commands()

@@ -5,12 +5,17 @@ keys and wrong types are errors (a typo never silently falls back to a default).
 
     [broker]       where devices and controllers connect, and the limits written into mosquitto.conf
     [controller]   this controller's MQTT identity, shared-subscription group and liveness timing
+
+One environment variable overrides the file: ``EDGE_FLEET_CONTROLLER_NAME`` sets ``controller.name``, so that
+several ``edge-fleet serve`` processes can share one home (and its fleet DB) on one host, each with its own
+controller identity (``edge-fleet controller add NAME`` issues it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +28,9 @@ from protocols.enrollment import HOST_RE
 __all__ = ["BrokerConfig", "ControllerConfig", "FleetConfig", "dump_config", "load_config"]
 
 CONTROLLER_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"
+
+CONTROLLER_NAME_ENV = "EDGE_FLEET_CONTROLLER_NAME"
+"""Overrides ``controller.name`` (a second ``serve`` on the same home)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +132,11 @@ def load_config(path: Path) -> FleetConfig:
     unknown = set(data) - {"broker", "controller"}
     if unknown:
         raise ConfigError(f"unknown section(s) {sorted(unknown)} in {path}")
-    return validate(
-        FleetConfig(
-            broker=_build(BrokerConfig, data.get("broker", {}), "broker"),
-            controller=_build(ControllerConfig, data.get("controller", {}), "controller"),
-        )
-    )
+    controller = _build(ControllerConfig, data.get("controller", {}), "controller")
+    name = os.environ.get(CONTROLLER_NAME_ENV)
+    if name:
+        controller = dataclasses.replace(controller, name=name)
+    return validate(FleetConfig(broker=_build(BrokerConfig, data.get("broker", {}), "broker"), controller=controller))
 
 
 def _build(cls: type[Any], table: object, where: str) -> Any:

@@ -15,8 +15,11 @@ What it does (DESIGN.md §5, docs/protocol.md):
   (polling the DB), and all of them again on every (re)connect, so a broker that lost its retained store
   gets the desired state back.
 
-The DB is used from one writer thread (SQLite from asyncio); handlers run one message at a time in arrival
-order. ``audit`` messages go to :class:`controller.audit_ingest.AuditIngest` (acked after its commit); ``fetch``
+The DB is used from one writer thread (SQLite from asyncio). ``state``, ``report`` and ``audit`` messages become
+jobs of :class:`controller.ingest.WriteBatcher`: verified and stored on that thread in arrival order, whatever has
+queued up committed in one transaction (each message in its own savepoint), and acked only after that commit, so
+the loop keeps reading the broker while earlier messages are verified. ``audit`` messages go to
+:class:`controller.audit_ingest.AuditIngest` (acked after its commit); ``fetch``
 messages go to handlers registered by later features (``extra_handlers``); without one they are left unacked,
 so devices keep them.
 """
@@ -25,22 +28,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
 from controller.audit_ingest import AuditIngest
 from controller.home import FleetHome
+from controller.ingest import Job, WriteBatcher
 from controller.link.blobs import ChunkServer, RepositoryPublisher
 from controller.link.http import ArtifactServer
 from controller.link.mqtt import Backoff, ControllerLink, InboundMessage, NotConnectedError, tls_context
 from controller.pki import controller_common_name
 from controller.releases import ReleaseRepository
-from controller.store import FleetStore
+from controller.rollout import RolloutDriver
+from controller.store import AssignmentRow, FleetStore
 from protocols.errors import ProtocolError
 from protocols.keys import public_key_from_pem
 from protocols.link import open_sealed, seal
@@ -52,6 +60,8 @@ __all__ = ["ExtraHandler", "FleetServer", "serve"]
 log = structlog.get_logger(__name__)
 
 P = ParamSpec("P")
+PUBLISH_WINDOW = 256
+"""Assignments published concurrently by one poll of the assignment publisher."""
 T = TypeVar("T")
 
 ExtraHandler = Callable[["FleetServer", InboundMessage, str], Awaitable[None]]
@@ -76,8 +86,15 @@ class FleetServer:
         """The audit upload handler (DESIGN.md §6); an ``extra_handlers`` entry for ``audit`` replaces it."""
         self.extra_handlers: dict[TopicKind, ExtraHandler] = {TopicKind.AUDIT: self.audit, **(extra_handlers or {})}
         self._key = home.assignment_key()
+        self.rollouts = RolloutDriver(
+            self._key, heartbeat_timeout=self.config.controller.heartbeat_timeout_s, clock=clock
+        )
+        """Advances rollouts (controller.rollout); its state is the fleet DB, so a restart resumes it."""
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-db")
         self._store: FleetStore | None = None
+        self.ingest = WriteBatcher(self.db, lambda: self.store)
+        """Group commit of state, report and audit messages (controller.ingest): one fsync for many messages."""
+        self._followups: asyncio.TaskGroup | None = None
         ctl = self.config.controller
         self.link = ControllerLink(
             host=self.config.broker.host,
@@ -124,8 +141,11 @@ class FleetServer:
                         ArtifactServer(self.releases.repo, ctl.artifact_bind, ctl.artifact_port)
                     )
                 async with asyncio.TaskGroup() as tasks:
+                    self._followups = tasks
+                    tasks.create_task(self.ingest.run(), name="ingest-writer")
                     tasks.create_task(self.link.run(self._on_connect, self._on_message), name="mqtt-link")
                     tasks.create_task(self._assignment_loop(), name="assignment-publisher")
+                    tasks.create_task(self._rollout_loop(), name="rollout-driver")
         finally:
             store, self._store = self._store, None
             await self.db(store.close)
@@ -152,13 +172,35 @@ class FleetServer:
             if self.releases is not None:  # new metadata before the assignments that may name it
                 with contextlib.suppress(NotConnectedError):  # the next connect publishes everything
                     await self.releases.publish_new(self.link)
-            for row in await self.db(self.store.latest_assignments, unpublished_only=True):
-                try:
-                    await self.link.publish(device_topic(row.device, TopicKind.ASSIGN), row.envelope, retain=True)
-                except NotConnectedError:
-                    break  # the next connect re-publishes every assignment
-                await self.db(self.store.mark_published, row.device, row.generation, now=self.clock())
-                log.info("assignment.published", device_id=row.device, generation=row.generation)
+            published: list[AssignmentRow] = []
+            rows = await self.db(self.store.latest_assignments, unpublished_only=True)
+            # Concurrently, in windows: one PUBACK round trip per window, not per device (a deploy to a
+            # thousand devices is one poll).
+            for start in range(0, len(rows), PUBLISH_WINDOW):
+                window = rows[start : start + PUBLISH_WINDOW]
+                outcomes = await asyncio.gather(
+                    *(
+                        self.link.publish(device_topic(row.device, TopicKind.ASSIGN), row.envelope, retain=True)
+                        for row in window
+                    ),
+                    return_exceptions=True,
+                )
+                for row, outcome in zip(window, outcomes, strict=True):
+                    if isinstance(outcome, NotConnectedError):
+                        continue  # the next connect re-publishes every assignment
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    published.append(row)
+                    log.info("assignment.published", device_id=row.device, generation=row.generation)
+            if published:  # one commit for all of them
+                await (await self.ingest.submit(_mark_published_job(published, self.clock())))
+
+    async def _rollout_loop(self) -> None:
+        """Advance rollouts (waves, gates, rollback, catch-up); new assignments go out with the publisher."""
+        interval = self.config.controller.assignment_poll_s
+        while True:
+            await asyncio.sleep(interval)
+            await self.db(self.rollouts.tick, self.store)
 
     async def _reject(self, message: InboundMessage, device: str | None, reason: str) -> None:
         self.rejected += 1
@@ -172,56 +214,88 @@ class FleetServer:
             await self._reject(message, None, f"bad topic: {exc}")
             return
         if topic.kind in (TopicKind.STATE, TopicKind.REPORT):
-            await self._on_sealed(link, message, topic.device_id)
+            future = await self.ingest.submit(self._sealed_job(message, topic.device_id, self.clock()))
+            self._follow(self._after_sealed(link, message, topic.device_id, future))
             return
         handler = self.extra_handlers.get(topic.kind)
-        if handler is not None:
+        if handler is self.audit:
+            job = self.audit.job(message.topic, topic.device_id, message.payload, now=self.clock())
+            future = await self.ingest.submit(job)
+            self._follow(self._after_audit(topic.device_id, future))
+        elif handler is not None:
             await handler(self, message, topic.device_id)
         else:
             log.debug("message.unhandled", topic=message.topic, kind=str(topic.kind))
 
-    async def _on_sealed(self, link: ControllerLink, message: InboundMessage, device: str) -> None:
-        row = await self.db(self.store.get_device, device)
-        if row is None:
-            await self._reject(message, device, "unknown device: not enrolled")
-            return
-        if row.revoked:
-            await self._reject(message, device, "device is revoked")
-            return
-        try:
-            key = public_key_from_pem(row.signing_key_pem.encode())
-            sealed = open_sealed(message.topic, message.payload, {row.signing_keyid: key})
-        except ProtocolError as exc:
-            await self._reject(message, device, f"{type(exc).__name__}: {exc}")
-            return
-        now = self.clock()
-        if isinstance(sealed.message, DeviceState):
-            await self._on_state(sealed.message, retained=message.retain, now=now)
-        elif isinstance(sealed.message, Report):
-            await self._on_report(link, sealed.message, now=now)
+    # Group-committed path (controller.ingest): the job verifies and stores on the writer thread; the follow-up
+    # task acks after the commit. Jobs are submitted in arrival order, so they run in arrival order; the link
+    # goes on reading while earlier messages are verified and committed.
 
-    async def _on_state(self, state: DeviceState, *, retained: bool, now: float) -> None:
-        # A retained state may be old: it counts as "seen" only as of its own timestamp. A last will
-        # (status offline) says nothing about when the device was last heard from.
-        seen: float | None = min(now, state.ts_ms / 1000) if retained else now
-        if state.status == "offline":
-            seen = None
-        await self.db(
-            self.store.record_state,
-            state.device,
-            status=state.status,
-            state=state.body(),
-            state_ts_ms=state.ts_ms,
-            heartbeat=state.heartbeat,
-            agent_version=state.agent_version,
-            seen=seen,
-            now=now,
-        )
-        log.info("device.state", device_id=state.device, status=state.status, heartbeat=state.heartbeat)
+    def _follow(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._followups is not None
+        self._followups.create_task(coro)
 
-    async def _on_report(self, link: ControllerLink, report: Report, *, now: float) -> None:
-        new = await self.db(self.store.record_report, report.body(), received_ts=now)
-        await self.db(self.store.touch, report.device, now)
+    def _sealed_job(self, message: InboundMessage, device: str, now: float) -> Job:
+        def run(store: FleetStore) -> _SealedOutcome:
+            row = store.get_device(device)
+            reason = None
+            if row is None:
+                reason = "unknown device: not enrolled"
+            elif row.revoked:
+                reason = "device is revoked"
+            else:
+                try:
+                    key = public_key_from_pem(row.signing_key_pem.encode())
+                    sealed = open_sealed(message.topic, message.payload, {row.signing_keyid: key}).message
+                except ProtocolError as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+            if reason is not None:
+                store.record_rejection(message.topic, device, reason, now=now)
+                return _SealedOutcome(rejected=reason)
+            if isinstance(sealed, DeviceState):
+                # A retained state may be old: it counts as "seen" only as of its own timestamp. A last will
+                # (status offline) says nothing about when the device was last heard from.
+                seen: float | None = min(now, sealed.ts_ms / 1000) if message.retain else now
+                if sealed.status == "offline":
+                    seen = None
+                store.record_state(
+                    sealed.device,
+                    status=sealed.status,
+                    state=sealed.body(),
+                    state_ts_ms=sealed.ts_ms,
+                    heartbeat=sealed.heartbeat,
+                    agent_version=sealed.agent_version,
+                    seen=seen,
+                    now=now,
+                )
+                return _SealedOutcome(state=sealed)
+            assert isinstance(sealed, Report)
+            new = store.record_report(sealed.body(), received_ts=now)
+            store.touch(sealed.device, now)
+            return _SealedOutcome(report=sealed, new=new)
+
+        return run
+
+    async def _after_sealed(
+        self, link: ControllerLink, message: InboundMessage, device: str, future: asyncio.Future[Any]
+    ) -> None:
+        outcome: _SealedOutcome = await future
+        if outcome.rejected is not None:
+            self.rejected += 1
+            log.warning("message.rejected", topic=message.topic[:256], device_id=device, reason=outcome.rejected)
+        elif outcome.state is not None:
+            state = outcome.state
+            log.debug("device.state", device_id=state.device, status=state.status, heartbeat=state.heartbeat)
+        elif outcome.report is not None:
+            with contextlib.suppress(NotConnectedError):  # unacked: the device re-sends it, stored once
+                await self._ack_report(link, outcome.report, new=outcome.new, now=self.clock())
+
+    async def _after_audit(self, device: str, future: asyncio.Future[Any]) -> None:
+        result = await future
+        with contextlib.suppress(NotConnectedError):  # unacked: the device re-sends the batch, stored once
+            await self.audit.finish(self, device, result)
+
+    async def _ack_report(self, link: ControllerLink, report: Report, *, new: bool, now: float) -> None:
         # Only now, after the commit: the device may delete the report once it has this ack.
         ack = Ack(
             device=report.device, ts_ms=int(now * 1000), report_ids=(report.report_id,), duplicate=0 if new else 1
@@ -235,6 +309,24 @@ class FleetServer:
         ack = Ack(device=device, ts_ms=int(self.clock() * 1000), **fields)
         await self.link.publish(device_topic(device, TopicKind.ACK), seal(ack, TopicKind.ACK, [self._key]))
         self.acks_sent += 1
+
+
+def _mark_published_job(rows: list[AssignmentRow], now: float) -> Job:
+    def run(store: FleetStore) -> None:
+        for row in rows:
+            store.mark_published(row.device, row.generation, now=now)
+
+    return run
+
+
+@dataclass(frozen=True, slots=True)
+class _SealedOutcome:
+    """What a state/report job did: rejected (why), a stored state, or a stored report (new or a duplicate)."""
+
+    rejected: str | None = None
+    state: DeviceState | None = None
+    report: Report | None = None
+    new: bool = False
 
 
 async def _serve_chunks(server: FleetServer, message: InboundMessage, device: str) -> None:
@@ -256,9 +348,12 @@ async def serve(home: FleetHome, *, stop: asyncio.Event | None = None) -> int:
     server = FleetServer(home)
     task = asyncio.create_task(server.run(), name="fleet-server")
     stopper = asyncio.create_task(stop.wait())
+    ready = asyncio.create_task(_notify_ready(server), name="sd-notify-ready")
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        sd_notify("STOPPING=1")
+        ready.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)
         stopper.cancel()
@@ -266,3 +361,29 @@ async def serve(home: FleetHome, *, stop: asyncio.Event | None = None) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     return 0
+
+
+async def _notify_ready(server: FleetServer) -> None:
+    """``READY=1`` once ``serve`` is connected to the broker (so ``systemctl start`` returns when it works)."""
+    await server.link.connected.wait()
+    sd_notify("READY=1", f"STATUS=connected to {server.config.broker.host}:{server.config.broker.port}")
+    log.info("serve.ready")
+
+
+def sd_notify(*lines: str) -> bool:
+    """Send a systemd notification over ``$NOTIFY_SOCKET`` (no-op without it); False if it was not sent.
+
+    The same datagram protocol as :mod:`agent.systemd` (the controller does not import the agent).
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(lines).encode(), address)
+    except OSError as exc:
+        log.warning("serve.notify_failed", error=str(exc))
+        return False
+    return True

@@ -20,6 +20,10 @@ Tables (migrations in :data:`MIGRATIONS`):
 - ``audit_records``, ``audit_heads``, ``audit_alerts``: the devices' verified audit logs, unique by
   ``(device, epoch, seq)``, each device's last accepted head, and what verification flagged
   (:mod:`controller.audit_ingest`).
+- ``device_labels``, ``device_groups``: what rollout selectors match (``key=value``, ``group:G``).
+- ``rollouts``, ``rollout_devices``: each rollout's waves, status and deadlines, and per device its wave,
+  chosen variant, previous desired models (for rollback), assignment generation and outcome
+  (:mod:`controller.rollout`; everything the driver needs to resume after a restart).
 
 Invariants: a report is acked only after the transaction that stored it committed (the caller's order);
 ``devices.last_seen`` is the controller's clock, never later than "now"; an offline device is never
@@ -208,6 +212,62 @@ def m002_audit(db: sqlite_utils.Database) -> None:
         )""")
 
 
+@MIGRATIONS()
+def m003_rollouts(db: sqlite_utils.Database) -> None:
+    """Device labels and groups (selectors), rollouts and their per-device progress (controller.rollout)."""
+    db.execute("""
+        CREATE TABLE device_labels (
+            device TEXT NOT NULL REFERENCES devices (id),
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (device, key)
+        )""")
+    db.execute("""
+        CREATE TABLE device_groups (
+            name TEXT NOT NULL,
+            device TEXT NOT NULL REFERENCES devices (id),
+            PRIMARY KEY (name, device)
+        )""")
+    db.execute("""
+        CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY,
+            created_ts REAL NOT NULL,
+            updated_ts REAL NOT NULL,
+            model TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            selector TEXT NOT NULL,
+            waves_json TEXT NOT NULL,
+            wave_timeout_s REAL NOT NULL,
+            policy_json TEXT NOT NULL,
+            gates_json TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'paused', 'halted', 'completed', 'aborted')),
+            wave INTEGER NOT NULL DEFAULT 0,
+            wave_started_ts REAL,
+            wave_deadline_ts REAL,
+            paused_remaining_s REAL,
+            reason TEXT NOT NULL DEFAULT '',
+            gate_log_json TEXT NOT NULL DEFAULT '[]'
+        )""")
+    db.execute("""
+        CREATE TABLE rollout_devices (
+            rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+            device TEXT NOT NULL,
+            wave INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            variant TEXT,
+            target_json TEXT,
+            previous_json TEXT NOT NULL DEFAULT '[]',
+            generation INTEGER,
+            assigned_ts REAL,
+            result_ts REAL,
+            reason TEXT NOT NULL DEFAULT '',
+            metrics_json TEXT NOT NULL DEFAULT '{}',
+            baseline_json TEXT NOT NULL DEFAULT '{}',
+            caught_up INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (rollout_id, device)
+        )""")
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceRow:
     """One device as the fleet DB knows it."""
@@ -292,7 +352,22 @@ class FleetStore:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
-        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any exception."""
+        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any exception.
+
+        Inside another transaction (``serve`` groups many messages' writes into one commit, see
+        :mod:`controller.ingest`) it is a ``SAVEPOINT`` instead: its changes are undone alone on an exception,
+        and become durable with the enclosing commit.
+        """
+        if self.db.conn.in_transaction:
+            self.db.execute("SAVEPOINT nested")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK TO nested")
+                self.db.execute("RELEASE nested")
+                raise
+            self.db.execute("RELEASE nested")
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -521,6 +596,97 @@ class FleetStore:
             "SELECT * FROM assignments WHERE device = ? ORDER BY generation DESC LIMIT ?", [device, limit]
         )
         return [_assignment_row(r) for r in rows]
+
+    # --- labels and groups ------------------------------------------------------------------------------
+
+    def set_label(self, device: str, key: str, value: str | None) -> None:
+        """Set (or with ``value`` None remove) a device label (its own transaction)."""
+        with self.transaction():
+            if value is None:
+                self.db.execute("DELETE FROM device_labels WHERE device = ? AND key = ?", [device, key])
+            else:
+                self.db.execute(
+                    "INSERT INTO device_labels (device, key, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (device, key) DO UPDATE SET value = excluded.value",
+                    [device, key, value],
+                )
+
+    def labels(self) -> dict[str, dict[str, str]]:
+        """Every device's labels: ``{device: {key: value}}``."""
+        out: dict[str, dict[str, str]] = {}
+        for row in self._rows("SELECT device, key, value FROM device_labels ORDER BY device, key"):
+            out.setdefault(row["device"], {})[row["key"]] = row["value"]
+        return out
+
+    def set_group_member(self, group: str, device: str, member: bool) -> None:
+        """Add ``device`` to (or remove it from) ``group`` (its own transaction)."""
+        with self.transaction():
+            if member:
+                self.db.execute("INSERT OR IGNORE INTO device_groups (name, device) VALUES (?, ?)", [group, device])
+            else:
+                self.db.execute("DELETE FROM device_groups WHERE name = ? AND device = ?", [group, device])
+
+    def groups(self) -> dict[str, list[str]]:
+        """Every group's members: ``{group: [device, ...]}``."""
+        out: dict[str, list[str]] = {}
+        for row in self._rows("SELECT name, device FROM device_groups ORDER BY name, device"):
+            out.setdefault(row["name"], []).append(row["device"])
+        return out
+
+    # --- rollouts ---------------------------------------------------------------------------------------
+
+    def add_rollout(self, rollout: dict[str, Any], devices: list[dict[str, Any]]) -> None:
+        """Insert a rollout and its devices (call inside a transaction)."""
+        for table, rows in (("rollouts", [rollout]), ("rollout_devices", devices)):
+            for row in rows:
+                columns = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                self.db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))  # noqa: S608
+
+    def rollout(self, rollout_id: str) -> dict[str, Any] | None:
+        """One rollout row, or None."""
+        rows = self._rows("SELECT * FROM rollouts WHERE id = ?", [rollout_id])
+        return rows[0] if rows else None
+
+    def rollouts(self, *, status: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Rollouts, newest first (of the given statuses, or all)."""
+        sql = "SELECT * FROM rollouts"
+        if status:
+            sql += f" WHERE status IN ({', '.join('?' for _ in status)})"
+        return self._rows(sql + " ORDER BY created_ts DESC, id", list(status))
+
+    def update_rollout(self, rollout_id: str, **values: Any) -> None:
+        """Update columns of a rollout (call inside a transaction)."""
+        columns = ", ".join(f"{key} = ?" for key in values)
+        self.db.execute(f"UPDATE rollouts SET {columns} WHERE id = ?", [*values.values(), rollout_id])  # noqa: S608
+
+    def rollout_devices(self, rollout_id: str, *, status: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """The devices of a rollout (of the given statuses, or all), by wave then id."""
+        sql = "SELECT * FROM rollout_devices WHERE rollout_id = ?"
+        if status:
+            sql += f" AND status IN ({', '.join('?' for _ in status)})"
+        return self._rows(sql + " ORDER BY wave, device", [rollout_id, *status])
+
+    def update_rollout_device(self, rollout_id: str, device: str, **values: Any) -> None:
+        """Update columns of one rollout device (call inside a transaction)."""
+        columns = ", ".join(f"{key} = ?" for key in values)
+        self.db.execute(
+            f"UPDATE rollout_devices SET {columns} WHERE rollout_id = ? AND device = ?",  # noqa: S608
+            [*values.values(), rollout_id, device],
+        )
+
+    def reports_for(self, device: str, generation: int) -> list[dict[str, Any]]:
+        """A device's reports about assignment ``generation``, oldest first."""
+        return self._rows(
+            "SELECT * FROM reports WHERE device = ? AND generation = ? ORDER BY ts_ms, report_id", [device, generation]
+        )
+
+    def model_reports(self, device: str, model: str) -> list[dict[str, Any]]:
+        """A device's reports naming exactly ``model`` (its JSON as stored), newest first."""
+        return self._rows(
+            "SELECT * FROM reports WHERE device = ? AND model = ? ORDER BY ts_ms DESC, report_id LIMIT 100",
+            [device, model],
+        )
 
 
 def _device_row(row: dict[str, Any]) -> DeviceRow:

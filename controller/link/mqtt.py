@@ -14,11 +14,12 @@ this controller acks it, so nothing depends on the broker's queue.
 from __future__ import annotations
 
 import asyncio
-import random
+import contextlib
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from types import TracebackType
+from typing import NoReturn, Self
 
 import aiomqtt
 import structlog
@@ -27,8 +28,9 @@ from paho.mqtt.properties import Properties
 
 from controller.errors import LinkError
 from controller.home import TlsFiles
+from protocols.backoff import Backoff
 
-__all__ = ["Backoff", "ControllerLink", "InboundMessage", "NotConnectedError", "tls_context"]
+__all__ = ["Backoff", "ControllerLink", "DeviceSession", "InboundMessage", "NotConnectedError", "tls_context"]
 
 log = structlog.get_logger(__name__)
 
@@ -44,26 +46,6 @@ class InboundMessage:
     topic: str
     payload: bytes
     retain: bool
-
-
-class Backoff:
-    """Jittered exponential backoff ("equal jitter"): half the step is fixed, half random."""
-
-    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None) -> None:
-        self.minimum = minimum
-        self.maximum = maximum
-        self.attempt = 0
-        self._rng = rng or random.SystemRandom()
-
-    def next(self) -> float:
-        """The next delay in seconds."""
-        step = min(self.maximum, self.minimum * 2.0**self.attempt)
-        self.attempt = min(self.attempt + 1, 32)
-        return step / 2 + self._rng.uniform(0, step / 2)
-
-    def reset(self) -> None:
-        """Start again from the minimum (after a connection that lasted)."""
-        self.attempt = 0
 
 
 class _ClosingSSLSocket(ssl.SSLSocket):
@@ -131,7 +113,7 @@ class ControllerLink:
     def _make_client(self) -> aiomqtt.Client:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self.session_expiry
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.host,
             self.port,
             identifier=self.client_id,
@@ -142,6 +124,10 @@ class ControllerLink:
             tls_context=self._tls,
             timeout=self.timeout,
         )
+        # serve publishes acks and assignments concurrently (thousands when a fleet reconnects); aiomqtt's
+        # warning past 10 pending publishes would log one line per publish exactly when the CPU is scarce.
+        client.pending_calls_threshold = 100_000
+        return client
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK.
@@ -190,3 +176,91 @@ class ControllerLink:
             finally:
                 self._client = None
                 self.connected.clear()
+
+
+class DeviceSession:
+    """One *simulated device's* MQTT connection (``edge-fleet simulate``), with the agent's connection settings.
+
+    The agent's link (``agent/link/mqtt.py``) cannot be imported here (agent and controller never import each
+    other), so this mirrors what it does on the wire: MQTT v5, its own client certificate (the broker makes the
+    certificate's CN the username and the client id, so the real per-device ACL applies), ``clean_start=False``
+    with a session expiry, the announced maximum packet size, and a retained last will (the sealed ``offline``
+    state). Use it as an async context manager; every aiomqtt error is a :class:`LinkError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        device: str,
+        will_topic: str,
+        will_payload: bytes,
+        keepalive: int = 60,
+        session_expiry: int = 3600,
+        max_packet_size: int = 2 * 1024 * 1024,
+        timeout: float = 30.0,
+    ) -> None:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = session_expiry
+        properties.MaximumPacketSize = max_packet_size
+        self._client = aiomqtt.Client(
+            host,
+            port,
+            identifier=device,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=properties,
+            keepalive=keepalive,
+            tls_context=tls,
+            timeout=timeout,
+            will=aiomqtt.Will(will_topic, will_payload, qos=1, retain=True),
+            max_queued_incoming_messages=1000,
+        )
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"connect failed: {exc}") from exc
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # aiomqtt waits for the broker to see the DISCONNECT without a time limit; a simulator stopping thousands
+        # of connections at once must not hang on one of them (the socket closes when the process ends).
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):  # the connection is gone either way
+            async with asyncio.timeout(5.0):
+                await self._client.__aexit__(exc_type, exc, tb)
+
+    async def subscribe(self, topic_filter: str) -> None:
+        """Subscribe at QoS 1.
+
+        Raises:
+            LinkError: the connection failed.
+        """
+        try:
+            await self._client.subscribe(topic_filter, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"subscribe to {topic_filter} failed: {exc}") from exc
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish at QoS 1 and wait for the PUBACK.
+
+        Raises:
+            LinkError: the connection failed.
+        """
+        try:
+            await self._client.publish(topic, payload, qos=1, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"publish to {topic} failed: {exc}") from exc
+
+    async def messages(self) -> AsyncIterator[InboundMessage]:
+        """Every message received, until the connection fails (then :class:`LinkError`)."""
+        try:
+            async for message in self._client.messages:
+                yield InboundMessage(str(message.topic), bytes(message.payload), bool(message.retain))
+        except aiomqtt.MqttError as exc:
+            raise LinkError(f"connection lost: {exc}") from exc
