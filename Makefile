@@ -59,8 +59,10 @@ demo: setup
 bench: setup
 	bench/build-llama-tools.sh
 	$(PY) bench/models.py
+	$(PY) bench/inference.py
 	$(PY) bench/delivery.py
 	$(PY) bench/audit.py
+	$(PY) bench/fleet.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

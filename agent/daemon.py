@@ -24,6 +24,7 @@ import hashlib
 import os
 import signal
 from collections.abc import Callable
+from typing import Final
 
 import structlog
 
@@ -39,9 +40,27 @@ from agent.link.mqtt import open_agent_link
 from agent.registry import Registry
 from agent.systemd import SystemdNotifier, watchdog_loop
 
-__all__ = ["run"]
+__all__ = ["INFERENCE_STALL_S", "inference_progress", "run"]
 
 log = structlog.get_logger(__name__)
+
+INFERENCE_STALL_S: Final = 60.0
+"""A model's engine thread that owes progress this long (one decode step, or a wake-up not acted on) is wedged:
+the watchdog pings stop and systemd restarts the agent after ``WatchdogSec`` (30 s in the shipped unit). A step
+of this project's models takes milliseconds to a few seconds (a 512-token prompt chunk), but an overloaded 2-core
+box was measured 50x slower than a quiet one; a native call that never returns is caught all the same."""
+
+
+def inference_progress(pool: ModelPool, limit_s: float = INFERENCE_STALL_S) -> Callable[[], bool]:
+    """The watchdog's health probe: every resident model's engine thread is idle or making progress."""
+
+    def healthy() -> bool:
+        stalled = pool.stalled(limit_s)
+        if stalled:
+            log.error("inference.stalled", models={name: round(s, 1) for name, s in stalled.items()}, limit_s=limit_s)
+        return not stalled
+
+    return healthy
 
 
 async def run(
@@ -125,17 +144,28 @@ async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.E
 
         # The audit log (DESIGN.md §6) needs the device id: the enrolled one, else the configured one.
         device = link.device if link is not None else config.device_id
-        audit = await asyncio.to_thread(AuditLog.open, registry, device) if device else None
+        audit = (
+            await asyncio.to_thread(
+                AuditLog.open,
+                registry,
+                device,
+                max_records=config.audit.max_records,
+                max_bytes=config.audit.max_bytes,
+            )
+            if device
+            else None
+        )
         if audit is not None:
             state.audit = audit.record
             if link is not None:
                 link.state.audit_head = audit.head  # the state message carries the head (worker thread)
+                link.dispatcher.audit = audit.record  # assignments applied / refused (agent/link/dispatch.py)
             await audit.record("agent.started", "agent", await asyncio.to_thread(_start_facts, config))
 
         notifier.ready(status=f"serving on {server.socket_path}")
         log.info("agent.ready", socket=str(server.socket_path))
         async with asyncio.TaskGroup() as tasks:
-            watchdog = tasks.create_task(watchdog_loop(notifier, lambda: True), name="watchdog")
+            watchdog = tasks.create_task(watchdog_loop(notifier, inference_progress(pool)), name="watchdog")
             link_task = tasks.create_task(link.run(), name="mqtt-link") if link is not None else None
             audit_tasks = []
             if audit is not None:

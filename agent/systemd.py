@@ -61,7 +61,9 @@ class SystemdNotifier:
         try:
             if self._socket is None:
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._socket.sendto(message, self._address)
+            # never block the event loop: a receiver that stopped reading (its queue full) costs a lost ping,
+            # which the watchdog tolerates, not a frozen daemon
+            self._socket.sendto(message, socket.MSG_DONTWAIT, self._address)
         except OSError as exc:
             log.warning("sd_notify failed", error=str(exc))
             return False

@@ -81,6 +81,7 @@ class ApiState:
     def __post_init__(self) -> None:
         self.policy = AccessPolicy(self.config.api, self.tokens, agent_uid=self.agent_uid)
         self.metrics.watch_loaded_models(lambda: float(len(self.pool.loaded())))
+        self.metrics.watch_schedulers(self.pool.load_stats)
 
     async def in_thread(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run a blocking call (registry, token store, filesystem) on a worker thread."""

@@ -9,16 +9,60 @@ raw path, and ``model`` is a model name that passed validation and exists in the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from agent.inference import LoadStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class _SchedulerCollector(Collector):
+    """Each resident model's admission queue and slots, read at scrape time (see ``LoadedModel.load_stats``)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, LoadStats]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read()
+        waiting = GaugeMetricFamily(
+            "edge_agent_scheduler_waiting",
+            "Generation requests waiting for a slot, by model name and priority class.",
+            labels=["model", "priority"],
+        )
+        tokens = GaugeMetricFamily(
+            "edge_agent_scheduler_waiting_tokens", "Prompt tokens waiting for a slot.", labels=["model"]
+        )
+        busy = GaugeMetricFamily("edge_agent_scheduler_slots_busy", "Slots decoding a request.", labels=["model"])
+        slots = GaugeMetricFamily("edge_agent_scheduler_slots", "Parallel sequences of the model.", labels=["model"])
+        admitted = CounterMetricFamily(
+            "edge_agent_scheduler_admitted", "Requests that got a slot since the model was loaded.", labels=["model"]
+        )
+        rejected = CounterMetricFamily(
+            "edge_agent_scheduler_rejected", "Requests refused with 429 because the queue was full.", labels=["model"]
+        )
+        queued = CounterMetricFamily(
+            "edge_agent_scheduler_queue_seconds", "Seconds admitted requests spent waiting, summed.", labels=["model"]
+        )
+        for model, snapshot in sorted(stats.items()):
+            waiting.add_metric([model, "interactive"], snapshot.waiting_interactive)
+            waiting.add_metric([model, "batch"], snapshot.waiting_batch)
+            tokens.add_metric([model], snapshot.waiting_tokens)
+            busy.add_metric([model], snapshot.slots_busy)
+            slots.add_metric([model], snapshot.slots_total)
+            admitted.add_metric([model], snapshot.admitted_total)
+            rejected.add_metric([model], snapshot.rejected_total)
+            queued.add_metric([model], snapshot.queue_seconds_total)
+        yield from (waiting, tokens, busy, slots, admitted, rejected, queued)
 
 
 class ApiMetrics:
@@ -62,6 +106,13 @@ class ApiMetrics:
             buckets=_TTFT_BUCKETS,
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "edge_agent_queue_wait_seconds",
+            "Time a generation request waited for a slot of its model, by model name.",
+            ["model"],
+            buckets=_QUEUE_BUCKETS,
+            registry=self.registry,
+        )
         self.inference_in_flight = Gauge(
             "edge_agent_inference_requests_in_flight",
             "Inference requests admitted by the API and not finished (queued or running), by model name.",
@@ -97,6 +148,10 @@ class ApiMetrics:
     def watch_queue_depth(self, read: Callable[[], float]) -> None:
         """Read the queue depth from ``read`` at scrape time (instead of the API's own in-flight count)."""
         self._queue_depth.set_function(read)
+
+    def watch_schedulers(self, read: Callable[[], Mapping[str, LoadStats]]) -> None:
+        """Export each model's queue depth, waiting tokens and slot use from ``read`` at scrape time."""
+        self.registry.register(_SchedulerCollector(read))
 
     def watch_loaded_models(self, read: Callable[[], float]) -> None:
         """Read the number of loaded models from ``read`` at scrape time."""

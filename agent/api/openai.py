@@ -14,6 +14,12 @@ is committed, so errors the engine raises at admission (queue full, model cannot
 get their proper status; an error after that is sent as one ``data: {"error": ...}`` event and ends the stream
 without ``[DONE]``.
 
+Admission (generation routes): a request's priority class is the body field ``priority`` or the
+``X-Priority`` header (``interactive``, the default, or ``batch``: interactive requests leave the model's queue
+first); its deadline is the body field ``timeout`` (seconds) or the ``X-Request-Deadline-Ms`` header, capped at
+``inference.request_timeout_s`` (the default), counted from the request's arrival. A full queue answers 429 with
+``Retry-After``; a passed deadline answers 504 (or ends a stream with an error event).
+
 Invariants: every generation is closed (``aclose``) when its handler ends, so a client that disconnects (the
 handler is cancelled) or a failed write stops the engine's work at the next token; prompt and completion text
 are logged only when ``log.log_prompts`` is set.
@@ -46,14 +52,17 @@ from agent.api.validation import (
     parse_model_ref,
     read_json,
 )
-from agent.errors import AgentError, BadRequestError, InvalidModelError, ModelNotFoundError
+from agent.errors import AgentError, BadRequestError, DeadlineExceededError, InvalidModelError, ModelNotFoundError
 from agent.inference import (
+    PRIORITIES,
+    Admission,
     ChatMessage,
     Finished,
     GenerationEvent,
     LoadedModel,
     ModelFormat,
     ModelSpec,
+    Priority,
     SamplingParams,
     TextDelta,
     resolve_threads,
@@ -73,6 +82,9 @@ TENSOR_DTYPES = frozenset({"float32", "float64", "float16", "int64", "int32", "i
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _UNSUPPORTED_IF_TRUE = ("logprobs", "echo")
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "suffix", "logit_bias", "best_of")
+PRIORITY_HEADER = "X-Priority"
+DEADLINE_HEADER = "X-Request-Deadline-Ms"
+_MAX_TIMEOUT_S = 86400.0
 
 
 # --------------------------------------------------------------------------------------------- model resolution
@@ -130,6 +142,8 @@ def model_spec(state: ApiState, record: ModelRecord) -> ModelSpec:
         n_parallel=max(1, n_parallel),
         pinned=bool(overrides and overrides.pinned),
         n_batch=inference.n_batch,
+        max_queue=inference.max_queue,
+        max_queue_tokens=inference.max_queue_tokens,
     )
 
 
@@ -180,6 +194,46 @@ class _GenerationRequest:
     include_usage: bool
     messages: tuple[ChatMessage, ...] = ()
     prompt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _AdmissionRequest:
+    """Priority and deadline as the client asked (validated; the deadline counts from ``arrived``)."""
+
+    priority: Priority
+    timeout_s: float
+    arrived: float
+
+    def admission(self, on_admitted: Callable[[float], None]) -> Admission:
+        """The engine's :class:`Admission` with the time left now.
+
+        Raises:
+            DeadlineExceededError: the deadline passed before the request reached its model.
+        """
+        left = self.timeout_s - (time.perf_counter() - self.arrived)
+        if left <= 0:
+            raise DeadlineExceededError(
+                f"the request passed its {self.timeout_s:g} s deadline before it reached the model"
+            )
+        return Admission(priority=self.priority, timeout_s=left, on_admitted=on_admitted)
+
+
+def _admission(request: web.Request, body: dict[str, Any], state: ApiState, arrived: float) -> _AdmissionRequest:
+    priority: object = body.get("priority")
+    if priority is None:
+        priority = request.headers.get(PRIORITY_HEADER, "interactive").strip().lower()
+    if priority not in PRIORITIES:
+        raise bad_request(f"'priority' must be one of {', '.join(PRIORITIES)}", "priority")
+    limit = state.config.inference.request_timeout_s
+    timeout = limit
+    header = request.headers.get(DEADLINE_HEADER)
+    if body.get("timeout") is not None:
+        timeout = min(limit, get_number(body, "timeout", default=limit, low=0.001, high=_MAX_TIMEOUT_S))
+    elif header is not None:
+        if not header.strip().isdigit() or int(header) < 1:
+            raise bad_request(f"the {DEADLINE_HEADER} header must be a positive integer (milliseconds)", "timeout")
+        timeout = min(limit, int(header) / 1000)
+    return _AdmissionRequest(priority=priority, timeout_s=timeout, arrived=arrived)
 
 
 def _sampling(body: dict[str, Any], max_tokens_limit: int) -> SamplingParams:
@@ -403,9 +457,11 @@ class _Observer:
 async def _generate(
     request: web.Request, parse: Callable[[dict[str, Any], ApiState], _GenerationRequest]
 ) -> web.StreamResponse:
+    arrived = time.perf_counter()
     state = request.app[STATE]
     body = await read_json(request, state.config.api.max_body_bytes)
     req = parse(body, state)
+    wanted = _admission(request, body, state, arrived)
     state.policy.require_infer(request[IDENTITY], req.ref.name)
     record = await resolve_model(state, req.ref)
     if record.format != "gguf":
@@ -421,7 +477,8 @@ async def _generate(
                 capability = "chat" if req.kind == "chat" else "completion"
                 if capability not in model.capabilities:
                     raise bad_request(f"model {str(req.ref)!r} does not support {capability}", "model")
-                events = _events(model, req)
+                admission = wanted.admission(state.metrics.queue_wait.labels(model=record.name).observe)
+                events = _events(model, req, admission)
                 async with _closing(events):
                     if req.stream:
                         return await _stream(request, events, chunks, observer, req)
@@ -441,10 +498,10 @@ async def _closing(events: AsyncIterator[GenerationEvent]) -> AsyncIterator[None
             await aclose()
 
 
-def _events(model: LoadedModel, req: _GenerationRequest) -> AsyncIterator[GenerationEvent]:
+def _events(model: LoadedModel, req: _GenerationRequest, admission: Admission) -> AsyncIterator[GenerationEvent]:
     if req.kind == "chat":
-        return model.chat(req.messages, req.params)
-    return model.complete(req.prompt, req.params)
+        return model.chat(req.messages, req.params, admission)
+    return model.complete(req.prompt, req.params, admission)
 
 
 async def _collect(events: AsyncIterator[GenerationEvent], chunks: _Chunks, observer: _Observer) -> web.Response:

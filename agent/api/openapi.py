@@ -33,6 +33,25 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _INFER_ERRORS = (400, 401, 403, 404, 413, 429, 503)
+_GENERATION_ERRORS = (*_INFER_ERRORS, 504)
+_ADMISSION_HEADERS = [
+    {
+        "name": "X-Priority",
+        "in": "header",
+        "required": False,
+        "description": "Admission class when the body has no `priority`: `interactive` (default) leaves the "
+        "model's queue before `batch`.",
+        "schema": {"enum": ["interactive", "batch"]},
+    },
+    {
+        "name": "X-Request-Deadline-Ms",
+        "in": "header",
+        "required": False,
+        "description": "Deadline in milliseconds from arrival when the body has no `timeout`; capped at "
+        "`inference.request_timeout_s`. Past it the request fails with 504 (or a stream ends with an error event).",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+]
 _ADMIN_ERRORS = (400, 401, 403, 404, 409)
 
 _MODEL_PARAM = {
@@ -101,6 +120,17 @@ _SCHEMAS: dict[str, Any] = {
             "stream": {"type": "boolean", "default": False},
             "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
             "user": {"type": "string"},
+            "priority": {
+                "enum": ["interactive", "batch"],
+                "default": "interactive",
+                "description": "Admission class: interactive requests leave the model's queue before batch ones.",
+            },
+            "timeout": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "Deadline in seconds from arrival (capped at `inference.request_timeout_s`, the "
+                "default); past it the request fails with 504.",
+            },
         },
     },
     "ChatMessage": {
@@ -423,6 +453,7 @@ def _responses() -> dict[str, Any]:
         413: "Request body over the configured limit.",
         429: "The model's queue is full; retry after the `Retry-After` header's seconds.",
         503: "The model cannot be loaded now, or the agent is shutting down.",
+        504: "The request's deadline passed while it waited for a slot or while it was generating.",
         507: "Not enough free disk space.",
     }
     return {str(status): _json(_ref("Error"), text) for status, text in descriptions.items()}
@@ -543,8 +574,9 @@ def openapi_document() -> dict[str, Any]:
                             "text/event-stream": {"schema": _ref("ChatCompletionChunk")},
                         },
                     },
-                    errors=_INFER_ERRORS,
+                    errors=_GENERATION_ERRORS,
                     body=_ref("ChatCompletionRequest"),
+                    parameters=_ADMISSION_HEADERS,
                     tag="openai",
                 )
             },
@@ -558,8 +590,9 @@ def openapi_document() -> dict[str, Any]:
                             "text/event-stream": {"schema": _ref("Completion")},
                         },
                     },
-                    errors=_INFER_ERRORS,
+                    errors=_GENERATION_ERRORS,
                     body=_ref("CompletionRequest"),
+                    parameters=_ADMISSION_HEADERS,
                     tag="openai",
                 )
             },

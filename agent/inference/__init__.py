@@ -3,12 +3,14 @@
 Public surface (everything else is private to the package)::
 
     ModelSpec ──load_model()──> LoadedModel            (base.py: the interface and its value types)
-                                 ├── LlamaModel         (llama.py: GGUF via llama-cpp-python)
+                                 ├── LlamaModel         (llama.py: GGUF via llama-cpp-python, continuous batching
+                                 │                       behind an AdmissionQueue: scheduler.py)
                                  └── OnnxModel          (onnx.py: ONNX via onnxruntime)
     ModelPool.use(spec) ──> LoadedModel                (residency.py: load on first use, LRU under a budget)
 
 Errors come from :mod:`agent.errors`: ``BadRequestError`` (invalid input or an unsupported capability),
-``EngineLoadError``, ``MemoryBudgetError``, ``InferenceError``.
+``EngineLoadError``, ``MemoryBudgetError``, ``InferenceError``, ``OverloadedError`` (admission queue full),
+``DeadlineExceededError`` (a request's deadline passed).
 
 Engine modules are imported only when a model of their format is loaded, so importing this package never
 loads a native inference library.
@@ -20,14 +22,18 @@ from agent.errors import EngineLoadError
 from agent.inference.base import (
     CAPABILITIES,
     MAX_STOP_STRINGS,
+    PRIORITIES,
+    Admission,
     ChatMessage,
     EmbeddingResult,
     Finished,
     FinishReason,
     GenerationEvent,
     LoadedModel,
+    LoadStats,
     ModelFormat,
     ModelSpec,
+    Priority,
     SamplingParams,
     TensorSpec,
     TextDelta,
@@ -39,16 +45,20 @@ from agent.inference.residency import LoadedInfo, ModelPool
 __all__ = [
     "CAPABILITIES",
     "MAX_STOP_STRINGS",
+    "PRIORITIES",
+    "Admission",
     "ChatMessage",
     "EmbeddingResult",
     "FinishReason",
     "Finished",
     "GenerationEvent",
+    "LoadStats",
     "LoadedInfo",
     "LoadedModel",
     "ModelFormat",
     "ModelPool",
     "ModelSpec",
+    "Priority",
     "SamplingParams",
     "TensorSpec",
     "TextDelta",

@@ -9,9 +9,13 @@ Invariants:
 * Every blocking native call of an engine runs on that model's own worker thread, never on the event loop.
   The one exception is :meth:`LoadedModel.count_tokens`, a short read-only tokenizer call that is documented
   as safe to call from any thread.
-* Requests to one model are served in arrival order (FIFO); a request in flight is never interrupted by a
-  later one. (Issue 4's continuous batching keeps this interface: several requests then decode together,
-  each still sees exactly the events below.)
+* Requests to one model are admitted in arrival order within their priority class (:data:`Priority`:
+  ``interactive`` before ``batch``); a request in flight is never interrupted by a later one. An engine may
+  decode several admitted requests together (the llama engine's continuous batching); each still sees
+  exactly the events below, and batching never changes a request's result.
+* Admission is bounded (:class:`Admission` carries a request's priority and deadline): a full queue raises
+  :class:`~agent.errors.OverloadedError` and a passed deadline :class:`~agent.errors.DeadlineExceededError`,
+  both from the generation's iterator.
 * A generation is an async iterator of :data:`GenerationEvent`: zero or more :class:`TextDelta`, then exactly
   one :class:`Finished`, then the iterator ends. Errors (bad input, prompt longer than the context, native
   failures) are raised *before* the first event when they depend only on the request, so a caller that
@@ -45,6 +49,8 @@ from agent.errors import BadRequestError, EngineLoadError
 
 __all__ = [
     "CAPABILITIES",
+    "PRIORITIES",
+    "Admission",
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
     "Capability",
@@ -53,9 +59,11 @@ __all__ = [
     "FinishReason",
     "Finished",
     "GenerationEvent",
+    "LoadStats",
     "LoadedModel",
     "ModelFormat",
     "ModelSpec",
+    "Priority",
     "SamplingParams",
     "TensorSpec",
     "TextDelta",
@@ -70,6 +78,9 @@ __all__ = [
 ModelFormat: TypeAlias = Literal["gguf", "onnx"]
 FinishReason: TypeAlias = Literal["stop", "length", "cancelled"]
 Capability: TypeAlias = Literal["chat", "completion", "embedding", "tensor"]
+Priority: TypeAlias = Literal["interactive", "batch"]
+"""Admission class of a generation request: ``interactive`` requests leave the queue before ``batch`` ones."""
+PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "batch")
 
 CAPABILITIES: Final[frozenset[str]] = frozenset({"chat", "completion", "embedding", "tensor"})
 CHAT_ROLES: Final[frozenset[str]] = frozenset({"system", "user", "assistant", "tool"})
@@ -141,9 +152,11 @@ class ModelSpec:
         size: the blob's length in bytes; checked before the engine opens the file.
         n_ctx: context length per sequence (GGUF); the caller caps it at the model's trained context.
         n_threads: engine threads; 0 means one per physical core.
-        n_parallel: parallel sequences (GGUF); the engine of issue 3 serves one at a time.
+        n_parallel: parallel sequences (GGUF): the number of KV-cache slots decoded together.
         pinned: the residency pool never unloads a pinned model to make room.
-        n_batch: prompt tokens decoded per native call (GGUF).
+        n_batch: most tokens decoded per native call (GGUF): one step's running tokens plus prompt chunks.
+        max_queue: most generation requests waiting for a slot; more are refused (``OverloadedError``).
+        max_queue_tokens: most prompt tokens waiting for a slot; more are refused (``OverloadedError``).
     """
 
     name: str
@@ -157,6 +170,8 @@ class ModelSpec:
     n_parallel: int
     pinned: bool = False
     n_batch: int = 512
+    max_queue: int = 64
+    max_queue_tokens: int = 65536
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -171,6 +186,8 @@ class ModelSpec:
             raise ValueError("ModelSpec.n_ctx, n_parallel and n_batch must be at least 1")
         if self.n_threads < 0:
             raise ValueError("ModelSpec.n_threads must not be negative (0 = physical cores)")
+        if self.max_queue < 1 or self.max_queue_tokens < 1:
+            raise ValueError("ModelSpec.max_queue and max_queue_tokens must be at least 1")
 
     @property
     def threads(self) -> int:
@@ -277,6 +294,57 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """How the scheduler treats one generation request (not how it is sampled).
+
+    Attributes:
+        priority: ``interactive`` (default) or ``batch``.
+        timeout_s: the request's deadline, in seconds from the call; when it passes, the request ends with
+            :class:`~agent.errors.DeadlineExceededError` whether it is still waiting or already running.
+            ``None``: no deadline.
+        on_admitted: called on the event loop with the seconds the request waited for a slot, once it has one
+            (for a time-in-queue metric).
+    """
+
+    priority: Priority = "interactive"
+    timeout_s: float | None = None
+    on_admitted: Callable[[float], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.priority not in PRIORITIES:
+            raise BadRequestError(f"priority must be one of {list(PRIORITIES)}, not {self.priority!r}")
+        if self.timeout_s is not None:
+            _check_range("timeout", self.timeout_s, 0.0, math.inf)
+            if self.timeout_s <= 0:
+                raise BadRequestError("timeout must be greater than 0")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStats:
+    """A snapshot of one model's admission queue and slots (for ``/metrics`` and tests).
+
+    Attributes:
+        waiting: requests waiting for a slot (``waiting_interactive + waiting_batch``).
+        waiting_tokens: their prompt tokens.
+        slots_busy: slots running a request.
+        slots_total: parallel sequences of the model.
+        admitted_total: requests that got a slot since the model was loaded.
+        rejected_total: requests refused because the queue was full.
+        queue_seconds_total: seconds admitted requests spent waiting, summed.
+    """
+
+    waiting: int
+    waiting_interactive: int
+    waiting_batch: int
+    waiting_tokens: int
+    slots_busy: int
+    slots_total: int
+    admitted_total: int
+    rejected_total: int
+    queue_seconds_total: float
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one request."""
 
@@ -368,12 +436,15 @@ class LoadedModel(abc.ABC):
     def _unsupported(self, capability: str) -> BadRequestError:
         return BadRequestError(f"model {self.spec.name!r} does not support {capability}")
 
-    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> AsyncGenerator[GenerationEvent, None]:
+    def chat(
+        self, messages: Sequence[ChatMessage], params: SamplingParams, admission: Admission | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Generate the assistant's next turn, formatted with the model's own chat template.
 
         Args:
             messages: the conversation so far (at least one message).
             params: sampling parameters.
+            admission: priority and deadline (default: interactive, no deadline).
 
         Returns:
             An async generator of :class:`TextDelta` events then one :class:`Finished`; close it (``aclose()``,
@@ -382,11 +453,15 @@ class LoadedModel(abc.ABC):
         Raises:
             BadRequestError: no chat capability, a template that rejects the messages, or a prompt that does
                 not fit the context (raised before the first event).
+            OverloadedError: the admission queue is full (raised before the first event).
+            DeadlineExceededError: ``admission.timeout_s`` passed, while waiting or while generating.
             InferenceError: the engine failed.
         """
         raise self._unsupported("chat")
 
-    def complete(self, prompt: str, params: SamplingParams) -> AsyncGenerator[GenerationEvent, None]:
+    def complete(
+        self, prompt: str, params: SamplingParams, admission: Admission | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Continue raw text ``prompt`` (no template). Events and errors as for :meth:`chat`."""
         raise self._unsupported("completion")
 
@@ -415,6 +490,19 @@ class LoadedModel(abc.ABC):
     def output_specs(self) -> tuple[TensorSpec, ...]:
         """The outputs a tensor model declares (empty for other models)."""
         return ()
+
+    def load_stats(self) -> LoadStats | None:
+        """The model's admission queue and slots now, or ``None`` for an engine without a queue."""
+        return None
+
+    def stalled_s(self) -> float:
+        """Seconds the engine's worker thread has owed progress: busy on one step, or woken and not yet running.
+
+        0.0 when it is idle with nothing to do or keeps making progress; engines without a worker thread of
+        their own always report 0.0. The daemon's systemd watchdog withholds its pings while any model stalls
+        for too long (``agent/daemon.py``), so a native call that never returns gets the agent restarted.
+        """
+        return 0.0
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens ``text`` tokenizes to (no special tokens added). Safe to call from any thread.

@@ -1,35 +1,73 @@
-"""The llama engine: GGUF models through llama-cpp-python. The only module that imports ``llama_cpp``.
+"""The llama engine: GGUF models through llama-cpp-python's low-level API, with continuous batching.
 
-One :class:`LlamaModel` per loaded GGUF file. Invariants:
+The only module that imports ``llama_cpp``. One :class:`LlamaModel` per loaded GGUF file::
 
-* **One worker thread per model.** Every native call (load, tokenize-for-a-request, decode, embeddings, free)
-  runs on the model's single-thread executor, never on the event loop. The executor's queue is FIFO, so
-  requests are served one at a time in arrival order and a request in flight is never interrupted.
-  (:meth:`LlamaModel.count_tokens` is the one exception: a read-only tokenizer call, safe from any thread.)
-* **Streaming hand-off.** The worker pushes each event into the requesting coroutine's own
-  :class:`asyncio.Queue` with ``loop.call_soon_threadsafe``; the worker never blocks on a consumer.
-* **Cancellation.** Each request carries a :class:`threading.Event`. When the consumer stops (the async
-  iterator is closed or its task cancelled, e.g. the client disconnected) the event is set: a queued request
-  is dropped, a running one stops at the next token, and the model is free for the next request.
-* **Determinism.** The KV cache is cleared before every request (no prefix reuse in this engine), so a
-  request's output never depends on earlier requests: temperature 0 is greedy and deterministic, and the same
-  seed with the same parameters gives the same text.
+    event loop                                   decode thread (one per model)
+    ──────────                                   ─────────────────────────────
+    chat()/complete()                            loop: reap cancelled → admit free slots → one llama_batch
+      template + tokenize (state lock)                 of running tokens → sample each natively → prompt
+      AdmissionQueue.submit ──────────────────▶        chunks → text, stop strings, limits → Inbox.put
+      await Inbox.get()  ◀── one call_soon_threadsafe per step (WakeBatch.flush)
+
+Invariants:
+
+* **One decode thread per model** owns the llama context, the batch and every sampler chain; nothing else
+  touches them. Tokenizing (a read-only vocabulary call) may run on any thread under the state lock, which the
+  decode thread also takes before it frees the model.
+* **Continuous batching.** Each step decodes *one* ``llama_batch``: the next token of every running sequence
+  plus chunks of the prompts of newly admitted requests, at most ``n_batch`` tokens in all (running tokens
+  first, then prompts in admission order), in slot order, then samples every sequence that produced logits.
+  Running sequences always get their token and prompts fill the rest (chunked prefill), so a long prompt
+  slows the others for a few steps but never stalls them; several new prompts are decoded together. A
+  request joins at the next step after a slot frees up.
+* **Slots.** ``n_parallel`` sequences (``seq_id`` 0…n-1), each with its own KV stream of ``n_ctx`` cells
+  (llama.cpp's ``kv_unified = false``); a request may use at most ``n_ctx`` of them (prompt + completion).
+  New requests take the lowest free slot, so running sequences tend to have consecutive ids, which llama.cpp
+  decodes as one ubatch. Which requests get a slot, in what order, and which are refused is the
+  :class:`~agent.inference.scheduler.AdmissionQueue`'s decision.
+* **Native sampling.** Each request has its own ``llama_sampler`` chain (penalties, top-k, top-p, min-p,
+  temperature, seeded dist; or greedy at temperature 0), applied by ``llama_sampler_sample``: no per-token
+  sampling in Python.
+* **Batching never changes a result** (tested, at temperature 0 and with a fixed seed; logits compared
+  bit for bit). llama.cpp's CPU kernels can round differently with the *shape* of the work: with a unified
+  cache a sequence's cells sit at positions that depend on the other sequences; with an f16 cache, flash
+  attention takes a split-KV path for a lone query over 512+ cells and a tiled path for 64+ queries, and
+  without flash attention one row and many rows go through different matrix kernels. With one KV stream per
+  slot (cells in position order) and K and V caches of *different* types with flash attention (K f16, V
+  q8_0: the CPU kernel's split-KV and tiled paths both require ``k->type == v->type``, so it always works one
+  query row at a time, skipping masked cells), every row of a batch is computed exactly as it would be
+  alone: the logits of a token are bit-identical whether it is decoded alone, with other sequences, as part
+  of a prompt chunk of any size, or mixed with other prompts. Measured on SmolLM2 (12 greedy completions,
+  short and ~700-token prompts, alone, four at a time, staggered, cold): with a unified cache or an f16 cache
+  with flash attention, 4 to 9 of 12 changed; with a one-row configuration none did. K stays f16 because the
+  attention scores are what a small model is most sensitive to: with K in q8_0 too (or f16 without flash
+  attention), SmolLM2's greedy answer to "What is the capital of France?" turns into French nonsense, with K
+  f16 it is "The capital of France is Paris." as with llama-server's default f16 cache. The q8_0 V cache
+  saves a quarter of the KV memory; decoding speed is that of f16 with flash attention.
+* **Prompt-prefix reuse.** A slot keeps the token history whose KV it holds (prompt and decoded completion)
+  after its request ends. A new request goes to the free slot whose history shares the longest prefix with
+  its prompt (at least :data:`_REUSE_MIN_TOKENS` tokens, else the lowest free slot); only the KV past that
+  prefix is removed (``llama_memory_seq_rm``) and only the rest of the prompt is decoded. Since rows are
+  computed alike whatever the batch, a reused prefix holds exactly the KV a cold start would compute: chat
+  turns, which re-send the whole conversation, skip it and get the same reply.
+* **Streaming.** Each sampled token is turned into text (whole UTF-8 characters; stop strings held back until
+  they can be ruled out) and appended to the request's :class:`~agent.inference.streams.Inbox` in the same
+  step; consumers are woken once per step.
+* **Cancellation and deadlines.** A consumer that stops (client gone, ``aclose()``, task cancelled) or whose
+  deadline passes marks its request cancelled: a waiting request leaves the queue at once, a running one frees
+  its slot at the next step. A passed deadline ends the stream with
+  :class:`~agent.errors.DeadlineExceededError` saying whether the request was waiting or generating.
 * **Chat template** from the GGUF metadata (``tokenizer.chat_template``) rendered by llama-cpp-python's
-  sandboxed Jinja2 formatter. A model without one has no ``chat`` capability.
-* **Embeddings** by a second llama context on the same weights, created on first use with ``embeddings`` on
-  and mean pooling (SmolLM2 and other causal LMs have no pooling of their own); vectors are L2-normalised.
-  Its memory is added to :attr:`LlamaModel.memory_bytes` when it is created.
-* **Quiet and wrapped.** llama.cpp's log goes to a bounded in-memory buffer instead of stderr (its error lines
-  are quoted in our errors); models are opened with ``verbose=False``. Native failures become
+  sandboxed Jinja2 formatter; a model without one has no ``chat`` capability.
+* **Embeddings** by a second llama context on the same weights (mean pooling, L2-normalised), created on first
+  use; embedding jobs run on the decode thread between steps.
+* **One module.** Everything that touches ``llama_cpp`` lives here (one module per foreign library), which is
+  why it is long; the engine-agnostic parts are :mod:`~agent.inference.scheduler` (who waits, who goes next)
+  and :mod:`~agent.inference.streams` (thread → event-loop hand-off, stop strings).
+* **Quiet and wrapped.** llama.cpp's log goes to a bounded buffer quoted in our errors; file descriptors 1 and
+  2 point at ``/dev/null`` while the model and context are created (under
+  :data:`~agent.inference.base.native_load_lock`). Native failures become
   :class:`~agent.errors.EngineLoadError` (load) or :class:`~agent.errors.InferenceError` (requests).
-
-Known limit: with ``verbose=False`` llama-cpp-python points file descriptors 1 and 2 at ``/dev/null`` while
-``llama_model_load_from_file`` runs (a fraction of a second per load), so log lines other threads write in
-that window are lost. Loads are serialised by :data:`~agent.inference.base.native_load_lock`, which keeps
-the redirection from ever outliving a load.
-
-Issue 4 replaces the internals of :class:`LlamaModel` (continuous batching over the low-level API); the
-public surface (:meth:`LlamaModel.load` and the :class:`~agent.inference.base.LoadedModel` methods) stays.
 """
 
 from __future__ import annotations
@@ -38,27 +76,30 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
-import contextlib
 import ctypes
 import math
 import secrets
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import llama_cpp
 import numpy as np
+import structlog
+from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from agent.errors import AgentError, BadRequestError, EngineLoadError, InferenceError
+from agent.errors import AgentError, BadRequestError, DeadlineExceededError, EngineLoadError, InferenceError
 from agent.inference.base import (
+    Admission,
     ChatMessage,
     EmbeddingResult,
     Finished,
     FinishReason,
     GenerationEvent,
     LoadedModel,
+    LoadStats,
     ModelSpec,
     SamplingParams,
     TextDelta,
@@ -68,13 +109,30 @@ from agent.inference.base import (
     resident_bytes,
     trim_heap,
 )
+from agent.inference.scheduler import AdmissionQueue, Ticket
+from agent.inference.streams import Inbox, StopScanner, WakeBatch
 
 __all__ = ["EMBEDDING_MAX_TOKENS", "LlamaModel"]
+
+_log = structlog.get_logger(__name__)
 
 EMBEDDING_MAX_TOKENS: Final = 512
 """Most tokens per text for embeddings (the embedding context's size; longer texts are refused)."""
 _SEED_MODULUS: Final = 0xFFFFFFFF  # llama.cpp's seeds are uint32 and 0xFFFFFFFF means "random"
 _F16_BYTES: Final = 2
+_PENALTY_LAST_N: Final = 64
+"""Tokens the repetition penalties look back over (llama.cpp's default), prompt included."""
+_INLINE_PREPARE_CHARS: Final = 16384
+"""Prompts up to this many characters are templated and tokenized on the event loop (well under a
+millisecond); longer ones on a thread."""
+_DEFAULT_ADMISSION: Final = Admission()
+_FLASH_ATTN_ENABLED: Final = 1  # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
+_GGML_TYPE_F16: Final = 1
+_GGML_TYPE_Q8_0: Final = 8
+_Q8_0_BLOCK: Final = (34, 32)  # bytes per block, values per block (32 int8 + one f16 scale)
+_REUSE_MIN_TOKENS: Final = 16
+"""A slot's cached prefix decides the slot only when it saves at least this many tokens (otherwise the lowest
+free slot is used, which keeps running sequences on consecutive ids: one ubatch per step)."""
 
 
 # --- llama.cpp's log -----------------------------------------------------------------------------------------
@@ -82,7 +140,7 @@ _F16_BYTES: Final = 2
 _GGML_LOG_LEVEL_WARN: Final = 2
 _GGML_LOG_LEVEL_ERROR: Final = 3
 _native_log: collections.deque[str] = collections.deque(maxlen=32)
-_log_callback_installed = False
+_native_ready = False
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
@@ -92,11 +150,13 @@ def _on_native_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         _native_log.append(text.decode("utf-8", "replace").strip())
 
 
-def _install_log_callback() -> None:
-    global _log_callback_installed
-    if not _log_callback_installed:
+def _init_native() -> None:
+    """Install the log callback and initialise llama.cpp's backends once per process (under the load lock)."""
+    global _native_ready
+    if not _native_ready:
         llama_cpp.llama_log_set(_on_native_log, ctypes.c_void_p(0))
-        _log_callback_installed = True
+        llama_cpp.llama_backend_init()
+        _native_ready = True
 
 
 def _native_detail() -> str:
@@ -105,59 +165,145 @@ def _native_detail() -> str:
     return f" (llama.cpp: {' | '.join(lines)})" if lines else ""
 
 
-# --- streaming text: UTF-8 and stop strings ------------------------------------------------------------------
+# --- native handles ------------------------------------------------------------------------------------------
 
 
-class _StopScanner:
-    """Finds stop strings in streamed text and holds back any tail that could be the start of one.
+def _kv_cache_bytes(model: Any, n_ctx: int, *, v_q8_0: bool = False) -> int:
+    """Bytes of a KV cache holding ``n_ctx`` tokens: K f16, V f16 or q8_0 (an estimate: equal K and V heads)."""
+    n_layer = int(llama_cpp.llama_model_n_layer(model))
+    n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
+    n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+    head_dim = int(llama_cpp.llama_model_n_embd(model)) // n_head
+    values = n_ctx * n_layer * n_head_kv * head_dim  # of K, and of V
+    if v_q8_0:
+        size, per = _Q8_0_BLOCK
+        return values * _F16_BYTES + values * size // per
+    return 2 * values * _F16_BYTES
 
-    Pure: ``feed`` returns the text that is safe to emit and whether a stop string was found (the text before
-    it is returned; the stop string and everything after it are dropped).
+
+class _Batch:
+    """One ``llama_batch`` and numpy views over its arrays, rewritten in place every step (no allocation).
+
+    Every token belongs to exactly one sequence: ``n_seq_id`` is 1 throughout, and ``seq_id[i]`` points into
+    a small constant array holding 0…n_seq-1, so assigning a sequence is one pointer store (vectorised for a
+    prompt chunk). The original pointers are restored before the batch is freed.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._pending = ""
+    def __init__(self, capacity: int, n_seq: int, max_pos: int) -> None:
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.token = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
+        self.pos = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
+        self.logits = np.ctypeslib.as_array(self.raw.logits, shape=(capacity,))
+        np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))[:] = 1
+        address = ctypes.cast(self.raw.seq_id, ctypes.c_void_p).value
+        assert address is not None
+        self.seq = np.ctypeslib.as_array((ctypes.c_size_t * capacity).from_address(address))
+        self._original_seq = self.seq.copy()
+        self._seq_values = (ctypes.c_int32 * n_seq)(*range(n_seq))
+        base = ctypes.addressof(self._seq_values)
+        self.seq_address = [base + i * ctypes.sizeof(ctypes.c_int32) for i in range(n_seq)]
+        self.positions = np.arange(max_pos, dtype=np.int32)
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        pending = self._pending + text
-        hits = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self._pending = ""
-            return pending[: min(hits)], True
-        hold = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(pending)), hold, -1):
-                if pending.endswith(stop[:k]):
-                    hold = k
-                    break
-        cut = len(pending) - hold
-        self._pending = pending[cut:]
-        return pending[:cut], False
-
-    def flush(self) -> str:
-        rest, self._pending = self._pending, ""
-        return rest
+    def free(self) -> None:
+        self.seq[:] = self._original_seq
+        llama_cpp.llama_batch_free(self.raw)
 
 
-# --- requests ----------------------------------------------------------------------------------------------
+class _Native:
+    """The model, its decoding context, and vocabulary helpers."""
 
-_Item = GenerationEvent | AgentError
-_PreparePrompt = Callable[[], tuple[list[int], list[str]]]
+    def __init__(self, spec: ModelSpec) -> None:
+        """Open ``spec``'s file and create a context of ``n_parallel`` slots (caller holds the load lock)."""
+        threads = spec.threads
+        params = llama_cpp.llama_model_default_params()
+        params.use_mmap = True
+        with suppress_stdout_stderr(disable=False):
+            model = llama_cpp.llama_model_load_from_file(str(spec.path).encode(), params)
+        if not model:
+            raise EngineLoadError(f"model {spec.name!r}: llama.cpp cannot load it: failed to load{_native_detail()}")
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_slots = spec.n_parallel
+        n_ctx = spec.n_ctx * spec.n_parallel
+        self.n_batch = max(spec.n_parallel + 2, min(spec.n_batch, n_ctx))
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = spec.n_parallel
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        # Batch invariance (see the module docstring): one KV stream per slot, so a sequence's cells are its own
+        # and in position order whatever else runs; K f16 and V q8_0, so llama.cpp's CPU flash attention always
+        # takes its one-row-at-a-time path (its split-KV and tiled paths, taken when K and V share an f16/f32
+        # type depending on the batch's shape, round differently).
+        cparams.kv_unified = False
+        cparams.flash_attn_type = _FLASH_ATTN_ENABLED
+        cparams.type_k = _GGML_TYPE_F16
+        cparams.type_v = _GGML_TYPE_Q8_0
+        cparams.no_perf = True
+        with suppress_stdout_stderr(disable=False):
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise EngineLoadError(f"model {spec.name!r}: llama.cpp cannot create a context{_native_detail()}")
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.slot_ctx = min(spec.n_ctx, int(llama_cpp.llama_n_ctx_seq(ctx)))
+        self.batch = _Batch(self.n_batch, spec.n_parallel, self.slot_ctx)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
+        self.kv_bytes = _kv_cache_bytes(model, n_ctx, v_q8_0=True)
 
+    def tokenize(self, text: str, add_special: bool, special: bool) -> list[int]:
+        """Tokens of ``text`` (any thread: a read-only vocabulary call)."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            buffer = (llama_cpp.llama_token * size)()
+            n = int(llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, add_special, special))
+            if n >= 0:
+                return buffer[:n]
+            size = -n
 
-@dataclass(slots=True)
-class _Generation:
-    """One streaming request as the worker sees it."""
+    def piece(self, token: int) -> bytes:
+        """The bytes token ``token`` stands for (special tokens render as nothing)."""
+        size = 32
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = int(llama_cpp.llama_token_to_piece(self.vocab, token, buffer, size, 0, False))
+            if n >= 0:
+                return buffer.raw[:n]
+            size = -n
 
-    prepare: _PreparePrompt
-    params: SamplingParams
-    cancel: threading.Event
-    emit: Callable[[_Item], None]
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(llama_cpp.llama_vocab_get_text(self.vocab, token)).decode("utf-8", "replace")
+
+    def warm_up(self) -> None:
+        """Decode one token in slot 0 (pages the weights in, builds the compute graph), then forget it."""
+        batch = self.batch
+        batch.token[0] = self.bos if self.bos >= 0 else 0
+        batch.pos[0] = 0
+        batch.seq[0] = batch.seq_address[0]
+        batch.logits[0] = 1
+        batch.raw.n_tokens = 1
+        status = llama_cpp.llama_decode(self.ctx, batch.raw)
+        llama_cpp.llama_memory_clear(self.memory, True)
+        if status != 0:
+            raise EngineLoadError(f"warm-up decode failed with status {status}{_native_detail()}")
+
+    def close(self) -> None:
+        self.batch.free()
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
 
 
 class _EmbeddingContext:
-    """A second llama context on the same weights with embeddings on and mean pooling (worker thread only)."""
+    """A second llama context on the same weights with embeddings on and mean pooling (decode thread only)."""
 
     def __init__(self, model: Any, n_threads: int) -> None:
         params = llama_cpp.llama_context_default_params()
@@ -169,6 +315,7 @@ class _EmbeddingContext:
         params.n_threads_batch = n_threads
         params.embeddings = True
         params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
             raise InferenceError(f"cannot create the embedding context{_native_detail()}")
@@ -206,36 +353,509 @@ class _EmbeddingContext:
         llama_cpp.llama_free(self._ctx)
 
 
-# --- the model ---------------------------------------------------------------------------------------------
+def _make_sampler(params: SamplingParams, prompt: Sequence[int], n_vocab: int) -> Any:
+    """A native sampler chain for ``params`` (decode thread); penalties have already seen the prompt's tail."""
+    chain_params = llama_cpp.llama_sampler_chain_default_params()
+    chain_params.no_perf = True
+    chain = llama_cpp.llama_sampler_chain_init(chain_params)
+    add = llama_cpp.llama_sampler_chain_add
+    penalised = params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+    if penalised:
+        add(
+            chain,
+            llama_cpp.llama_sampler_init_penalties(
+                n_vocab, _PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+            ),
+        )
+    if params.temperature == 0.0:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+    else:
+        if params.top_k > 0:
+            add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = params.seed % _SEED_MODULUS if params.seed is not None else secrets.randbelow(_SEED_MODULUS)
+        add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    if penalised:
+        for token in prompt[-_PENALTY_LAST_N:]:
+            llama_cpp.llama_sampler_accept(chain, token)
+    return chain
 
 
-class LlamaModel(LoadedModel):
-    """A GGUF model served by llama-cpp-python on its own worker thread. Build with :meth:`load`."""
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists (slice comparisons run in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low] and a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+# --- requests and slots --------------------------------------------------------------------------------------
+
+
+class _Admitted:
+    """Inbox marker: the request got a slot after waiting ``waited`` seconds."""
+
+    __slots__ = ("waited",)
+
+    def __init__(self, waited: float) -> None:
+        self.waited = waited
+
+
+_Event = TextDelta | Finished | AgentError | _Admitted
+_EOG: Final = b"\x00<eog>"  # piece-cache marker for end-of-generation tokens (never a real piece: pieces are text)
+
+
+class _Request:
+    """One generation request. Fields after ``ticket`` belong to the decode thread."""
+
+    __slots__ = (
+        "budget",
+        "cancelled",
+        "chain",
+        "chunk",
+        "decoder",
+        "done",
+        "fed",
+        "generated",
+        "inbox",
+        "next_token",
+        "out",
+        "params",
+        "prefilling",
+        "report_admission",
+        "scanner",
+        "seq_address",
+        "slot",
+        "ticket",
+        "tokens",
+    )
 
     def __init__(
         self,
-        spec: ModelSpec,
-        llm: llama_cpp.Llama,
-        executor: concurrent.futures.ThreadPoolExecutor,
-        memory_bytes: int,
+        tokens: list[int],
+        params: SamplingParams,
+        stops: tuple[str, ...],
+        budget: int,
+        inbox: Inbox[_Event],
+        report_admission: bool,
     ) -> None:
-        """Wrap an opened model; use :meth:`load` instead of calling this directly."""
+        self.tokens = tokens
+        self.params = params
+        self.budget = budget
+        self.inbox = inbox
+        self.report_admission = report_admission
+        self.cancelled = False  # set by the consumer's side; read by the decode thread at each step
+        self.done = False  # set by the decode thread once the last event is in the inbox
+        self.ticket: Ticket[_Request] | None = None
+        self.scanner = StopScanner(stops) if stops else None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chain: Any = None
+        self.slot: _Slot | None = None
+        self.seq_address = 0
+        self.prefilling = True  # until the prompt's last token is decoded and the first token sampled
+        self.fed = 0  # prompt tokens whose KV is in the slot
+        self.chunk = 0  # prompt tokens to decode in the current step
+        self.generated = 0
+        self.next_token = 0  # sampled, to be decoded at the next step
+        self.out = -1  # batch index of this step's logits
+
+
+class _Slot:
+    """One KV-cache sequence: its id, the tokens whose KV it holds, and the request using it (if any)."""
+
+    __slots__ = ("history", "request", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.history: list[int] = []
+        self.request: _Request | None = None
+
+
+# --- the decode thread ---------------------------------------------------------------------------------------
+
+
+class _DecodeLoop:
+    """Runs the steps of one model on its own thread (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        opener: Callable[[], tuple[_Native, int]],
+        queue: AdmissionQueue[_Request],
+        state_lock: threading.Lock,
+    ) -> None:
+        """Start the thread; it opens the model with ``opener`` first (see :attr:`ready`)."""
+        self._name = name
+        self._opener = opener
+        self._queue = queue
+        self._state_lock = state_lock
+        self._slots: list[_Slot] = []
+        self._active: list[_Request] = []
+        self._decoding = 0  # running requests past their prompt
+        self._prefilling: list[_Request] = []  # running requests still decoding their prompt, in admission order
+        self._outputs: list[_Request] = []
+        self._pieces: dict[int, bytes] = {}
+        self._wakes = WakeBatch()
+        self._wake = threading.Event()
+        self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
+        self._closing = False
+        self._beat = time.monotonic()  # heartbeat: the decode thread's last step, job or wake-up
+        self._busy = False  # the decode thread is inside a step or a job (else waiting for work)
+        self._woken = 0.0  # when wake() last found the thread's event clear
+        self.reused_tokens = 0
+        """Prompt tokens whose KV a slot already held (not decoded again), since the start; for tests."""
+        self.ready: concurrent.futures.Future[tuple[_Native, int]] = concurrent.futures.Future()
+        """The opened model and its measured memory, or the error that prevented opening it."""
+        self.closed: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, name=f"llama-{name}", daemon=True)
+        self._thread.start()
+
+    # -- any thread
+
+    def wake(self) -> None:
+        if not self._wake.is_set():
+            self._woken = time.monotonic()
+        self._wake.set()
+
+    def beat(self) -> None:
+        """Record progress inside a long job (decode thread)."""
+        self._beat = time.monotonic()
+
+    def stalled_s(self) -> float:
+        """Seconds the thread has owed progress (see :meth:`LoadedModel.stalled_s`); any thread, lock-free.
+
+        Busy: time since its last heartbeat (one per step or job). Idle: time since a wake-up it has not
+        acted on, if any. Reads of floats and bools written by one thread are atomic under the GIL; a race at
+        worst reports the stall of the moment before, which only matters if it lasts.
+        """
+        now = time.monotonic()
+        if self._busy:
+            return now - self._beat
+        woken = self._woken
+        return now - woken if woken > self._beat else 0.0
+
+    def submit_job(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` on the decode thread between two steps."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.append((fn, future))
+        self.wake()
+        return future
+
+    def stop(self) -> concurrent.futures.Future[None]:
+        """Cancel everything, free the model and end the thread; the future resolves when it is done."""
+        self._closing = True
+        self.wake()
+        return self.closed
+
+    def slot_histories(self) -> list[tuple[int, int, bool]]:
+        """Per slot: tokens in its history, highest KV position + 1, in use (decode thread: run it as a job)."""
+        memory = self._native.memory
+        return [
+            (len(s.history), int(llama_cpp.llama_memory_seq_pos_max(memory, s.seq)) + 1, s.request is not None)
+            for s in self._slots
+        ]
+
+    # -- the thread
+
+    def _run(self) -> None:
+        # Every native call of this model runs on this one thread, opening included: llama.cpp's CPU backend
+        # runs an OpenMP team per calling thread, and with more OpenMP threads than cores libgomp stops spinning
+        # at barriers (measured: a decode step 45 % slower when the model was warmed up on another thread).
+        try:
+            self._native, memory = self._opener()
+        except BaseException as exc:
+            self.ready.set_exception(exc)
+            self.closed.set_result(None)
+            return
+        self._slots = [_Slot(i) for i in range(self._native.n_slots)]
+        self.ready.set_result((self._native, memory))
+        monotonic = time.monotonic
+        try:
+            while not self._closing:
+                self._beat = monotonic()
+                self._busy = True
+                if self._jobs:
+                    self._run_job()
+                if self._active or len(self._queue):
+                    try:
+                        self._step()
+                    except Exception as exc:  # a bug or a native failure: fail what runs, keep serving
+                        _log.exception("llama_step_failed", model=self._name)
+                        self._fail(list(self._active), InferenceError(f"model {self._name!r}: {exc}"))
+                    self._wakes.flush()
+                elif not self._jobs:
+                    self._busy = False
+                    self._wake.wait()
+                    self._wake.clear()
+        finally:
+            self._shutdown()
+            self._busy = False  # the thread has ended: nothing is owed any more
+
+    def _run_job(self) -> None:
+        fn, future = self._jobs.popleft()
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def _shutdown(self) -> None:
+        try:
+            for request in list(self._active):
+                self._end(request, "cancelled")
+            for ticket in self._queue.drain():
+                ticket.item.done = True
+                ticket.item.inbox.put(Finished("cancelled", Usage(len(ticket.item.tokens), 0)))
+                self._wakes.touch(ticket.item.inbox)  # type: ignore[arg-type]
+            self._wakes.flush()
+            while self._jobs:
+                _, future = self._jobs.popleft()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(InferenceError(f"model {self._name!r} is closed"))
+            with self._state_lock:  # no tokenizer call is running on another thread
+                self._native.close()
+            trim_heap()
+        except BaseException as exc:
+            self.closed.set_exception(exc)
+            raise
+        else:
+            self.closed.set_result(None)
+
+    def _step(self) -> None:
+        active = self._active
+        for request in active:
+            if request.cancelled or request.inbox.orphaned:
+                for gone in [r for r in active if r.cancelled or r.inbox.orphaned]:
+                    self._end(gone, "cancelled")
+                break
+        free = len(self._slots) - len(active)
+        if free and len(self._queue):
+            for ticket in self._queue.take(free):
+                self._admit(ticket)
+        if not active:
+            return
+
+        batch = self._native.batch
+        token, pos, logits, seq = batch.token, batch.pos, batch.logits, batch.seq
+        # Running tokens first, then prompt chunks in admission order, within n_batch...
+        room = batch.capacity - self._decoding
+        for request in self._prefilling:
+            count = min(room, len(request.tokens) - request.fed)
+            request.chunk = count
+            room -= count
+        # ...but written in slot order: llama.cpp's split KV cache cuts a batch into ubatches of consecutive
+        # sequence ids in order of appearance, so this order decodes every running token in one ubatch.
+        outputs = self._outputs
+        n = 0
+        for slot in self._slots:
+            running = slot.request
+            if running is None:
+                continue
+            if not running.prefilling:
+                history = slot.history
+                next_token = running.next_token
+                token[n] = next_token
+                pos[n] = len(history)
+                seq[n] = running.seq_address
+                logits[n] = 1
+                history.append(next_token)
+                running.out = n
+                outputs.append(running)
+                n += 1
+                continue
+            count = running.chunk
+            if count <= 0:
+                continue
+            start = running.fed
+            end = start + count
+            chunk = running.tokens[start:end]
+            token[n : n + count] = chunk
+            pos[n : n + count] = batch.positions[start:end]
+            seq[n : n + count] = running.seq_address
+            logits[n : n + count] = 0
+            slot.history.extend(chunk)
+            running.fed = end
+            n += count
+            if end == len(running.tokens):
+                logits[n - 1] = 1
+                running.out = n - 1
+                outputs.append(running)
+        if n == 0 or not self._decode(n, list(active)):
+            outputs.clear()
+            return
+        sample = llama_cpp.llama_sampler_sample
+        ctx = self._native.ctx
+        for request in outputs:
+            self._emit_token(request, int(sample(request.chain, ctx, request.out)))
+        outputs.clear()
+
+    def _decode(self, n: int, participants: list[_Request]) -> bool:
+        """Run ``llama_decode`` on the first ``n`` batch entries; on failure end ``participants`` with an error."""
+        native = self._native
+        native.batch.raw.n_tokens = n
+        status = llama_cpp.llama_decode(native.ctx, native.batch.raw)
+        if status == 0:
+            return True
+        error = InferenceError(f"model {self._name!r}: llama_decode failed ({status}){_native_detail()}")
+        self._fail(list(participants), error)
+        return False
+
+    def _emit_token(self, request: _Request, token: int) -> None:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = _EOG if llama_cpp.llama_vocab_is_eog(self._native.vocab, token) else self._native.piece(token)
+            self._pieces[token] = piece
+        if piece is _EOG:
+            self._end(request, "stop")
+            return
+        request.generated += 1
+        text = request.decoder.decode(piece)
+        stopped = False
+        if request.scanner is not None:
+            text, stopped = request.scanner.feed(text)
+        if text:
+            request.inbox.put(TextDelta(text))
+            self._wakes.touch(request.inbox)  # type: ignore[arg-type]
+        if stopped:
+            self._end(request, "stop", flush=False)
+        elif request.generated >= request.budget:
+            self._end(request, "length")
+        else:
+            request.next_token = token
+            if request.prefilling:
+                request.prefilling = False
+                self._prefilling.remove(request)
+                self._decoding += 1
+
+    def _admit(self, ticket: Ticket[_Request]) -> None:
+        request = ticket.item
+        if request.cancelled or request.inbox.orphaned:
+            request.done = True
+            self._queue.release(ticket)
+            return
+        try:
+            request.chain = _make_sampler(request.params, request.tokens, self._native.n_vocab)
+        except Exception as exc:  # a native refusal: this request fails, the others go on
+            request.inbox.put(InferenceError(f"model {self._name!r}: cannot build the sampler: {exc}"))
+            self._wakes.touch(request.inbox)  # type: ignore[arg-type]
+            request.done = True
+            self._queue.release(ticket)
+            return
+        tokens = request.tokens
+        slot, shared, best = self._slots[0], 0, -1
+        for candidate in self._slots:  # in id order: ties go to the lowest free id
+            if candidate.request is not None:
+                continue
+            common = _common_prefix(candidate.history, tokens)
+            score = common if common >= _REUSE_MIN_TOKENS else 0
+            if score > best:
+                slot, shared, best = candidate, common, score
+        keep = min(shared, len(tokens) - 1)  # at least one prompt token is decoded: its logits start the reply
+        if keep < len(slot.history):
+            memory = self._native.memory
+            if not llama_cpp.llama_memory_seq_rm(memory, slot.seq, keep, -1):
+                llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
+                keep = 0
+            del slot.history[keep:]
+        request.fed = keep
+        self.reused_tokens += keep
+        request.slot = slot
+        request.seq_address = self._native.batch.seq_address[slot.seq]
+        slot.request = request
+        self._active.append(request)
+        self._prefilling.append(request)
+        if request.report_admission:
+            request.inbox.put(_Admitted(ticket.waited))
+            self._wakes.touch(request.inbox)  # type: ignore[arg-type]
+
+    def _end(self, request: _Request, reason: FinishReason, *, flush: bool = True) -> None:
+        """Finish ``request``: last text and Finished (or nothing more if cancelled), free its slot."""
+        if reason != "cancelled" and flush:
+            text = request.decoder.decode(b"", final=True)
+            if request.scanner is not None:
+                text, stopped = request.scanner.feed(text)
+                if stopped:
+                    reason = "stop"
+                else:
+                    text += request.scanner.flush()
+            if text:
+                request.inbox.put(TextDelta(text))
+        request.inbox.put(Finished(reason, Usage(len(request.tokens), request.generated)))
+        self._release(request)
+
+    def _fail(self, requests: list[_Request], error: AgentError) -> None:
+        """End ``requests`` with ``error`` and forget their slots' KV (its state is unknown after a failure)."""
+        for request in requests:
+            request.inbox.put(error)
+            slot = request.slot
+            if slot is not None:
+                llama_cpp.llama_memory_seq_rm(self._native.memory, slot.seq, -1, -1)
+                slot.history.clear()
+            self._release(request)
+
+    def _release(self, request: _Request) -> None:
+        request.done = True
+        self._wakes.touch(request.inbox)  # type: ignore[arg-type]
+        if request.chain is not None:
+            llama_cpp.llama_sampler_free(request.chain)
+            request.chain = None
+        slot = request.slot
+        if slot is not None:
+            slot.request = None
+        self._active.remove(request)
+        if request.prefilling:
+            self._prefilling.remove(request)
+        else:
+            self._decoding -= 1
+        if request.ticket is not None:
+            self._queue.release(request.ticket)
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+
+
+class LlamaModel(LoadedModel):
+    """A GGUF model served with continuous batching on its own decode thread. Build with :meth:`load`."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        """Start the decode thread, which opens ``spec``'s file; use :meth:`load` instead of calling this directly.
+
+        Raises:
+            EngineLoadError: llama.cpp refused the file, or its chat template does not compile.
+        """
         self._spec = spec
-        self._llm = llm
-        self._executor = executor
-        self._memory_bytes = memory_bytes
-        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self._formatter = self._make_chat_formatter()
-        self._embedder: _EmbeddingContext | None = None
-        self._state_lock = threading.Lock()  # guards _closed and _active; held while tokenizing off-worker
+        self._state_lock = threading.Lock()  # guards _closed; held while tokenizing off the decode thread
         self._closed = False
-        self._active: set[threading.Event] = set()
+        self._embedder: _EmbeddingContext | None = None
+        self._queue: AdmissionQueue[_Request] = AdmissionQueue(
+            spec.name, spec.n_parallel, spec.max_queue, spec.max_queue_tokens
+        )
+        self._loop = _DecodeLoop(spec.name, lambda: self._open(spec), self._queue, self._state_lock)
+        self._native, self._memory_bytes = self._loop.ready.result()
+        try:
+            self._formatter = self._make_chat_formatter()
+        except BaseException:
+            self._closed = True
+            self._loop.stop().result()
+            raise
 
     # -- loading
 
     @classmethod
     def load(cls, spec: ModelSpec) -> LlamaModel:
-        """Open ``spec``'s GGUF file on a new worker thread and return the loaded model. Blocking.
+        """Open ``spec``'s GGUF file on a new decode thread and return the loaded model. Blocking.
 
         Raises:
             EngineLoadError: missing file, wrong size, or llama.cpp refused the file.
@@ -243,67 +863,37 @@ class LlamaModel(LoadedModel):
         if spec.format != "gguf":
             raise EngineLoadError(f"model {spec.name!r}: the llama engine opens GGUF files, not {spec.format}")
         check_model_file(spec)
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{spec.name}")
-        try:
-            llm, memory = executor.submit(cls._open, spec).result()
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        try:
-            return cls(spec, llm, executor, memory)
-        except BaseException:
-            executor.submit(llm.close).result()
-            executor.shutdown(wait=False)
-            raise
+        return cls(spec)
 
     @staticmethod
-    def _open(spec: ModelSpec) -> tuple[llama_cpp.Llama, int]:
-        """Open the file, decode one token so the weights are paged in, and measure (worker thread)."""
-        threads = spec.threads
+    def _open(spec: ModelSpec) -> tuple[_Native, int]:
+        """Open the file, decode one token so the weights are paged in, and measure (decode thread)."""
         with native_load_lock:
-            _install_log_callback()
+            _init_native()
             _native_log.clear()
             trim_heap()
             before = resident_bytes()
+            native = _Native(spec)
             try:
-                llm = llama_cpp.Llama(
-                    model_path=str(spec.path),
-                    n_ctx=spec.n_ctx,
-                    n_batch=min(spec.n_batch, spec.n_ctx),
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    use_mmap=True,
-                    verbose=False,
-                )
-            except (ValueError, RuntimeError, OSError) as exc:
-                detail = f"{exc}{_native_detail()}"
-                raise EngineLoadError(f"model {spec.name!r}: llama.cpp cannot load it: {detail}") from exc
-            try:
-                bos = llm.token_bos()
-                llm.eval([bos if bos >= 0 else 0])
-                llm.reset()  # type: ignore[no-untyped-call]
-            except (ValueError, RuntimeError) as exc:
-                llm.close()
-                detail = f"{exc}{_native_detail()}"
-                raise EngineLoadError(f"model {spec.name!r}: warm-up decode failed: {detail}") from exc
+                native.warm_up()
+            except EngineLoadError as exc:
+                native.close()
+                raise EngineLoadError(f"model {spec.name!r}: {exc}") from exc
             trim_heap()
             measured = resident_bytes() - before
-        return llm, max(measured, spec.size + _kv_cache_bytes(llm, spec.n_ctx))
+        return native, max(measured, spec.size + native.kv_bytes)
 
     def _make_chat_formatter(self) -> Jinja2ChatFormatter | None:
-        template = self._llm.metadata.get("tokenizer.chat_template")
+        template = llama_cpp.llama_model_chat_template(self._native.model, None)
         if not template:
             return None
-
-        def text(token: int) -> str:
-            if token < 0:
-                return ""
-            return bytes(llama_cpp.llama_vocab_get_text(self._vocab, token)).decode("utf-8", "replace")
-
-        eos = self._llm.token_eos()
+        native = self._native
         try:
             return Jinja2ChatFormatter(
-                template=template, eos_token=text(eos), bos_token=text(self._llm.token_bos()), stop_token_ids=[eos]
+                template=template.decode("utf-8", "replace"),
+                eos_token=native.token_text(native.eos),
+                bos_token=native.token_text(native.bos),
+                stop_token_ids=[native.eos],
             )
         except Exception as exc:  # jinja2's TemplateSyntaxError and friends: a broken release
             raise EngineLoadError(f"model {self._spec.name!r}: its chat template does not compile: {exc}") from exc
@@ -328,24 +918,37 @@ class LlamaModel(LoadedModel):
             caps.add("chat")
         return frozenset(caps)
 
+    def load_stats(self) -> LoadStats:
+        """The admission queue and slots now."""
+        return self._queue.stats()
+
+    def stalled_s(self) -> float:
+        """Seconds the decode thread has owed progress (see :meth:`LoadedModel.stalled_s`)."""
+        return 0.0 if self._closed else self._loop.stalled_s()
+
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` without special tokens (read-only tokenizer call, any thread)."""
-        with self._state_lock:
-            self._check_open()
-            return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self._tokenize(text, add_special=False, special=False))
 
-    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> AsyncGenerator[GenerationEvent, None]:
+    def chat(
+        self, messages: Sequence[ChatMessage], params: SamplingParams, admission: Admission | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the assistant's next turn (see :meth:`LoadedModel.chat`)."""
         if self._formatter is None:
             raise self._unsupported("chat (the GGUF has no chat template)")
         if not messages:
             raise BadRequestError("messages must not be empty")
         turns = [{"role": m.role, "content": m.content} for m in messages]
-        return self._stream(lambda: self._prepare_chat(turns), params)
+        size = sum(len(m.content) for m in messages)
+        return self._stream(lambda: self._prepare_chat(turns), size, params, admission or _DEFAULT_ADMISSION)
 
-    def complete(self, prompt: str, params: SamplingParams) -> AsyncGenerator[GenerationEvent, None]:
+    def complete(
+        self, prompt: str, params: SamplingParams, admission: Admission | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream a continuation of ``prompt`` (see :meth:`LoadedModel.complete`)."""
-        return self._stream(lambda: self._prepare_completion(prompt), params)
+        return self._stream(
+            lambda: self._prepare_completion(prompt), len(prompt), params, admission or _DEFAULT_ADMISSION
+        )
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         """Embed each text (at most :data:`EMBEDDING_MAX_TOKENS` tokens) into a unit vector."""
@@ -353,135 +956,34 @@ class LlamaModel(LoadedModel):
             raise BadRequestError("input must contain at least one text")
         if any(not isinstance(t, str) or not t for t in texts):
             raise BadRequestError("each input text must be a non-empty string")
-        result: EmbeddingResult = await self._run(self._embed_sync, list(texts))
-        return result
-
-    async def aclose(self) -> None:
-        """Cancel queued and running requests (they finish with ``cancelled``), then free the model."""
-        with self._state_lock:
-            if self._closed:
-                return
-            self._closed = True
-            for cancel in self._active:
-                cancel.set()
-        # Runs after every job already queued (each ends at once, cancelled): FIFO.
-        freed = self._executor.submit(self._free)
-        try:
-            await asyncio.shield(asyncio.wrap_future(freed))
-        finally:
-            self._executor.shutdown(wait=False)
-
-    # -- worker side
-
-    def _free(self) -> None:
-        if self._embedder is not None:
-            self._embedder.close()
-            self._embedder = None
-        self._llm.close()
-        trim_heap()
-
-    def _prepare_chat(self, turns: list[dict[str, str]]) -> tuple[list[int], list[str]]:
-        assert self._formatter is not None
-        try:
-            result = self._formatter(messages=turns)  # type: ignore[arg-type]
-        except Exception as exc:  # the template may raise anything (raise_exception, jinja2 errors)
-            raise BadRequestError(f"the model's chat template rejected the messages: {exc}") from exc
-        tokens = self._llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
-        stop = result.stop or []
-        return tokens, [stop] if isinstance(stop, str) else list(stop)
-
-    def _prepare_completion(self, prompt: str) -> tuple[list[int], list[str]]:
-        tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-        if not tokens:
-            bos = self._llm.token_bos()
-            if bos < 0:
-                raise BadRequestError("prompt must not be empty")
-            tokens = [bos]
-        return tokens, []
-
-    def _generate(self, job: _Generation) -> None:
-        """Run one generation to its end, emitting events (worker thread)."""
-        if job.cancel.is_set():
-            job.emit(Finished("cancelled", Usage(0, 0)))
-            return
-        try:
-            job.emit(self._generate_events(job))
-        except AgentError as exc:
-            job.emit(exc)
-        except Exception as exc:  # a native failure: wrap it at the seam
-            error = InferenceError(f"model {self._spec.name!r}: generation failed: {exc}{_native_detail()}")
-            error.__cause__ = exc
-            job.emit(error)
-
-    def _generate_events(self, job: _Generation) -> Finished:
-        """Emit the TextDelta events of ``job`` and return its Finished event."""
-        params = job.params
-        tokens, template_stops = job.prepare()
-        n_ctx = self._llm.n_ctx()
-        if len(tokens) >= n_ctx:
-            raise BadRequestError(f"the prompt is {len(tokens)} tokens; the model's context holds {n_ctx}")
-        budget = min(params.max_tokens, n_ctx - len(tokens))
-        seed = params.seed % _SEED_MODULUS if params.seed is not None else secrets.randbelow(_SEED_MODULUS)
-        self._llm.set_seed(seed)
-        self._llm.reset()  # type: ignore[no-untyped-call]  # no prefix reuse: results never depend on earlier requests
-        scanner = _StopScanner([*params.stop, *template_stops])
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        generated = 0
-        finish: FinishReason = "length"
-        stopped = False
-        tokens_out = self._llm.generate(
-            tokens,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-        )
-        with contextlib.closing(tokens_out):
-            for token in tokens_out:
-                if job.cancel.is_set():
-                    finish = "cancelled"
-                    break
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                text, stopped = scanner.feed(decoder.decode(self._llm.detokenize([token])))
-                if text:
-                    job.emit(TextDelta(text))
-                if stopped:
-                    finish = "stop"
-                    break
-                if generated >= budget:
-                    break
-        if not stopped and finish != "cancelled":
-            text, stopped = scanner.feed(decoder.decode(b"", final=True))
-            text += "" if stopped else scanner.flush()
-            if text:
-                job.emit(TextDelta(text))
-            if stopped:
-                finish = "stop"
-        return Finished(finish, Usage(prompt_tokens=len(tokens), completion_tokens=generated))
-
-    def _embed_sync(self, texts: list[str]) -> EmbeddingResult:
-        batches = [self._llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in texts]
+        batches = [self._tokenize(t, add_special=True, special=False) for t in texts]
         for i, tokens in enumerate(batches):
             if len(tokens) > EMBEDDING_MAX_TOKENS:
                 raise BadRequestError(
                     f"input {i} is {len(tokens)} tokens; at most {EMBEDDING_MAX_TOKENS} can be embedded"
                 )
-        if self._embedder is None:
-            with native_load_lock:
-                trim_heap()
-                before = resident_bytes()
-                self._embedder = _EmbeddingContext(self._llm.model, self._spec.threads)
-                trim_heap()
-                measured = resident_bytes() - before
-            self._memory_bytes += max(measured, _kv_cache_bytes(self._llm, EMBEDDING_MAX_TOKENS))
-        vectors = [self._embedder.embed(tokens) for tokens in batches]
-        return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(t) for t in batches))
+        with self._state_lock:
+            self._check_open()
+            future = self._loop.submit_job(lambda: self._embed_sync(batches))
+        result: EmbeddingResult = await asyncio.wrap_future(future)
+        return result
+
+    async def aclose(self) -> None:
+        """Cancel waiting and running requests (they finish with ``cancelled``), then free the model."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+        await asyncio.shield(asyncio.wrap_future(self._loop.stop()))
+
+    # -- diagnostics for tests
+
+    async def _slot_histories(self) -> list[tuple[int, int, bool]]:
+        """For tests: per slot, the tokens it holds, its KV cache's positions, whether a request runs in it."""
+        histories: list[tuple[int, int, bool]] = await asyncio.wrap_future(
+            self._loop.submit_job(self._loop.slot_histories)
+        )
+        return histories
 
     # -- event-loop side
 
@@ -489,62 +991,115 @@ class LlamaModel(LoadedModel):
         if self._closed:
             raise InferenceError(f"model {self._spec.name!r} is closed")
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    def _tokenize(self, text: str, *, add_special: bool, special: bool) -> list[int]:
         with self._state_lock:
             self._check_open()
-            return self._executor.submit(fn, *args)
+            return self._native.tokenize(text, add_special, special)
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` on the worker thread (queued FIFO behind earlier requests) and return its result."""
-        future = self._submit(self._wrap_errors, fn, *args)
-        return await asyncio.wrap_future(future)
-
-    def _wrap_errors(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _prepare_chat(self, turns: list[dict[str, str]]) -> tuple[list[int], list[str]]:
+        assert self._formatter is not None
         try:
-            return fn(*args)
+            result = self._formatter(messages=turns)  # type: ignore[arg-type]
+        except Exception as exc:  # the template may raise anything (raise_exception, jinja2 errors)
+            raise BadRequestError(f"the model's chat template rejected the messages: {exc}") from exc
+        tokens = self._tokenize(result.prompt, add_special=not result.added_special, special=True)
+        stop = result.stop or []
+        return tokens, [stop] if isinstance(stop, str) else list(stop)
+
+    def _prepare_completion(self, prompt: str) -> tuple[list[int], list[str]]:
+        tokens = self._tokenize(prompt, add_special=True, special=True)
+        if not tokens:
+            if self._native.bos < 0:
+                raise BadRequestError("prompt must not be empty")
+            tokens = [self._native.bos]
+        return tokens, []
+
+    def _embed_sync(self, batches: list[list[int]]) -> EmbeddingResult:
+        """Embed tokenized texts (decode thread, between two steps)."""
+        try:
+            if self._embedder is None:
+                with native_load_lock:
+                    trim_heap()
+                    before = resident_bytes()
+                    self._embedder = _EmbeddingContext(self._native.model, self._spec.threads)
+                    trim_heap()
+                    measured = resident_bytes() - before
+                self._memory_bytes += max(measured, _kv_cache_bytes(self._native.model, EMBEDDING_MAX_TOKENS))
+            vectors = []
+            for tokens in batches:
+                vectors.append(self._embedder.embed(tokens))
+                self._loop.beat()  # a long list of texts is progress, not a wedged thread
         except AgentError:
             raise
         except Exception as exc:
             raise InferenceError(f"model {self._spec.name!r}: {exc}{_native_detail()}") from exc
+        return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(t) for t in batches))
 
-    async def _stream(self, prepare: _PreparePrompt, params: SamplingParams) -> AsyncGenerator[GenerationEvent, None]:
+    async def _stream(
+        self,
+        prepare: Callable[[], tuple[list[int], list[str]]],
+        size: int,
+        params: SamplingParams,
+        admission: Admission,
+    ) -> AsyncGenerator[GenerationEvent, None]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(item: _Item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
-                cancel.set()
-
+        started = loop.time()
+        tokens, template_stops = await asyncio.to_thread(prepare) if size > _INLINE_PREPARE_CHARS else prepare()
+        slot_ctx = self._native.slot_ctx
+        if len(tokens) >= slot_ctx:
+            raise BadRequestError(f"the prompt is {len(tokens)} tokens; the model's context holds {slot_ctx}")
+        inbox: Inbox[_Event] = Inbox(loop)
+        request = _Request(
+            tokens,
+            params,
+            (*params.stop, *template_stops),
+            min(params.max_tokens, slot_ctx - len(tokens)),
+            inbox,
+            report_admission=admission.on_admitted is not None,
+        )
         with self._state_lock:
             self._check_open()
-            future = self._executor.submit(self._generate, _Generation(prepare, params, cancel, emit))
-            self._active.add(cancel)
-        future.add_done_callback(lambda _: self._forget(cancel))
+            request.ticket = self._queue.submit(request, len(tokens), admission.priority)
+        self._loop.wake()
+        timer = None
+        if admission.timeout_s is not None:
+            timer = loop.call_at(started + admission.timeout_s, self._expire, request, admission.timeout_s)
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, AgentError):
-                    raise item
-                yield item
-                if isinstance(item, Finished):
+                item = await inbox.get()
+                if type(item) is TextDelta:
+                    yield item
+                elif type(item) is Finished:
+                    yield item
                     return
+                elif isinstance(item, _Admitted):
+                    if admission.on_admitted is not None:
+                        admission.on_admitted(item.waited)
+                else:
+                    assert isinstance(item, AgentError)
+                    raise item
         finally:
-            cancel.set()
-            future.cancel()
+            if timer is not None:
+                timer.cancel()
+            if not request.done:
+                request.cancelled = True
+                self._queue.withdraw(request.ticket)
+                self._loop.wake()
 
-    def _forget(self, cancel: threading.Event) -> None:
-        with self._state_lock:
-            self._active.discard(cancel)
-
-
-def _kv_cache_bytes(llm: llama_cpp.Llama, n_ctx: int) -> int:
-    """Bytes of an f16 KV cache holding ``n_ctx`` tokens (an estimate: assumes K and V heads of equal size)."""
-    model = llm.model
-    n_layer = int(llama_cpp.llama_model_n_layer(model))
-    n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
-    n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
-    head_dim = int(llama_cpp.llama_model_n_embd(model)) // n_head
-    return 2 * n_ctx * n_layer * n_head_kv * head_dim * _F16_BYTES
+    def _expire(self, request: _Request, timeout: float) -> None:
+        """The request's deadline passed (event loop): end its stream with a clear error, free its place."""
+        if request.done or request.cancelled:
+            return
+        ticket = request.ticket
+        assert ticket is not None
+        ahead = self._queue.position(ticket)
+        if ahead is not None and self._queue.withdraw(ticket):
+            where = f"while waiting for a slot ({ahead} requests ahead of it, all {self._native.n_slots} slots busy)"
+        else:
+            where = f"while generating, after {request.generated} tokens"
+        request.cancelled = True
+        self._loop.wake()
+        request.inbox.put(
+            DeadlineExceededError(f"the request to model {self._spec.name!r} passed its {timeout:g} s deadline {where}")
+        )
+        request.inbox.wake()

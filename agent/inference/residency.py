@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from agent.errors import AgentError, EngineLoadError, InferenceError, MemoryBudgetError
-from agent.inference.base import LoadedModel, ModelSpec
+from agent.inference.base import LoadedModel, LoadStats, ModelSpec
 
 __all__ = ["LoadedInfo", "ModelPool"]
 
@@ -161,6 +161,26 @@ class ModelPool:
             )
             for e in sorted(entries, key=lambda e: (e.spec.name, e in self._retiring))
         ]
+
+    def load_stats(self) -> dict[str, LoadStats]:
+        """Admission queue and slots of each resident model that has them, by name (current version first)."""
+        stats: dict[str, LoadStats] = {}
+        for entry in itertools.chain(self._current.values(), self._retiring):
+            if entry.model is not None and entry.spec.name not in stats:
+                snapshot = entry.model.load_stats()
+                if snapshot is not None:
+                    stats[entry.spec.name] = snapshot
+        return stats
+
+    def stalled(self, limit_s: float) -> dict[str, float]:
+        """Resident models whose engine thread has owed progress for more than ``limit_s`` seconds, by name."""
+        stalled: dict[str, float] = {}
+        for entry in self._all():
+            if entry.model is not None:
+                seconds = entry.model.stalled_s()
+                if seconds > limit_s:
+                    stalled[entry.spec.name] = max(seconds, stalled.get(entry.spec.name, 0.0))
+        return stalled
 
     async def unload(self, name: str) -> bool:
         """Retire every version of ``name``: idle ones are unloaded now, in-use ones when their users finish.

@@ -1,0 +1,156 @@
+"""Admission control through the local API: 429 + Retry-After, priority classes, deadlines, scheduler metrics.
+
+A real ApiServer on a unix socket in the test's event loop, the real SmolLM2 with one slot and a queue of two,
+and aiohttp's client over the socket. A streaming request that counts forever holds the slot while a test runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.api import ApiServer, ApiState, TokenStore
+from agent.config import AgentConfig, ApiConfig, InferenceConfig
+from agent.inference import ModelPool
+from agent.registry import Registry
+
+pytestmark = pytest.mark.component
+
+LLM = "smollm2-135m-instruct"
+ENDLESS = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
+@dataclass
+class Served:
+    session: aiohttp.ClientSession
+    pool: ModelPool
+
+    async def complete(self, headers: dict[str, str] | None = None, **body: Any) -> tuple[int, dict[str, Any], str]:
+        payload = {"model": LLM, "prompt": "The sky is", "max_tokens": 2, "temperature": 0, **body}
+        async with self.session.post("http://agent/v1/completions", json=payload, headers=headers or {}) as reply:
+            return reply.status, dict(reply.headers), await reply.text()
+
+    async def metrics(self) -> str:
+        async with self.session.get("http://agent/metrics") as reply:
+            return await reply.text()
+
+
+@pytest.fixture
+async def served(tmp_path: Path, smollm2_path: Path) -> AsyncIterator[Served]:
+    """The agent with SmolLM2 at one slot and at most two waiting requests."""
+    config = AgentConfig(
+        state_dir=tmp_path / "state",
+        api=ApiConfig(socket_path=tmp_path / "run" / "api.sock"),
+        inference=InferenceConfig(n_ctx=2048, n_parallel=1, n_threads=2, max_queue=2),
+    )
+    registry = Registry.open(config.state_dir, config.registry)
+    registry.recover()
+    registry.import_file(smollm2_path, name=LLM, variant="q4_1")
+    tokens = TokenStore.open(config.state_dir)
+    pool = ModelPool(config.inference.memory_budget_bytes)
+    try:
+        async with (
+            ApiServer(ApiState(config=config, registry=registry, pool=pool, tokens=tokens)),
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(config.api.socket_path))) as session,
+        ):
+            yield Served(session, pool)
+    finally:
+        await pool.aclose()
+        tokens.close()
+        registry.close()
+
+
+@contextlib.asynccontextmanager
+async def _slot_held(served: Served) -> AsyncIterator[None]:
+    """A streaming request generating from ENDLESS holds the only slot for the duration of the block."""
+    started = asyncio.Event()
+
+    async def hog() -> None:
+        payload = {"model": LLM, "prompt": ENDLESS, "max_tokens": 1500, "temperature": 0, "stream": True}
+        async with served.session.post("http://agent/v1/completions", json=payload) as reply:
+            assert reply.status == 200
+            async for _ in reply.content:
+                started.set()
+
+    task = asyncio.create_task(hog())
+    await asyncio.wait_for(started.wait(), timeout=60)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _waiting(served: Served, count: int) -> None:
+    for _ in range(200):
+        stats = served.pool.load_stats().get(LLM)
+        if stats is not None and stats.waiting == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never saw {count} waiting requests: {served.pool.load_stats()}")
+
+
+async def test_full_queue_answers_429_with_retry_after_and_metrics_show_it(served: Served) -> None:
+    """With the slot busy and two requests waiting, a third gets 429 + Retry-After; /metrics shows queue and slots."""
+    async with _slot_held(served):
+        waiting = [asyncio.create_task(served.complete()) for _ in range(2)]
+        await _waiting(served, 2)
+        status, headers, text = await served.complete()
+        assert status == 429, text
+        assert int(headers["Retry-After"]) >= 1
+        assert json.loads(text)["error"]["code"] == "queue_full"
+        metrics = await served.metrics()
+        assert f'edge_agent_scheduler_waiting{{model="{LLM}",priority="interactive"}} 2.0' in metrics
+        assert f'edge_agent_scheduler_slots_busy{{model="{LLM}"}} 1.0' in metrics
+        assert f'edge_agent_scheduler_rejected_total{{model="{LLM}"}} 1.0' in metrics
+    results = await asyncio.wait_for(asyncio.gather(*waiting), timeout=60)
+    assert [status for status, _, _ in results] == [200, 200]
+    assert f'edge_agent_queue_wait_seconds_count{{model="{LLM}"}}' in await served.metrics()
+
+
+async def test_interactive_request_overtakes_a_queued_batch_request(served: Served) -> None:
+    """A batch request (X-Priority header) queued before an interactive one (body field) is served after it."""
+    finished: list[str] = []
+
+    async def run(tag: str, **kwargs: Any) -> None:
+        status, _, text = await served.complete(**kwargs)
+        assert status == 200, text
+        finished.append(tag)
+
+    async with _slot_held(served):
+        batch = asyncio.create_task(run("batch", headers={"X-Priority": "batch"}))
+        await _waiting(served, 1)
+        interactive = asyncio.create_task(run("interactive", priority="interactive"))
+        await _waiting(served, 2)
+    await asyncio.wait_for(asyncio.gather(batch, interactive), timeout=60)
+    assert finished == ["interactive", "batch"]
+
+
+async def test_deadline_passed_while_queued_answers_504(served: Served) -> None:
+    """A request whose X-Request-Deadline-Ms passes while it waits for the busy slot gets 504 deadline_exceeded."""
+    async with _slot_held(served):
+        status, _, text = await served.complete(headers={"X-Request-Deadline-Ms": "300"})
+        assert status == 504, text
+        error = json.loads(text)["error"]
+        assert error["code"] == "deadline_exceeded"
+        assert "while waiting for a slot" in error["message"]
+        status, _, text = await served.complete(timeout=0.3)
+        assert status == 504, text
+
+
+async def test_bad_priority_or_deadline_is_a_400(served: Served) -> None:
+    """An unknown priority class or a malformed deadline header is refused with 400 before any work."""
+    status, _, text = await served.complete(priority="urgent")
+    assert status == 400
+    assert json.loads(text)["error"]["param"] == "priority"
+    status, _, _ = await served.complete(headers={"X-Request-Deadline-Ms": "soon"})
+    assert status == 400
