@@ -9,20 +9,19 @@ whether or not ``serve`` runs — and then show every device offline once its la
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli_common import reports_errors
 from controller.config import BrokerConfig, ControllerConfig, FleetConfig
-from controller.errors import ControllerError, EnrollmentError
+from controller.errors import EnrollmentError
 from controller.home import FleetHome
 from controller.store import DeviceRow, is_online
 from protocols.limits import MODEL_NAME_RE, VARIANT_RE
@@ -38,24 +37,11 @@ __all__ = ["broker", "controller_group", "device", "devices", "init", "serve"]
 # ``pass_obj`` rather than the by-class decorator: works when the root runs as ``python -m controller.cli``.
 pass_context = click.pass_obj
 
-P = ParamSpec("P")
-T = TypeVar("T")
 
 MODEL_SPEC_RE = re.compile(
     rf"(?P<name>{MODEL_NAME_RE.pattern})@(?P<version>[1-9][0-9]{{0,18}}):(?P<variant>{VARIANT_RE.pattern})"
 )
 SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def _errors(fn: Callable[P, T]) -> Callable[P, T]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except ControllerError as exc:
-            raise click.ClickException(exc.diagnostics()) from exc
-
-    return wrapper
 
 
 def _open_home(ctx: FleetContext) -> FleetHome:
@@ -90,7 +76,7 @@ def _open_home(ctx: FleetContext) -> FleetHome:
     help="Signatures needed (and keys made) for a TUF role: root, targets, snapshot, timestamp (repeatable).",
 )
 @pass_context
-@_errors
+@reports_errors
 def init(
     ctx: FleetContext,
     broker_host: str,
@@ -140,7 +126,7 @@ def broker() -> None:
 
 @broker.command("config")
 @pass_context
-@_errors
+@reports_errors
 def broker_config(ctx: FleetContext) -> None:
     """Rewrite mosquitto.conf, the ACL and the CRL from fleet.toml and the fleet DB."""
     home = _open_home(ctx)
@@ -157,7 +143,7 @@ def controller_group() -> None:
 @controller_group.command("add")
 @click.argument("name")
 @pass_context
-@_errors
+@reports_errors
 def controller_add(ctx: FleetContext, name: str) -> None:
     """Issue a certificate for another controller NAME and allow it in the ACL."""
     files = _open_home(ctx).add_controller(name)
@@ -180,7 +166,7 @@ def device() -> None:
 @click.option("--days", type=click.IntRange(1), default=730, show_default=True, help="Certificate validity.")
 @click.option("--force", is_flag=True, help="Re-enroll a device that is enrolled (revokes its old credentials).")
 @pass_context
-@_errors
+@reports_errors
 def device_enroll(ctx: FleetContext, name: str, out: Path | None, days: int, force: bool) -> None:
     """Issue credentials for device NAME and write its provisioning bundle (0600)."""
     home = _open_home(ctx)
@@ -194,7 +180,7 @@ def device_enroll(ctx: FleetContext, name: str, out: Path | None, days: int, for
 @device.command("revoke")
 @click.argument("name")
 @pass_context
-@_errors
+@reports_errors
 def device_revoke(ctx: FleetContext, name: str) -> None:
     """Revoke device NAME: fleet DB, CRL and ACL."""
     home = _open_home(ctx)
@@ -242,7 +228,7 @@ def _desired(row: DeviceRow, spec: str, sha256: str | None, length: int | None, 
 @click.option("--length", type=click.IntRange(1), default=None, help="The blob's length in bytes (likewise).")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default=None, help="Target file format.")
 @pass_context
-@_errors
+@reports_errors
 def device_assign(
     ctx: FleetContext, device_id: str, models: tuple[str, ...], sha256: str | None, length: int | None, fmt: str | None
 ) -> None:
@@ -330,7 +316,7 @@ def _hardware_text(hardware: dict[str, Any]) -> str:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @pass_context
-@_errors
+@reports_errors
 def devices(ctx: FleetContext, as_json: bool) -> None:
     """List devices: online/offline (with last-seen age), agent version, hardware, models, audit head."""
     home = _open_home(ctx)
@@ -363,7 +349,7 @@ def devices(ctx: FleetContext, as_json: bool) -> None:
 @click.argument("device_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_context
-@_errors
+@reports_errors
 def device_show(ctx: FleetContext, device_id: str, as_json: bool) -> None:
     """Everything known about DEVICE_ID: status, state, assignments, recent reports and rejections."""
     home = _open_home(ctx)
@@ -375,11 +361,15 @@ def device_show(ctx: FleetContext, device_id: str, as_json: bool) -> None:
         assignments = store.assignments(device_id)
         reports = store.reports(device_id, limit=20)
         rejections = store.rejections(device_id, limit=20)
+        labels = store.labels().get(device_id, {})
+        groups = sorted(name for name, members in store.groups().items() if device_id in members)
     finally:
         store.close()
     summary = _summary(row, time.time(), home.config.controller.heartbeat_timeout_s)
     info = {
         **summary,
+        "labels": labels,
+        "groups": groups,
         "signing_keyid": row.signing_keyid,
         "cert_serial": row.cert_serial,
         "state": row.state,
@@ -400,6 +390,13 @@ def device_show(ctx: FleetContext, device_id: str, as_json: bool) -> None:
     console.print(f"[bold]{row.id}[/]  {summary['status']}  last seen {_age(summary['last_seen_age_s'])} ago")
     console.print(f"agent {row.agent_version or '-'}  hardware: {_hardware_text(summary['hardware'])}")
     console.print(f"signing key {row.signing_keyid}  certificate serial {row.cert_serial}")
+    if labels or groups:  # what rollout selectors match (docs/rollouts.md)
+        console.print(
+            "labels "
+            + (", ".join(f"{k}={v}" for k, v in labels.items()) or "-")
+            + "  groups "
+            + (", ".join(groups) or "-")
+        )
     models = Table("model", "version", "variant", "state", "loaded", title="models")
     for m in (row.state or {}).get("models", []):
         models.add_row(m["name"], str(m["version"]), m["variant"], m["state"], "yes" if m.get("loaded") else "")
@@ -437,7 +434,7 @@ def device_show(ctx: FleetContext, device_id: str, as_json: bool) -> None:
 
 @click.command()
 @pass_context
-@_errors
+@reports_errors
 def serve(ctx: FleetContext) -> None:
     """Run the controller daemon: inventory, reports and acks, assignment publishing (SIGTERM stops it)."""
     import sys

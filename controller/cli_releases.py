@@ -1,39 +1,33 @@
 """Release commands: ``model add/publish/list``, ``keys rotate/list`` and ``deploy`` (controller.releases).
 
 ``model add`` stages a target, ``model publish`` signs it into the repository (targets, snapshot, timestamp);
-``edge-fleet serve`` then publishes the metadata as retained messages and serves the blobs. ``deploy`` writes a
-signed assignment naming a *published* target, so a device only ever hears of releases TUF can verify.
+``edge-fleet serve`` then publishes the metadata as retained messages and serves the blobs. ``deploy``
+(:mod:`controller.cli_rollouts`) writes signed assignments naming *published* targets only, so a device only ever
+hears of releases TUF can verify.
 """
 
 from __future__ import annotations
 
-import functools
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli_common import reports_errors
 from controller.cli_models import model_group
-from controller.errors import ControllerError, EnrollmentError
 from controller.home import FleetHome
 from controller.releases import ROLES, ModelDetails, ReleaseError, ReleaseRepository, TargetEntry, write_bundle
+from controller.rollout import parse_size
 from protocols.limits import MODEL_NAME_RE, VARIANT_RE
-from protocols.link import seal
-from protocols.messages import Assignment, DesiredModel
-from protocols.topics import TopicKind
 
 if TYPE_CHECKING:
     from controller.cli import FleetContext
 
-__all__ = ["deploy", "keys_group"]
+__all__ = ["keys_group"]
 
-P = ParamSpec("P")
-T = TypeVar("T")
 
 RELEASE_SPEC_RE = re.compile(
     rf"(?P<name>{MODEL_NAME_RE.pattern})@(?P<version>[1-9][0-9]{{0,18}})(?::(?P<variant>{VARIANT_RE.pattern}))?"
@@ -41,17 +35,6 @@ RELEASE_SPEC_RE = re.compile(
 
 
 _pass_context = click.pass_obj  # the FleetContext made by controller.cli.main
-
-
-def _errors(fn: Callable[P, T]) -> Callable[P, T]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except ControllerError as exc:
-            raise click.ClickException(exc.diagnostics()) from exc
-
-    return wrapper
 
 
 def _repo(ctx: FleetContext) -> ReleaseRepository:
@@ -69,6 +52,13 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _size_option(text: str, hint: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from exc
+
+
 # --- model add / publish / list ---------------------------------------------------------------------------
 
 
@@ -80,14 +70,16 @@ def _size(n: int) -> str:
 @click.option("--quant", default="", help="Quantization (default: the variant).")
 @click.option("--params", type=click.IntRange(0), default=0, help="Parameter count.")
 @click.option("--context-length", type=click.IntRange(0), default=0, help="Context length in tokens.")
-@click.option("--min-ram", "min_ram", type=click.IntRange(0), default=0, help="Minimum device RAM in bytes.")
+@click.option(
+    "--min-ram", "min_ram", default="0", help="Minimum device RAM budget, in bytes or with a unit (512M, 2G)."
+)
 @click.option("--arch", multiple=True, help="Allowed CPU architecture, e.g. x86_64 (repeatable; none = any).")
 @click.option("--accelerator", multiple=True, help="Required accelerator, one of (repeatable; none = any).")
 @click.option("--licence", default="unknown", show_default=True, help="Licence identifier.")
 @click.option("--chunk-size", type=click.IntRange(4096, 1024 * 1024), default=256 * 1024, show_default=True)
 @click.option("--mirror", multiple=True, help="An HTTP(S) URL serving the same bytes (repeatable).")
 @_pass_context
-@_errors
+@reports_errors
 def model_add(
     ctx: FleetContext,
     file: Path,
@@ -97,7 +89,7 @@ def model_add(
     quant: str,
     params: int,
     context_length: int,
-    min_ram: int,
+    min_ram: str,
     arch: tuple[str, ...],
     accelerator: tuple[str, ...],
     licence: str,
@@ -109,7 +101,7 @@ def model_add(
         quant=quant,
         params=params,
         context_length=context_length,
-        min_ram_bytes=min_ram,
+        min_ram_bytes=_size_option(min_ram, "--min-ram"),
         arch=arch,
         accelerators=accelerator,
         licence=licence,
@@ -122,7 +114,7 @@ def model_add(
 
 @model_group.command("publish")
 @_pass_context
-@_errors
+@reports_errors
 def model_publish(ctx: FleetContext) -> None:
     """Sign the staged targets: new targets, snapshot and timestamp metadata."""
     repo = _repo(ctx)
@@ -135,7 +127,7 @@ def model_publish(ctx: FleetContext) -> None:
 
 @model_group.command("list")
 @_pass_context
-@_errors
+@reports_errors
 def model_list(ctx: FleetContext) -> None:
     """The repository's model targets, published and staged."""
     table = Table("target", "size", "sha256", "format", "chunks", "status")
@@ -160,19 +152,38 @@ def keys_group() -> None:
 
 
 @keys_group.command("rotate")
-@click.argument("role", type=click.Choice(ROLES))
+@click.argument("role", type=click.Choice([*ROLES, "assignments"]))
 @_pass_context
-@_errors
+@reports_errors
 def keys_rotate(ctx: FleetContext, role: str) -> None:
-    """Replace ROLE's keys through a new root signed by the old root keys (and the new ones for root)."""
+    """Replace ROLE's keys through a new root signed by the old root keys (and the new ones for root).
+
+    ``assignments``: a new assignment key, published as the TUF target keys/assignments.json (signed by the
+    targets role); devices then accept only assignments signed by it. Every device's newest assignment is
+    re-signed with it under a new generation. Restart `edge-fleet serve` to sign with the new key.
+    """
+    if role == "assignments":
+        _rotate_assignment_key(ctx)
+        return
     repo = _repo(ctx)
     new = repo.rotate_keys(role)
     click.echo(f"{role}: new key(s) {', '.join(new)}; root v{repo.versions('root')[-1]}")
 
 
+def _rotate_assignment_key(ctx: FleetContext) -> None:
+    """New assignment key → keys/assignments.json (TUF) → re-signed assignments (controller.assignment_keys)."""
+    from controller.assignment_keys import rotate_assignment_key
+
+    done = rotate_assignment_key(FleetHome.open(ctx.home), _repo(ctx))
+    click.echo(
+        f"assignments: new key {done.keyid}; published keys/assignments.json in targets v{done.targets_version}; "
+        f"re-signed {done.resigned} assignment(s); restart `edge-fleet serve` to sign with the new key"
+    )
+
+
 @keys_group.command("list")
 @_pass_context
-@_errors
+@reports_errors
 def keys_list(ctx: FleetContext) -> None:
     """Key ids and thresholds of every role in the current root."""
     root = _repo(ctx).load("root").signed
@@ -199,49 +210,11 @@ def _find_release(repo: ReleaseRepository, spec: str) -> TargetEntry:
     return found[0]
 
 
-@click.command("deploy")
-@click.argument("release")
-@click.option("--to", "devices", multiple=True, required=True, help="A device id (repeatable).")
-@_pass_context
-@_errors
-def deploy(ctx: FleetContext, release: str, devices: tuple[str, ...]) -> None:
-    """Make RELEASE (NAME@VERSION[:VARIANT], published) the desired model of each --to device."""
-    home = FleetHome.open(ctx.home)
-    entry = _find_release(_repo(ctx), release)
-    name, version, file = entry.path.split("/")[1:]
-    desired = DesiredModel(
-        name=name,
-        version=int(version),
-        variant=file.rsplit(".", 1)[0],
-        target_path=entry.path,
-        sha256=entry.sha256,
-        length=entry.length,
-    )
-    key = home.assignment_key()
-    store = home.open_store()
-    try:
-        for device_id in devices:
-            row = store.get_device(device_id)
-            if row is None or row.revoked:
-                raise EnrollmentError(f"no enrolled device {device_id!r}")
-            with store.transaction():
-                generation = store.next_generation(device_id)
-                assignment = Assignment(
-                    device=device_id, generation=generation, issued_ts_ms=int(time.time() * 1000), models=(desired,)
-                )
-                store.add_assignment(
-                    device_id, generation, seal(assignment, TopicKind.ASSIGN, [key]), [desired.to_dict()]
-                )
-            click.echo(f"{device_id}: assignment generation {generation} -> {entry.path}")
-    finally:
-        store.close()
-
-
 @model_group.command("bundle")
 @click.argument("release")
 @click.option("--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Bundle file.")
 @_pass_context
-@_errors
+@reports_errors
 def model_bundle(ctx: FleetContext, release: str, out: Path) -> None:
     """Write an offline bundle of RELEASE (NAME@VERSION[:VARIANT]) for `edge-agent models import --bundle`."""
     repo = _repo(ctx)

@@ -29,20 +29,23 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NoReturn, Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import structlog
 
 from agent.errors import AgentError
 from agent.link.outbox import Outbox
 from agent.link.store import LinkStore
-from protocols.errors import ProtocolError, RollbackError
+from protocols.errors import ProtocolError, RollbackError, VerificationError
 from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey
 from protocols.link import open_sealed, seal
 from protocols.messages import Assignment, DesiredModel, ModelRef, Report
 from protocols.topics import TopicKind, device_topic
+
+if TYPE_CHECKING:
+    from agent.link.keyring import ControllerKeyring
 
 __all__ = ["AssignmentVerifier", "Dispatcher", "ModelRecordLike", "ModelRegistry"]
 
@@ -83,10 +86,19 @@ class ModelRegistry(Protocol):
 class AssignmentVerifier:
     """The trust rules for assignments (pure; raises on every failure)."""
 
-    def __init__(self, device: str, keys: Mapping[str, Ed25519PublicKey], threshold: int) -> None:
+    def __init__(
+        self,
+        device: str,
+        keys: Mapping[str, Ed25519PublicKey],
+        threshold: int,
+        *,
+        keyring: ControllerKeyring | None = None,
+    ) -> None:
         self.device = device
         self.keys = dict(keys)
         self.threshold = threshold
+        self.keyring = keyring
+        """When set, the keys come from it (the TUF-published assignment keys, agent/link/keyring.py)."""
         self.topic = device_topic(device, TopicKind.ASSIGN)
 
     def verify(self, data: bytes) -> Assignment:
@@ -96,7 +108,14 @@ class AssignmentVerifier:
             DecodeError: malformed.
             VerificationError: bad or missing controller signatures, or for another device.
         """
-        message = open_sealed(self.topic, data, self.keys, threshold=self.threshold).message
+        keyring = self.keyring
+        keys, threshold = (keyring.keys, keyring.threshold) if keyring is not None else (self.keys, self.threshold)
+        try:
+            message = open_sealed(self.topic, data, keys, threshold=threshold).message
+        except VerificationError:
+            if keyring is not None:
+                keyring.unverified(data)  # a rotated key? refresh the list through TUF, then verify again
+            raise
         assert isinstance(message, Assignment)
         return message
 
@@ -134,6 +153,7 @@ class _Outcome:
     reason: str
     changed: bool
     missing: bool = False
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 class InstallResult(Protocol):
@@ -149,6 +169,8 @@ class InstallResult(Protocol):
     def changed(self) -> bool: ...
     @property
     def retry(self) -> bool: ...
+    @property
+    def metrics(self) -> Mapping[str, float]: ...
 
 
 class ReleaseInstall(Protocol):
@@ -190,6 +212,8 @@ class Dispatcher:
         self.clock = clock
         self.wake = asyncio.Event()
         self._refused: dict[bytes, None] = {}
+        self.audit: Callable[[str, str, Mapping[str, Any]], Awaitable[None]] | None = None
+        """The audit log's hook (the daemon connects it): assignments applied and refused are recorded."""
 
     # --- incoming ---------------------------------------------------------------------------------------
 
@@ -239,6 +263,7 @@ class Dispatcher:
         report = self._report("refusal", "refused", reason[:4000], generation=generation)
         await self.store.run(self._store_refusal, report, reason)
         self.outbox.wake.set()
+        await self._audit("assignment.refused", {"generation": generation, "reason": reason[:1000]})
 
     def _store_refusal(self, report: Report, reason: str) -> None:
         with self.store.transaction():
@@ -295,6 +320,14 @@ class Dispatcher:
                 reports.append(self._report("install", "ok", "no models desired", generation=assignment.generation))
             await self.store.run(self._commit_applied, assignment.generation, reports)
             self.outbox.wake.set()
+            await self._audit(
+                "assignment.applied",
+                {
+                    "generation": assignment.generation,
+                    "rollout_id": assignment.rollout_id,
+                    "outcomes": {o.model.ref.key: f"{o.kind}:{o.outcome}" for o in outcomes},
+                },
+            )
             log.info(
                 "assignment.applied",
                 device_id=self.device,
@@ -321,7 +354,9 @@ class Dispatcher:
                 continue
             result = await self.installer.install(o.model)
             retry = retry or result.retry
-            done.append(_Outcome(o.model, result.kind, result.outcome, result.reason, result.changed))
+            done.append(
+                _Outcome(o.model, result.kind, result.outcome, result.reason, result.changed, metrics=result.metrics)
+            )
             log.info("release.outcome", device_id=self.device, model=o.model.ref.key, outcome=result.outcome)
         return done, retry
 
@@ -360,6 +395,10 @@ class Dispatcher:
         except AgentError as exc:
             return _Outcome(model, "error", "failed", f"cannot activate {model.ref.key}: {exc}", False)
 
+    async def _audit(self, kind: str, data: Mapping[str, Any]) -> None:
+        if self.audit is not None:
+            await self.audit(kind, "controller", data)
+
     # --- reports ----------------------------------------------------------------------------------------
 
     def _model_report(self, assignment: Assignment, outcome: _Outcome, *, reason_prefix: str = "") -> Report:
@@ -369,10 +408,18 @@ class Dispatcher:
             (reason_prefix + outcome.reason)[:4000],
             generation=assignment.generation,
             model=outcome.model.ref,
+            metrics=outcome.metrics,
         )
 
     def _report(
-        self, kind: str, outcome: str, reason: str, *, generation: int | None = None, model: ModelRef | None = None
+        self,
+        kind: str,
+        outcome: str,
+        reason: str,
+        *,
+        generation: int | None = None,
+        model: ModelRef | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> Report:
         return Report(
             report_id=secrets.token_hex(16),
@@ -383,6 +430,7 @@ class Dispatcher:
             reason=reason,
             generation=generation,
             model=model,
+            metrics=dict(metrics or {}),
         )
 
     def _seal(self, report: Report) -> bytes:

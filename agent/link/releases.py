@@ -13,9 +13,12 @@ target by the TUF repository, and both must agree). Steps, each refusing with a 
 6. Install through the registry's state machine with the expected sha256 (length, sha256 and the format's
    header validator again; a hostile GGUF is refused here and never loaded), not yet active.
 7. Health check (injected: load + a fixed prompt at temperature 0 in the daemon); on failure the model is
-   quarantined and the active model is unchanged; on success it is activated.
+   quarantined and the active model is unchanged — the device rolls itself back without the controller, and the
+   report (kept in the outbox until acked) says so when the link is back; on success it is activated.
 
-The outcome is an :class:`InstallOutcome`; ``retry`` marks failures worth retrying later (the link is down).
+The outcome is an :class:`InstallOutcome`; ``retry`` marks failures worth retrying later (the link is down);
+``metrics`` carries what the health check measured (``ttft_ms``, ``tokens_per_s``, ...) into the report, for the
+controller's rollout gates.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -63,8 +66,9 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-HealthCheck = Callable[[Any], Awaitable[None]]
-"""Called with the installed (staged) model record; raises ``AgentError`` if the model is unhealthy."""
+HealthCheck = Callable[[Any], Awaitable[Mapping[str, float] | None]]
+"""Called with the installed (staged) model record; raises ``AgentError`` if the model is unhealthy, else returns
+what it measured (or None)."""
 
 
 @runtime_checkable
@@ -99,6 +103,7 @@ class InstallOutcome:
     reason: str
     changed: bool
     retry: bool = False
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 class ReleaseInstaller:
@@ -226,20 +231,31 @@ class ReleaseInstaller:
                 expected_sha256=target.sha256,
                 activate=False,
                 metadata={"licence": target.fields.licence, "quant": target.fields.quant},
+                move=True,  # the fetcher verified (sha256, length) and fsynced it: no second copy
             )
         except AgentError as exc:
             return InstallOutcome("install", "failed", f"{key}: install refused: {exc}", False)
         finally:
             await asyncio.to_thread(_unlink, dest)
+        metrics: Mapping[str, float] = {}
         if self.health_check is not None:
             try:
-                await self.health_check(record)
+                metrics = await self.health_check(record) or {}
             except AgentError as exc:
                 await asyncio.to_thread(self.registry.quarantine, record, f"health check failed: {exc}")
-                return InstallOutcome("health", "failed", f"{key}: health check failed, quarantined: {exc}", True)
+                log.warning("release.rolled_back_locally", model=key, error=str(exc))
+                return InstallOutcome(
+                    "health",
+                    "failed",
+                    f"{key}: health check failed, quarantined; rolled back locally (the previously active model "
+                    f"stays active): {exc}",
+                    True,
+                )
         await asyncio.to_thread(self.registry.activate, model.name, model.variant, model.version)
-        log.info("release.installed", model=key, target=target.path)
-        return InstallOutcome("install", "ok", f"installed and activated {key} from {target.path}", True)
+        log.info("release.installed", model=key, target=target.path, **metrics)
+        return InstallOutcome(
+            "install", "ok", f"installed and activated {key} from {target.path}", True, metrics=dict(metrics)
+        )
 
 
 def _unlink(path: Path) -> None:

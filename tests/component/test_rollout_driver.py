@@ -1,0 +1,252 @@
+"""The rollout driver over a real fleet DB (SQLite file) with a controlled clock: deadlines, offline devices,
+rollback, pause, and a driver that is replaced between ticks (what a controller restart does).
+
+Devices and their reports are written into the fleet DB exactly as ``serve`` records them (``record_state``,
+``record_report``); the end-to-end path over MQTT is ``tests/integration/test_rollouts.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.releases import TargetEntry
+from controller.rollout import (
+    Candidate,
+    FitPolicy,
+    Gates,
+    RolloutDriver,
+    RolloutError,
+    choose_variant,
+    device_facts,
+    issue_assignment,
+    start_rollout,
+    wave_plan,
+)
+from controller.store import FleetStore
+from protocols.keys import generate_private_key
+from protocols.releases import ModelTargetFields
+
+pytestmark = pytest.mark.component
+
+GiB = 1 << 30
+HEARTBEAT = 10.0
+KEY = generate_private_key()
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _candidate(version: int) -> Candidate:
+    length = 1000
+    fields = ModelTargetFields("gguf", "q4_0", 0, 0, 0, (), (), "mit", length, ("0" * 64,))
+    entry = TargetEntry(f"models/m/{version}/q4_0.gguf", length, f"{version:064x}", fields, True)
+    return Candidate(entry, "m", version, "q4_0", None)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FleetStore]:
+    store = FleetStore.open(tmp_path / "fleet.db")
+    yield store
+    store.close()
+
+
+def _add(store: FleetStore, device: str, *, online: bool, now: float) -> None:
+    with store.transaction():
+        store.add_device(
+            device,
+            cert_serial=secrets.randbits(64),
+            cert_not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+            signing_keyid="k",
+            signing_key_pem="-",
+        )
+        issue_assignment(store, KEY, device, [_candidate(1).desired], now=now)  # v1 is the previous release
+    hardware = {"arch": "x86_64", "cpu_features": [], "cores": 4, "ram_bytes": 4 * GiB, "ram_budget_bytes": 4 * GiB,
+                "disk_free_bytes": 100 * GiB, "accelerators": []}  # fmt: skip
+    store.record_state(
+        device,
+        status="online" if online else "offline",
+        state={"hardware": hardware, "models": []},
+        state_ts_ms=int(now * 1000),
+        heartbeat=1,
+        agent_version="t",
+        seen=now,
+        now=now,
+    )
+
+
+def _report(
+    store: FleetStore,
+    device: str,
+    generation: int,
+    outcome: str = "ok",
+    kind: str = "install",
+    *,
+    version: int = 2,
+    tps: float = 10.0,
+) -> None:
+    store.record_report(
+        {
+            "report_id": secrets.token_hex(16),
+            "device": device,
+            "ts_ms": int(T0 * 1000),
+            "kind": kind,
+            "outcome": outcome,
+            "reason": "r",
+            "generation": generation,
+            "model": {"name": "m", "version": version, "variant": "q4_0"},
+            "metrics": {"tokens_per_s": tps, "ttft_ms": 50.0},
+        },
+        received_ts=T0,
+    )
+
+
+def _start(store: FleetStore, clock: Clock, waves: tuple[float, ...], timeout: float = 60.0) -> str:
+    facts = device_facts(store, heartbeat_timeout=HEARTBEAT, now=clock.now)
+    choices = [choose_variant(f, [_candidate(2)], FitPolicy()) for f in facts]
+    return start_rollout(
+        store,
+        choices,
+        wave_plan(choices, waves),
+        selector="all",
+        waves=waves,
+        wave_timeout_s=timeout,
+        policy=FitPolicy(),
+        gates=Gates(),
+        now=clock.now,
+    )
+
+
+def _tick(store: FleetStore, clock: Clock) -> None:
+    RolloutDriver(KEY, heartbeat_timeout=HEARTBEAT, clock=clock).tick(store)  # a new driver each time: no state
+
+
+def _devices(store: FleetStore, rollout_id: str) -> dict[str, dict[str, Any]]:
+    return {d["device"]: d for d in store.rollout_devices(rollout_id)}
+
+
+def _keep_online(store: FleetStore, clock: Clock, *devices: str) -> None:
+    for device in devices:
+        store.touch(device, clock.now)
+
+
+def test_silent_device_times_out_at_the_deadline_and_the_rollout_halts_and_rolls_back(store: FleetStore) -> None:
+    """An online canary that never reports fails at the wave deadline; it is rolled back, wave 2 never assigned."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    _add(store, "b", online=True, now=clock.now)
+    rollout_id = _start(store, clock, (50.0, 100.0), timeout=60.0)
+    _tick(store, clock)
+    assert _devices(store, rollout_id)["a"]["status"] == "assigned"
+    assert store.assignments("a", limit=1)[0].generation == 2
+    clock.now += 59
+    _keep_online(store, clock, "a", "b")
+    _tick(store, clock)
+    assert store.rollout(rollout_id)["status"] == "running"  # type: ignore[index]
+    clock.now += 2
+    _keep_online(store, clock, "a", "b")
+    _tick(store, clock)
+    rollout = store.rollout(rollout_id)
+    assert rollout is not None
+    assert rollout["status"] == "halted"
+    assert "install_rate 0.00 < 1.00" in rollout["reason"]
+    devices = _devices(store, rollout_id)
+    assert devices["a"]["status"] == "rolled_back"
+    assert "timeout" in devices["a"]["reason"]
+    newest = store.assignments("a", limit=1)[0]
+    assert newest.generation == 3
+    assert [m["version"] for m in newest.models] == [1]  # back on the previous release
+    _tick(store, clock)
+    assert _devices(store, rollout_id)["b"]["status"] == "skipped"
+    assert [a.generation for a in store.assignments("b")] == [1]  # never received v2
+
+
+def test_offline_device_does_not_block_and_catches_up(store: FleetStore) -> None:
+    """An offline device stops blocking after a heartbeat window; its late report marks it caught up."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    _add(store, "b", online=False, now=clock.now)
+    rollout_id = _start(store, clock, (50.0, 100.0), timeout=600.0)
+    _tick(store, clock)
+    _report(store, "a", 2)
+    _tick(store, clock)  # wave 1 passes on a's report
+    _tick(store, clock)  # wave 2 starts: b is assigned (retained until it returns)
+    assert _devices(store, rollout_id)["b"]["status"] == "assigned"
+    clock.now += HEARTBEAT / 2
+    _tick(store, clock)
+    assert store.rollout(rollout_id)["status"] == "running"  # type: ignore[index]  # still in its grace window
+    clock.now += HEARTBEAT
+    _tick(store, clock)
+    assert store.rollout(rollout_id)["status"] == "completed"  # type: ignore[index]
+    assert _devices(store, rollout_id)["b"]["status"] == "offline"
+    _report(store, "b", 2)  # b returns, installs the retained assignment, reports
+    _tick(store, clock)
+    b = _devices(store, rollout_id)["b"]
+    assert (b["status"], b["caught_up"]) == ("ok", 1)
+    assert json.loads(b["metrics_json"])["tokens_per_s"] == 10.0
+
+
+def test_health_failure_halts_and_a_paused_rollout_waits(store: FleetStore) -> None:
+    """A paused rollout does nothing past its deadline; resumed, a failed health check halts it."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    _add(store, "b", online=True, now=clock.now)
+    rollout_id = _start(store, clock, (50.0, 100.0), timeout=30.0)
+    _tick(store, clock)
+    with store.transaction():
+        store.update_rollout(rollout_id, status="paused", paused_remaining_s=30.0)
+    clock.now += 100
+    _tick(store, clock)
+    assert _devices(store, rollout_id)["a"]["status"] == "assigned"
+    with store.transaction():
+        store.update_rollout(rollout_id, status="running", wave_deadline_ts=clock.now + 30.0)
+    _report(store, "a", 2, outcome="failed", kind="health")
+    _keep_online(store, clock, "a", "b")
+    _tick(store, clock)
+    rollout = store.rollout(rollout_id)
+    assert rollout is not None
+    assert rollout["status"] == "halted"
+    assert "health_rate 0.00 < 1.00" in rollout["reason"]
+    with pytest.raises(RolloutError, match="nothing fits"):
+        start_rollout(
+            store, [], {}, selector="x", waves=(100.0,), wave_timeout_s=1, policy=FitPolicy(), gates=Gates(), now=T0
+        )
+
+
+def test_one_rollout_per_model_at_a_time(store: FleetStore) -> None:
+    """A second rollout of a model whose rollout still runs is refused."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    _start(store, clock, (100.0,))
+    with pytest.raises(RolloutError, match="still running"):
+        _start(store, clock, (100.0,))
+
+
+def test_slower_than_the_previous_model_on_the_same_device_halts(store: FleetStore) -> None:
+    """The canary decodes at 10 % of its own v1 speed: the tokens/s gate fails and the rollout halts."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    _add(store, "b", online=True, now=clock.now)
+    _report(store, "a", 1, version=1, tps=100.0)  # what a measured when it installed v1
+    rollout_id = _start(store, clock, (50.0, 100.0))
+    _tick(store, clock)
+    assert json.loads(_devices(store, rollout_id)["a"]["baseline_json"])["tokens_per_s"] == 100.0
+    _report(store, "a", 2, tps=10.0)
+    _keep_online(store, clock, "a", "b")
+    _tick(store, clock)
+    rollout = store.rollout(rollout_id)
+    assert rollout is not None
+    assert rollout["status"] == "halted"
+    assert "tps_ratio 0.10 < 0.50" in rollout["reason"]
