@@ -4,14 +4,18 @@ DESIGN.md §4: the keys that sign assignments (and acks) are published as the TU
 ``keys/assignments.json``, signed by the targets role, so devices take a new list only from verified metadata
 (rollback and freeze protection) instead of from a re-enrolment. :func:`rotate_assignment_key`:
 
-1. makes a new Ed25519 key and publishes ``{new key}`` as the target (new targets, snapshot, timestamp) — first,
-   so that a failure later leaves devices on the old key, which still signs everything;
-2. retires the old private key to ``keys/retired/`` and installs the new one as the controller's assignment key;
-3. re-signs every device's newest assignment with the new key under a new generation (``serve`` publishes it):
+1. makes a new Ed25519 key and writes it, as pending, next to the current one — before anything is published, so
+   that no device can ever trust a key that exists nowhere; a rotation interrupted after this step is finished
+   by running the command again, which reuses the pending key;
+2. publishes ``{new key}`` as the target (new targets, snapshot, timestamp);
+3. retires the old private key to ``keys/retired/`` and installs the new one as the controller's assignment key
+   (a running ``serve`` notices the file changed and signs with the new key from then on);
+4. re-signs every device's newest assignment with the new key under a new generation (``serve`` publishes it):
    devices that moved to the new list refuse anything signed by the old key, the retained old assignment
    included.
 
-``edge-fleet serve`` loads the key when it starts: restart it afterwards.
+Devices that have not yet refreshed their list refuse acks signed with the new key until they do (a re-signed
+assignment that fails to verify makes them refresh at once); their outbox re-sends, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from controller.errors import HomeError
 from controller.home import FleetHome, atomic_write
 from controller.releases import ReleaseRepository
-from protocols.errors import ProtocolError
-from protocols.keys import generate_private_key, keyid, private_key_to_pem, public_key_to_pem
+from protocols.errors import DecodeError, ProtocolError
+from protocols.keys import generate_private_key, keyid, private_key_from_pem, private_key_to_pem, public_key_to_pem
 from protocols.link import open_sealed, seal
 from protocols.messages import Assignment, DesiredModel
 from protocols.releases import AssignmentKeyList
@@ -49,13 +54,22 @@ def rotate_assignment_key(home: FleetHome, repo: ReleaseRepository) -> Rotation:
         HomeError: the current assignment key cannot be read.
     """
     old = home.assignment_key()
-    key = generate_private_key()
+    pending = home.assignment_key_path.with_name(home.assignment_key_path.name + ".pending")
+    try:
+        key = private_key_from_pem(pending.read_bytes())  # an interrupted rotation: finish it with the same key
+    except FileNotFoundError:
+        key = generate_private_key()
+        atomic_write(pending, private_key_to_pem(key), 0o600)
+    except DecodeError as exc:
+        raise HomeError(f"{pending}: unreadable pending assignment key ({exc}); remove it to start over") from exc
     version = repo.publish_assignment_keys(AssignmentKeyList.of([key.public_key()]))
     retired = home.assignment_key_path.parent / "retired"
     retired.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(retired / f"assignment-{keyid(old)}.key", private_key_to_pem(old), 0o600)
+    if keyid(old) != keyid(key):
+        atomic_write(retired / f"assignment-{keyid(old)}.key", private_key_to_pem(old), 0o600)
     atomic_write(home.assignment_key_path, private_key_to_pem(key), 0o600)
     atomic_write(home.assignment_key_path.with_suffix(".pub"), public_key_to_pem(key))
+    pending.unlink(missing_ok=True)
     store = home.open_store()
     resigned = 0
     try:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller.audit_ingest import AuditIngest
 from controller.home import FleetHome
@@ -50,7 +51,7 @@ from controller.releases import ReleaseRepository
 from controller.rollout import RolloutDriver
 from controller.store import AssignmentRow, FleetStore
 from protocols.errors import ProtocolError
-from protocols.keys import public_key_from_pem
+from protocols.keys import keyid, public_key_from_pem
 from protocols.link import open_sealed, seal
 from protocols.messages import Ack, DeviceState, Report
 from protocols.topics import TopicKind, controller_subscriptions, device_topic, parse_device_topic
@@ -86,6 +87,7 @@ class FleetServer:
         """The audit upload handler (DESIGN.md §6); an ``extra_handlers`` entry for ``audit`` replaces it."""
         self.extra_handlers: dict[TopicKind, ExtraHandler] = {TopicKind.AUDIT: self.audit, **(extra_handlers or {})}
         self._key = home.assignment_key()
+        self._key_stamp = _file_stamp(home.assignment_key_path)
         self.rollouts = RolloutDriver(
             self._key, heartbeat_timeout=self.config.controller.heartbeat_timeout_s, clock=clock
         )
@@ -200,7 +202,29 @@ class FleetServer:
         interval = self.config.controller.assignment_poll_s
         while True:
             await asyncio.sleep(interval)
-            await self.db(self.rollouts.tick, self.store)
+            self.signing_key()  # the driver signs its assignments with the key in force
+            try:
+                await self.db(self.rollouts.tick, self.store)
+            except Exception:  # a bad row or a locked DB must not stop serve; the state is in the DB
+                log.exception("rollout.tick_failed")
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The assignment key, reloaded when ``edge-fleet keys rotate assignments`` replaced its file.
+
+        Devices that took the rotated key list through TUF refuse what the old key signs, so serve must not go on
+        signing acks and rollout assignments with it until someone restarts it.
+        """
+        stamp = _file_stamp(self.home.assignment_key_path)
+        if stamp is not None and stamp != self._key_stamp:
+            try:
+                key = self.home.assignment_key()
+            except Exception as exc:  # a half-written file: keep the key in force, try again next time
+                log.warning("assignment_key.reload_failed", error=str(exc) or type(exc).__name__)
+                return self._key
+            self._key, self._key_stamp = key, stamp
+            self.rollouts.key = key
+            log.info("assignment_key.reloaded", keyid=keyid(key))
+        return self._key
 
     async def _reject(self, message: InboundMessage, device: str | None, reason: str) -> None:
         self.rejected += 1
@@ -279,7 +303,11 @@ class FleetServer:
     async def _after_sealed(
         self, link: ControllerLink, message: InboundMessage, device: str, future: asyncio.Future[Any]
     ) -> None:
-        outcome: _SealedOutcome = await future
+        try:
+            outcome: _SealedOutcome = await future
+        except Exception as exc:  # the job or its group commit failed: no ack, the device re-sends
+            log.warning("ingest.job_failed", device_id=device, error=str(exc) or type(exc).__name__)
+            return
         if outcome.rejected is not None:
             self.rejected += 1
             log.warning("message.rejected", topic=message.topic[:256], device_id=device, reason=outcome.rejected)
@@ -291,7 +319,11 @@ class FleetServer:
                 await self._ack_report(link, outcome.report, new=outcome.new, now=self.clock())
 
     async def _after_audit(self, device: str, future: asyncio.Future[Any]) -> None:
-        result = await future
+        try:
+            result = await future
+        except Exception as exc:  # the job or its group commit failed: no ack, the device re-sends
+            log.warning("ingest.job_failed", device_id=device, error=str(exc) or type(exc).__name__)
+            return
         with contextlib.suppress(NotConnectedError):  # unacked: the device re-sends the batch, stored once
             await self.audit.finish(self, device, result)
 
@@ -300,15 +332,24 @@ class FleetServer:
         ack = Ack(
             device=report.device, ts_ms=int(now * 1000), report_ids=(report.report_id,), duplicate=0 if new else 1
         )
-        await link.publish(device_topic(report.device, TopicKind.ACK), seal(ack, TopicKind.ACK, [self._key]))
+        await link.publish(device_topic(report.device, TopicKind.ACK), seal(ack, TopicKind.ACK, [self.signing_key()]))
         self.acks_sent += 1
         log.info("report.stored", device_id=report.device, report_id=report.report_id, duplicate=not new)
 
     async def send_ack(self, device: str, **fields: Any) -> None:
         """Publish a signed ack to ``device`` (for handlers of other kinds, after their own commit)."""
         ack = Ack(device=device, ts_ms=int(self.clock() * 1000), **fields)
-        await self.link.publish(device_topic(device, TopicKind.ACK), seal(ack, TopicKind.ACK, [self._key]))
+        await self.link.publish(device_topic(device, TopicKind.ACK), seal(ack, TopicKind.ACK, [self.signing_key()]))
         self.acks_sent += 1
+
+
+def _file_stamp(path: os.PathLike[str] | str) -> tuple[int, int] | None:
+    """Inode and mtime: a file replaced atomically (a new inode) is noticed even within one clock tick."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _mark_published_job(rows: list[AssignmentRow], now: float) -> Job:

@@ -857,9 +857,15 @@ class RolloutDriver:
                 continue  # an "offline" device reporting late is one catching up
             target = json.loads(d["target_json"])
             outcome = None
-            for report in store.reports_for(d["device"], int(d["generation"])):
+            # a newer assignment (a key rotation re-signs, another deploy) may replace ours before the device
+            # applies it: a report on a later generation counts when it is about this very release
+            for report in store.reports_since(d["device"], int(d["generation"])):
                 model = json.loads(report["model"]) if report["model"] else {}
                 if model.get("name") != target["name"]:
+                    continue
+                if report["generation"] != d["generation"] and (
+                    model.get("version") != target["version"] or model.get("variant") != target["variant"]
+                ):
                     continue
                 outcome = report
                 if report["outcome"] != "ok" or report["kind"] in ("install", "health"):
@@ -895,8 +901,13 @@ class RolloutDriver:
         for d in store.rollout_devices(rollout_id):
             if d["status"] not in REACHED and not (d["status"] == "offline" and d["generation"] is not None):
                 continue
-            previous = [DesiredModel(**m) for m in json.loads(d["previous_json"])]
-            generation = issue_assignment(store, self.key, d["device"], previous, rollout_id=rollout_id, now=now)
+            # only this release's family goes back to what it was; whatever else was assigned since (another
+            # model's rollout, a deploy) stays
+            name = json.loads(d["target_json"])["name"]
+            kept = [DesiredModel(**dict(m)) for m in current_models(store, d["device"]) if m["name"] != name]
+            before = [DesiredModel(**m) for m in json.loads(d["previous_json"]) if m["name"] == name]
+            models = [*kept, *before]
+            generation = issue_assignment(store, self.key, d["device"], models, rollout_id=rollout_id, now=now)
             store.update_rollout_device(
                 rollout_id,
                 d["device"],

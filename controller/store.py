@@ -675,10 +675,11 @@ class FleetStore:
             [*values.values(), rollout_id, device],
         )
 
-    def reports_for(self, device: str, generation: int) -> list[dict[str, Any]]:
-        """A device's reports about assignment ``generation``, oldest first."""
+    def reports_since(self, device: str, generation: int) -> list[dict[str, Any]]:
+        """A device's reports about assignment ``generation`` or a newer one, oldest first."""
         return self._rows(
-            "SELECT * FROM reports WHERE device = ? AND generation = ? ORDER BY ts_ms, report_id", [device, generation]
+            "SELECT * FROM reports WHERE device = ? AND generation >= ? ORDER BY generation, ts_ms, report_id",
+            [device, generation],
         )
 
     def model_reports(self, device: str, model: str) -> list[dict[str, Any]]:

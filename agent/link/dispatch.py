@@ -109,7 +109,7 @@ class AssignmentVerifier:
             VerificationError: bad or missing controller signatures, or for another device.
         """
         keyring = self.keyring
-        keys, threshold = (keyring.keys, keyring.threshold) if keyring is not None else (self.keys, self.threshold)
+        keys, threshold = keyring.current if keyring is not None else (self.keys, self.threshold)
         try:
             message = open_sealed(self.topic, data, keys, threshold=threshold).message
         except VerificationError:

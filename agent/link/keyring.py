@@ -40,6 +40,9 @@ __all__ = ["KEYRING_FILE", "ControllerKeyring"]
 
 log = structlog.get_logger(__name__)
 
+RETRY_AFTER_FAILED_REFRESH_S = 30.0
+"""Seconds before a failed refresh is tried again while a refused assignment waits for new keys."""
+
 KEYRING_FILE = "assignment-keys.json"
 """Under the link directory: the last verified key list (canonical JSON)."""
 
@@ -69,6 +72,11 @@ class ControllerKeyring:
             return
         self.listing = listing
         self._current = (listing.public_keys(), listing.threshold)
+
+    @property
+    def current(self) -> tuple[dict[str, Ed25519PublicKey], int]:
+        """The keys and their threshold, read together: :meth:`adopt` may swap them on a worker thread."""
+        return self._current
 
     @property
     def keys(self) -> dict[str, Ed25519PublicKey]:
@@ -105,14 +113,17 @@ class ControllerKeyring:
         )
         return True
 
-    async def refresh(self, lookup: Callable[[], Awaitable[AssignmentKeyList | None]]) -> bool:
-        """Look the list up through TUF and adopt it; False (keys kept) if that fails or nothing changed."""
+    async def refresh(self, lookup: Callable[[], Awaitable[AssignmentKeyList | None]]) -> bool | None:
+        """Look the list up through TUF and adopt it: True if the keys changed, False if not, None if the lookup
+        or the cache write failed (the keys in force are kept: a refresh must never stop the link)."""
         try:
             listing = await lookup()
+            return await asyncio.to_thread(self.adopt, listing)
         except ReleaseError as exc:
             log.info("keyring.refresh_failed", error=str(exc))
-            return False
-        return await asyncio.to_thread(self.adopt, listing)
+        except Exception as exc:  # e.g. a full disk writing the cache: keep the keys, keep running
+            log.warning("keyring.refresh_failed", error=str(exc) or type(exc).__name__)
+        return None
 
     async def run(
         self,
@@ -132,6 +143,11 @@ class ControllerKeyring:
             await connected.wait()
             self.stale.clear()
             changed = await self.refresh(lookup)
+            if changed is None:
+                if self._retry is not None:  # keep the refused assignment and try the refresh again soon
+                    await asyncio.sleep(RETRY_AFTER_FAILED_REFRESH_S)
+                    self.stale.set()
+                continue
             data, self._retry = self._retry, None
             if data is not None and changed:
                 await retry(data)

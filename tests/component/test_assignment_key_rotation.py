@@ -165,3 +165,87 @@ async def test_a_frozen_repository_keeps_the_current_keys(setup: Setup) -> None:
     (setup.repo.metadata_dir / "timestamp.json").write_bytes(b"{}")  # unusable metadata from now on
     assert not await setup.keyring.refresh(setup.updater.assignment_keys)
     assert set(setup.keyring.keys) == {keyid(new)}
+
+
+async def test_an_interrupted_rotation_is_finished_with_the_key_it_published(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the new list is published but before the key is installed: the next run finishes the
+    rotation with the very key the devices were told to trust, never a key that exists nowhere."""
+    old = setup.home.assignment_key()
+    import controller.assignment_keys as rotation
+    from controller.home import atomic_write as real_write
+
+    calls = 0
+
+    def write_then_crash(path: Path, data: bytes, mode: int = 0o644) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the pending key is written; the retirement after the publication fails
+            raise OSError("disk full")
+        real_write(path, data, mode)
+
+    monkeypatch.setattr(rotation, "atomic_write", write_then_crash)
+    result = CliRunner().invoke(fleet_cli, ["--home", str(setup.home.root), "keys", "rotate", "assignments"])
+    assert result.exit_code != 0
+    monkeypatch.setattr(rotation, "atomic_write", real_write)
+    assert keyid(setup.home.assignment_key()) == keyid(old)  # not installed yet...
+    assert await setup.keyring.refresh(setup.updater.assignment_keys)  # ...but published: devices trust it
+    (published,) = setup.keyring.keys
+
+    setup.fleet("keys", "rotate", "assignments")  # the operator runs it again
+    assert keyid(setup.home.assignment_key()) == published
+    setup.verifier.verify(assignment(setup.home.assignment_key(), 2))
+    assert not list(setup.home.assignment_key_path.parent.glob("*.pending"))
+
+
+async def test_a_failed_refresh_keeps_the_refused_assignment_for_the_next_try(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookup fails once (metadata not there yet): the refused assignment is not dropped but verified after
+    the next successful refresh."""
+    import agent.link.keyring as keyring_module
+
+    monkeypatch.setattr(keyring_module, "RETRY_AFTER_FAILED_REFRESH_S", 0.05)
+    setup.fleet("keys", "rotate", "assignments")
+    fresh = assignment(setup.home.assignment_key(), 2)
+    with pytest.raises(VerificationError):
+        setup.verifier.verify(fresh)
+    lookups = 0
+
+    async def flaky_lookup() -> object:
+        nonlocal lookups
+        lookups += 1
+        if lookups == 1:
+            raise OSError("metadata not reachable yet")
+        return await setup.updater.assignment_keys()
+
+    retried: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def retry(data: bytes) -> None:
+        setup.verifier.verify(data)
+        await retried.put(data)
+
+    connected = asyncio.Event()
+    connected.set()
+    task = asyncio.create_task(setup.keyring.run(flaky_lookup, retry, connected=connected))  # type: ignore[arg-type]
+    try:
+        assert await asyncio.wait_for(retried.get(), 30) == fresh
+        assert lookups == 2
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_serve_signs_with_the_rotated_key_without_a_restart(setup: Setup) -> None:
+    """A running ``serve`` picks the rotated key up for its acks and its rollouts' assignments."""
+    from controller.daemon import FleetServer
+
+    server = FleetServer(setup.home)
+    old = keyid(server.signing_key())
+    setup.fleet("keys", "rotate", "assignments")
+    new = keyid(setup.home.assignment_key())
+    assert new != old
+    assert keyid(server.signing_key()) == new
+    assert server.rollouts.key is server.signing_key()

@@ -31,6 +31,7 @@ from controller.rollout import (
 )
 from controller.store import FleetStore
 from protocols.keys import generate_private_key
+from protocols.messages import DesiredModel
 from protocols.releases import ModelTargetFields
 
 pytestmark = pytest.mark.component
@@ -250,3 +251,46 @@ def test_slower_than_the_previous_model_on_the_same_device_halts(store: FleetSto
     assert rollout is not None
     assert rollout["status"] == "halted"
     assert "tps_ratio 0.10 < 0.50" in rollout["reason"]
+
+
+def test_rollback_keeps_what_was_assigned_since_and_only_reverts_this_family(store: FleetStore) -> None:
+    """Another model assigned after the canary was reached survives the rollback; only ``m`` goes back to v1."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    _add(store, "b", online=True, now=clock.now)
+    rollout_id = _start(store, clock, (50.0, 100.0), timeout=60.0)
+    _tick(store, clock)
+    reached = store.assignments("a", limit=1)[0]
+    other = Candidate(
+        TargetEntry("models/vad/1/fp32.onnx", 10, "ab" * 32, _candidate(1).entry.fields, True), "vad", 1, "fp32", None
+    )
+    with store.transaction():  # an operator deploys another model to the canary meanwhile
+        models = [*(DesiredModel(**dict(m)) for m in reached.models), other.desired]
+        issue_assignment(store, KEY, "a", models, now=clock.now)
+    _report(store, "a", reached.generation, outcome="failed", kind="health")
+    _keep_online(store, clock, "a", "b")
+    _tick(store, clock)
+    assert store.rollout(rollout_id)["status"] == "halted"  # type: ignore[index]
+    newest = store.assignments("a", limit=1)[0]
+    assert sorted((m["name"], m["version"]) for m in newest.models) == [("m", 1), ("vad", 1)]
+
+
+def test_a_report_on_a_newer_generation_about_the_same_release_counts(store: FleetStore) -> None:
+    """The rollout's assignment is re-issued (a key rotation re-signs it) before the device applies it: the
+    device's report on the newer generation completes the wave instead of a timeout and a rollback."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    rollout_id = _start(store, clock, (100.0,), timeout=60.0)
+    _tick(store, clock)
+    reached = store.assignments("a", limit=1)[0]
+    with store.transaction():
+        newer = issue_assignment(store, KEY, "a", [DesiredModel(**dict(m)) for m in reached.models], now=clock.now)
+    assert newer == reached.generation + 1
+    _report(store, "a", newer + 5, version=3)  # about another release: does not count
+    _tick(store, clock)
+    assert _devices(store, rollout_id)["a"]["status"] == "assigned"
+    _report(store, "a", newer)
+    _keep_online(store, clock, "a")
+    _tick(store, clock)
+    assert _devices(store, rollout_id)["a"]["status"] == "ok"
+    assert store.rollout(rollout_id)["status"] == "completed"  # type: ignore[index]
