@@ -357,8 +357,10 @@ async def test_half_open_connection_is_detected_marked_offline_and_recovers(tmp_
             assert not fleet.devices()["dev-1"]["online"]
             proxy.heal()
             await wait_for(lambda: fleet.devices()["dev-1"]["online"], within=20, what="online again")
+            # eventually, not at this instant: under load the healed path may still drop the first new session
+            # (the broker taking over the old one) before the link settles
+            await wait_for(link.connected.is_set, within=20, what="the agent connected again")
             assert link.stats.connects >= 2
-            assert link.connected.is_set()
         finally:
             await proxy.close()
 
