@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.errors import LinkError
@@ -203,19 +204,23 @@ class ReleaseUpdater:
             ReleaseUnavailableError: metadata could not be fetched.
             ReleaseRefusedError: TUF refused the metadata, or ``path`` is not a valid signed target.
         """
+        info = self._refreshed_targetinfo(path)
+        if info is None:
+            raise ReleaseRefusedError(f"{path} is not a target of the verified repository")
+        return _verified(info.path, info.length, info.hashes, info.custom)
+
+    def _refreshed_targetinfo(self, path: str) -> TargetFile | None:
+        """Refresh the metadata (TUF's whole client workflow), then ``path``'s signed info, or None if unlisted."""
         updater = self._updater()
         try:
             updater.refresh()
-            info = updater.get_targetinfo(path)
+            return updater.get_targetinfo(path)
         except tuf_exc.ExpiredMetadataError as exc:
             raise ReleaseRefusedError(f"repository metadata expired (freeze protection): {exc}") from exc
         except tuf_exc.RepositoryError as exc:
             raise ReleaseRefusedError(f"TUF refused the repository metadata: {type(exc).__name__}: {exc}") from exc
         except tuf_exc.DownloadError as exc:
             raise ReleaseUnavailableError(f"repository metadata unavailable: {exc}") from exc
-        if info is None:
-            raise ReleaseRefusedError(f"{path} is not a target of the verified repository")
-        return _verified(info.path, info.length, info.hashes, info.custom)
 
     def lookup_assignment_keys(self) -> AssignmentKeyList | None:
         """Refresh, then the verified assignment key list (None: the repository publishes none).
@@ -228,16 +233,7 @@ class ReleaseUpdater:
             ReleaseUnavailableError: metadata could not be fetched.
             ReleaseRefusedError: TUF refused the metadata, or the listed document is invalid.
         """
-        updater = self._updater()
-        try:
-            updater.refresh()
-            info = updater.get_targetinfo(ASSIGNMENT_KEYS_TARGET)
-        except tuf_exc.ExpiredMetadataError as exc:
-            raise ReleaseRefusedError(f"repository metadata expired (freeze protection): {exc}") from exc
-        except tuf_exc.RepositoryError as exc:
-            raise ReleaseRefusedError(f"TUF refused the repository metadata: {type(exc).__name__}: {exc}") from exc
-        except tuf_exc.DownloadError as exc:
-            raise ReleaseUnavailableError(f"repository metadata unavailable: {exc}") from exc
+        info = self._refreshed_targetinfo(ASSIGNMENT_KEYS_TARGET)
         if info is None:
             return None
         try:
