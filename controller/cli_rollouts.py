@@ -45,6 +45,7 @@ from controller.rollout import (
     load_candidates,
     parse_selector,
     parse_waves,
+    refuse_while_rolling_out,
     start_rollout,
     wave_plan,
     with_model,
@@ -224,6 +225,8 @@ def _deploy_now(
 ) -> None:
     """Assign at once. One published variant (or VARIANT named): assigned even where fit is unknown or bad —
     the device checks the signed constraints itself and reports a refusal."""
+    for name in sorted({c.name for c in candidates}):
+        refuse_while_rolling_out(store, name)
     assigned = 0
     for facts, choice in zip(devices, choices, strict=True):
         candidate = choice.candidate or (candidates[0] if len(candidates) == 1 else None)

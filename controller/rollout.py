@@ -80,6 +80,7 @@ __all__ = [
     "parse_size",
     "parse_selector",
     "parse_waves",
+    "refuse_while_rolling_out",
     "start_rollout",
     "wave_plan",
     "choose_variant",
@@ -634,6 +635,18 @@ def issue_assignment(
     return generation
 
 
+def refuse_while_rolling_out(store: FleetStore, name: str) -> None:
+    """Refuse another deploy of ``name`` while a rollout of it runs or is paused: its waves, gates and rollback
+    would race the second one's assignments.
+
+    Raises:
+        RolloutError: naming the rollout to wait for or abort.
+    """
+    busy = [r["id"] for r in store.rollouts(status=("running", "paused")) if r["model"] == name]
+    if busy:
+        raise RolloutError(f"rollout {busy[0]} of {name} is still running or paused: wait for it or abort it first")
+
+
 def current_models(store: FleetStore, device: str) -> list[dict[str, Any]]:
     """The device's newest desired models (as stored), or none."""
     rows = store.assignments(device, limit=1)
@@ -693,9 +706,7 @@ def start_rollout(
         for c in choices
     ]
     with store.transaction():
-        busy = [r["id"] for r in store.rollouts(status=("running", "paused")) if r["model"] == name]
-        if busy:
-            raise RolloutError(f"rollout {busy[0]} of {name} is still running or paused: abort it first")
+        refuse_while_rolling_out(store, name)
         store.add_rollout(
             {
                 "id": rollout_id,

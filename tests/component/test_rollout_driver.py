@@ -26,6 +26,7 @@ from controller.rollout import (
     choose_variant,
     device_facts,
     issue_assignment,
+    refuse_while_rolling_out,
     start_rollout,
     wave_plan,
 )
@@ -233,6 +234,9 @@ def test_one_rollout_per_model_at_a_time(store: FleetStore) -> None:
     _start(store, clock, (100.0,))
     with pytest.raises(RolloutError, match="still running"):
         _start(store, clock, (100.0,))
+    with pytest.raises(RolloutError, match="still running"):  # what a direct `deploy` (no waves) checks too
+        refuse_while_rolling_out(store, "m")
+    refuse_while_rolling_out(store, "another-model")
 
 
 def test_slower_than_the_previous_model_on_the_same_device_halts(store: FleetStore) -> None:
