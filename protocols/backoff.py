@@ -1,10 +1,11 @@
-"""Reconnect backoff shared by both ends of the link (pure: no I/O, the caller sleeps)."""
+"""Reconnect backoff and cancellation hygiene shared by both ends of the link (no I/O: the caller sleeps)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
-__all__ = ["Backoff"]
+__all__ = ["Backoff", "raise_if_cancelling"]
 
 
 class Backoff:
@@ -29,3 +30,15 @@ class Backoff:
     def reset(self) -> None:
         """Start again from the minimum (after a connection that lasted)."""
         self.attempt = 0
+
+
+def raise_if_cancelling(exc: BaseException) -> None:
+    """Re-raise the cancellation that ``exc`` replaced, if the current task is being cancelled.
+
+    aiomqtt's ``async with`` may turn a cancellation that arrives during its disconnect into an ``MqttError``; a
+    reconnect loop that catches ``MqttError`` would then swallow the cancellation and run forever (Python 3.11
+    delivers a task's cancellation once). Call this first in such an ``except`` clause.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

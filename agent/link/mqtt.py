@@ -43,7 +43,7 @@ from agent.link.releases import HealthCheck, build_installer
 from agent.link.state import StateBuilder, fingerprint
 from agent.link.store import LinkStore
 from protocols.audit import AuditHead
-from protocols.backoff import Backoff
+from protocols.backoff import Backoff, raise_if_cancelling
 from protocols.errors import DecodeError, ProtocolError
 from protocols.link import open_sealed, seal
 from protocols.messages import Ack, DeviceState, Report
@@ -266,6 +266,7 @@ class AgentLink:
             try:
                 await self._session()
             except aiomqtt.MqttError as exc:
+                raise_if_cancelling(exc)  # a stop, not a lost connection: never reconnect after it
                 await self._connection_lost([exc])
             if loop.time() - started >= max(10.0, 4 * self.config.keepalive_s):
                 backoff.reset()

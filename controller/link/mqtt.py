@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 
 from controller.errors import LinkError
 from controller.home import TlsFiles
-from protocols.backoff import Backoff
+from protocols.backoff import Backoff, raise_if_cancelling
 
 __all__ = ["Backoff", "ControllerLink", "DeviceSession", "InboundMessage", "NotConnectedError", "tls_context"]
 
@@ -150,9 +150,8 @@ class ControllerLink:
             started = loop.time()
             try:
                 await self._session(on_connect, on_message)
-            except aiomqtt.MqttError as exc:
-                log.warning("link.disconnected", broker=f"{self.host}:{self.port}", error=str(exc))
-            except NotConnectedError as exc:
+            except (aiomqtt.MqttError, NotConnectedError) as exc:
+                raise_if_cancelling(exc)  # a stop, not a lost connection: never reconnect after it
                 log.warning("link.disconnected", broker=f"{self.host}:{self.port}", error=str(exc))
             if loop.time() - started >= self.stable_after:
                 self.backoff.reset()
