@@ -4,7 +4,10 @@
 :class:`~protocols.messages.AuditBatch`, on the fleet DB's one writer thread (so neither the hashing nor SQLite
 blocks the event loop), :func:`ingest_batch`:
 
-1. decodes the batch (bounded by ``limits.max_message_bytes``) and checks it names the topic's device;
+1. decodes the batch (bounded by ``limits.max_message_bytes``) with
+   :func:`~protocols.messages.decode_upload` — canonical uploads, which is what agents send, through the fast
+   path that hashes each record's received bytes; anything else through the strict decoder — and checks it
+   names the topic's device;
 2. verifies it with :class:`protocols.audit.ChainVerifier` against the device's last accepted head, read from
    ``audit_heads`` in the same transaction (so several ``serve`` processes sharing the subscription agree):
    checkpoint signature with the enrolled device key, checkpoint = last record, chain continuity, no seq
@@ -38,7 +41,7 @@ from protocols.audit import AuditHead, AuditRecord, ChainVerifier, VerifiedBatch
 from protocols.errors import ChainError, DecodeError, ProtocolError, RollbackError, VerificationError
 from protocols.keys import public_key_from_pem
 from protocols.limits import DEFAULT_LIMITS, Limits
-from protocols.messages import AuditBatch, decode
+from protocols.messages import AuditBatch, decode_upload
 
 if TYPE_CHECKING:
     from controller.daemon import FleetServer
@@ -127,7 +130,7 @@ def ingest_batch(
     if row is None or row[1] is not None:
         return IngestResult(None, alert=None)
     try:
-        message = decode(payload, limits=limits)
+        message = decode_upload(payload, limits=limits)
         if not isinstance(message, AuditBatch):
             raise DecodeError(f"a {type(message).__name__} on an audit topic")
         if message.device != device:
@@ -167,7 +170,7 @@ def _store(db: sqlite_utils.Database, verified: VerifiedBatch, *, now: float) ->
         "INSERT OR IGNORE INTO audit_records (device, epoch, seq, ts_ms, kind, actor, data, prev_hash, hash, "
         "received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (device, r.epoch, r.seq, r.ts_ms, r.kind, r.actor, r.canonical_data().decode(), r.prev_hash, r.hash, now)
+            (device, r.epoch, r.seq, r.ts_ms, r.kind, r.actor, r.canonical_data_text(), r.prev_hash, r.hash, now)
             for r in verified.records
         ],
     )

@@ -24,6 +24,11 @@ Invariants of a valid chain (DESIGN.md §6):
   :data:`CHECKPOINT_DOMAIN` + its canonical JSON. The signed bytes travel as they were signed and are
   verified before they are parsed (never re-serialised to verify).
 
+A controller decodes canonical uploads with :func:`read_canonical_records` (through
+:meth:`protocols.messages.AuditBatch.decode_canonical`), which checks each record as :meth:`AuditRecord.read`
+does and hashes the bytes :func:`canonical_record` would give, once the caller has checked they are the
+received ones; the digest is kept on the record, so :func:`record_hash` does not encode it again.
+
 How a list of records relates to the last accepted head (:func:`verify_chain`, :class:`ChainVerifier`):
 records at or before the head are *duplicates* when the record at the head's seq has the head's hash
 (the hash chain then makes every earlier one identical too); a different hash there is a **fork**
@@ -40,7 +45,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import functools
 import hashlib
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,11 +56,14 @@ from json.encoder import encode_basestring
 from typing import Any, Self
 
 from protocols.canonical import (
+    MAX_DEPTH,
     MAX_INT,
+    MIN_INT,
     SHA256_RE,
     JSONStruct,
     ObjectReader,
     canonical_json,
+    canonical_text,
     loads_object,
 )
 from protocols.errors import ChainError, DecodeError, RollbackError, UnknownKeyError, VerificationError
@@ -80,6 +91,7 @@ __all__ = [
     "canonical_record",
     "gap_data",
     "make_record",
+    "read_canonical_records",
     "record_hash",
     "sign_checkpoint",
     "start_epoch",
@@ -160,11 +172,14 @@ class AuditRecord(JSONStruct):
     data: dict[str, Any]
     prev_hash: str
     hash: str
-    # The canonical JSON of ``data`` as :meth:`read` computed it for the size check, kept so that hashing and
-    # storing a received record do not encode ``data`` twice more (the controller's ingest rate depends on
-    # it). Not an init argument: ``dataclasses.replace`` and direct construction leave it unset, so a record
-    # built with other data can never carry a stale encoding.
-    _data_json: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    # The canonical JSON text of ``data`` as :meth:`read` (or :func:`read_canonical_records`) computed it for
+    # the size check, kept so that hashing and storing a received record do not encode ``data`` twice more
+    # (the controller's ingest rate depends on it). Not an init argument: ``dataclasses.replace`` and direct
+    # construction leave it unset, so a record built with other data can never carry a stale encoding.
+    _data_text: str | None = field(default=None, init=False, repr=False, compare=False)
+    # The sha256 of :func:`canonical_record`, set only by :func:`read_canonical_records`, which hashed exactly
+    # that encoding, checked to be the received bytes (same rule as ``_data_text``: never carried over).
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def head(self) -> AuditHead:
@@ -177,7 +192,16 @@ class AuditRecord(JSONStruct):
         Raises:
             ValueError, TypeError: ``data`` cannot be encoded.
         """
-        return self._data_json if self._data_json is not None else canonical_json(self.data)
+        return self.canonical_data_text().encode("utf-8")
+
+    def canonical_data_text(self) -> str:
+        """:meth:`canonical_data` as text (what the controller stores).
+
+        Raises:
+            ValueError, TypeError: ``data`` cannot be encoded.
+        """
+        text = self._data_text
+        return text if text is not None else canonical_json(self.data).decode("utf-8")
 
     def hashed_fields(self) -> dict[str, Any]:
         """Every field except ``hash``: what :func:`record_hash` covers."""
@@ -201,7 +225,7 @@ class AuditRecord(JSONStruct):
         fast = _read_plain(reader)
         if fast is not None:
             record = cls(*fast[:8])
-            object.__setattr__(record, "_data_json", fast[8])
+            object.__setattr__(record, "_data_text", fast[8].decode("utf-8"))
             return record
         data = reader.mapping("data")
         try:
@@ -222,7 +246,7 @@ class AuditRecord(JSONStruct):
             prev_hash=reader.sha256("prev_hash"),
             hash=reader.sha256("hash"),
         )
-        object.__setattr__(record, "_data_json", encoded)
+        object.__setattr__(record, "_data_text", encoded.decode("utf-8"))
         return record
 
 
@@ -268,6 +292,142 @@ def _read_plain(reader: ObjectReader) -> tuple[Any, ...] | None:
     return epoch, seq, ts_ms, kind, actor, data, prev_hash, hash_, encoded
 
 
+def read_canonical_records(
+    items: list[Any], *, epoch: int, limits: Limits = DEFAULT_LIMITS
+) -> tuple[list[AuditRecord], str] | None:
+    """The records of a canonical upload in one pass, each hashed from its received bytes; None if any doubt.
+
+    The controller's fast path (:meth:`protocols.messages.AuditBatch.decode_canonical`). ``items`` are the
+    objects :func:`~protocols.canonical.loads_plain` parsed from the ``records`` array of an upload. For each,
+    this checks what :meth:`AuditRecord.read` checks (exactly the eight fields; types, bounds and patterns;
+    ``data`` an object of at most ``limits.max_list`` keys and ``limits.max_audit_data_bytes`` encoded, no
+    integer outside the signed 64-bit range) and that it is of ``epoch``, and builds two texts from the fields:
+    the record's canonical JSON, and the same without ``hash``, which is :func:`canonical_record` — the bytes
+    the hash covers. The caller must check that the returned array text (the records' canonical JSON, joined
+    by commas) is exactly what was received: only then are those the received bytes, and the kept digests
+    (:func:`record_hash` does not encode the records again) and ``data`` encodings (for storage) theirs.
+
+    The hash is compared here too: a record whose ``hash`` is not the sha256 of its contents gives None, so
+    that :meth:`AuditRecord.read` and then :class:`ChainVerifier` report it exactly as for any other input.
+
+    Returns:
+        The records and the text of their array's items, or None: the caller then decodes with the strict
+        parser (:func:`protocols.messages.decode`), which accepts or names the invalid field.
+    """
+    records: list[AuditRecord] = []
+    pieces: list[str] = []
+    max_list, max_data, depth_budget = limits.max_list, limits.max_audit_data_bytes, MAX_DEPTH - 3
+    previous_hash = None
+    for obj in items:
+        if type(obj) is not dict or len(obj) != 8:  # exactly the eight fields: nothing unhashed to skip
+            return None
+        try:
+            record_epoch, seq, ts_ms, kind, actor, data, prev_hash, hash_ = _record_fields(obj)
+        except KeyError:
+            return None
+        if not (
+            type(record_epoch) is int
+            and record_epoch == epoch
+            and type(seq) is int
+            and type(ts_ms) is int
+            and 0 <= seq <= MAX_INT
+            and 0 <= ts_ms <= MAX_INT
+            and type(kind) is str
+            and type(actor) is str
+            and len(kind) <= 64
+            and len(actor) <= 128
+            and _names_ok(kind, actor)
+            and type(prev_hash) is str
+            and (prev_hash == previous_hash or SHA256_RE.fullmatch(prev_hash) is not None)
+            and type(hash_) is str
+            and type(data) is dict
+            and len(data) <= max_list
+        ):
+            return None
+        try:
+            data_text = canonical_text(data)
+        except (ValueError, TypeError, RecursionError):
+            return None
+        # canonical_json(data) refuses integers outside the signed 64-bit range and nesting past its bound
+        # (data sits at depth 4 of the upload). Flat data (the usual) is checked value by value; in nested data
+        # 19 digits in a row anywhere, and more containers than the depth budget (both counted in strings too,
+        # so only ever too cautious), send the batch to the strict reader.
+        nested = False
+        for value in data.values():
+            kind_of = type(value)
+            if kind_of is int:
+                if not MIN_INT <= value <= MAX_INT:
+                    return None
+            elif kind_of is dict or kind_of is list:
+                nested = True
+        if nested and (
+            _LONG_DIGITS.search(data_text) is not None or data_text.count("{") + data_text.count("[") > depth_budget
+        ):
+            return None
+        if len(data_text) > max_data // 4 and len(data_text.encode("utf-8")) > max_data:  # <= 4 bytes a character
+            return None
+        # kind, actor and the hashes match patterns without any character JSON escapes: encoded, each is its
+        # text in quotes. Keys in sorted order, as canonical_json writes them.
+        digest = hashlib.sha256(
+            f'{{"actor":"{actor}","data":{data_text},"epoch":{epoch},"kind":"{kind}",'
+            f'"prev_hash":"{prev_hash}","seq":{seq},"ts_ms":{ts_ms}}}'.encode()
+        ).hexdigest()
+        if digest != hash_:
+            return None
+        pieces.append(
+            f'{{"actor":"{actor}","data":{data_text},"epoch":{epoch},"hash":"{hash_}","kind":"{kind}",'
+            f'"prev_hash":"{prev_hash}","seq":{seq},"ts_ms":{ts_ms}}}'
+        )
+        # AuditRecord(...) plus the two cached fields, set through the slots directly: a frozen dataclass's
+        # __init__ goes through object.__setattr__ once per field, which cost more than hashing the record.
+        record = _new_record(AuditRecord)
+        _set_epoch(record, record_epoch)
+        _set_seq(record, seq)
+        _set_ts_ms(record, ts_ms)
+        _set_kind(record, kind)
+        _set_actor(record, actor)
+        _set_data(record, data)
+        _set_prev_hash(record, prev_hash)
+        _set_hash(record, hash_)
+        _set_data_text(record, data_text)
+        _set_digest(record, digest)
+        records.append(record)
+        previous_hash = hash_
+    return records, ",".join(pieces)
+
+
+_RECORD_FIELDS = ("epoch", "seq", "ts_ms", "kind", "actor", "data", "prev_hash", "hash", "_data_text", "_digest")
+if tuple(f.name for f in dataclasses.fields(AuditRecord)) != _RECORD_FIELDS:  # pragma: no cover
+    raise ImportError("AuditRecord's fields changed: update read_canonical_records, which sets every one of them")
+_record_fields = operator.itemgetter("epoch", "seq", "ts_ms", "kind", "actor", "data", "prev_hash", "hash")
+_new_record = object.__new__
+(
+    _set_epoch,
+    _set_seq,
+    _set_ts_ms,
+    _set_kind,
+    _set_actor,
+    _set_data,
+    _set_prev_hash,
+    _set_hash,
+    _set_data_text,
+    _set_digest,
+) = (getattr(AuditRecord, name).__set__ for name in _RECORD_FIELDS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_ok(kind: str, actor: str) -> bool:
+    """``kind`` and ``actor`` (at most 64 and 128 characters) fit their patterns.
+
+    Remembered, since a device's records repeat a few of each; the length bounds keep the cache small.
+    """
+    return KIND_RE.fullmatch(kind) is not None and ACTOR_RE.fullmatch(actor) is not None
+
+
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+"""A run of digits that could be an integer outside the signed 64-bit range (19 digits or more)."""
+
+
 def canonical_record(record: AuditRecord) -> bytes:
     """The canonical JSON bytes that a record's hash covers (every field but ``hash``).
 
@@ -290,7 +450,7 @@ def canonical_record(record: AuditRecord) -> bytes:
         # strings through the same encoder): ``data`` is encoded once, and only when not cached by read().
         try:
             actor, kind, prev = encode_basestring(record.actor), encode_basestring(record.kind), record.prev_hash
-            data = record.canonical_data().decode("utf-8")
+            data = record.canonical_data_text()
             return (
                 f'{{"actor":{actor},"data":{data},"epoch":{epoch},"kind":{kind},'
                 f'"prev_hash":{encode_basestring(prev)},"seq":{seq},"ts_ms":{ts_ms}}}'
@@ -306,6 +466,9 @@ def record_hash(record: AuditRecord) -> str:
     Raises:
         ValueError, TypeError: a field cannot be encoded.
     """
+    digest = record._digest
+    if digest is not None:  # hashed from the received canonical bytes by read_canonical_records
+        return digest
     return hashlib.sha256(canonical_record(record)).hexdigest()
 
 
@@ -407,14 +570,14 @@ def _gap_of(record: AuditRecord) -> Gap:
 
 def _check_record(record: AuditRecord) -> None:
     """Rules one record must satisfy on its own; raises ChainError naming the seq."""
-    where = f"epoch {record.epoch} seq {record.seq}"
     try:
         expected = record_hash(record)
     except (ValueError, TypeError) as exc:
-        raise ChainError(f"{where}: record cannot be encoded: {exc}") from exc
+        raise ChainError(f"epoch {record.epoch} seq {record.seq}: record cannot be encoded: {exc}") from exc
     if expected != record.hash:
-        raise ChainError(f"{where}: hash does not match the record's contents")
+        raise ChainError(f"epoch {record.epoch} seq {record.seq}: hash does not match the record's contents")
     if record.seq == 0 or record.kind == KIND_EPOCH_START:
+        where = f"epoch {record.epoch} seq {record.seq}"
         if record.seq != 0 or record.kind != KIND_EPOCH_START:
             raise ChainError(f"{where}: seq 0 and only seq 0 is an epoch_start record")
         if record.prev_hash != ZERO_HASH:

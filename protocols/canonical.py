@@ -43,11 +43,13 @@ __all__ = [
     "JSONStruct",
     "ObjectReader",
     "canonical_json",
+    "canonical_text",
     "check_bool",
     "check_int",
     "check_number",
     "check_str",
     "loads_object",
+    "loads_plain",
 ]
 
 MAX_INT = 2**63 - 1
@@ -208,6 +210,67 @@ def loads_object(data: bytes, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> 
     # nesting depth needs checking.
     _check_decoded_tree(value, max_depth, strings="\\u" in text)
     return value
+
+
+def loads_plain(data: bytes, *, max_bytes: int) -> tuple[str, dict[str, Any]] | None:
+    """First step of a canonical-input fast path: ``data`` as text and the object the C parser reads from it.
+
+    No per-object hook and no tree walk, so this is much cheaper than :func:`loads_object` and by itself NOT
+    strict: a duplicate key keeps its last value, and whitespace, key order and escapes are not checked. The
+    caller must accept the result only if :func:`canonical_text` of the value reproduces ``text`` exactly
+    (a duplicate key then makes the re-encoding shorter; keys out of order, whitespace, an escape the encoder
+    would not write — so no lone surrogate — and a non-shortest number make it differ), and bound the nesting
+    itself; it is written for senders that always encode with :func:`canonical_json` (audit uploads). Anything
+    that passes that check, :func:`loads_object` accepts and decodes to an equal value; on None or a failed
+    check the caller decodes with :func:`loads_object`, which accepts a valid non-canonical encoding or names
+    the error.
+
+    Args:
+        data: The received bytes.
+        max_bytes: Largest accepted input; checked before any parsing.
+
+    Returns:
+        ``(text, object)``, or None: too large, not UTF-8, not JSON, not an object at the top level, a float
+        or ``NaN``/``Infinity`` (never in canonical hashed data), or nested beyond the interpreter's limit.
+    """
+    if len(data) > max_bytes:
+        return None
+    try:
+        text = bytes(data).decode("utf-8")
+        value = _PLAIN_DECODER.decode(text)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a float/constant, too many digits, too deep
+        return None
+    return (text, value) if type(value) is dict else None
+
+
+def canonical_text(value: object) -> str:
+    """The canonical JSON text of a value returned by :func:`loads_plain` (the C encoder alone, no checks).
+
+    Only for values parsed from JSON without floats: it does not check types, integer range or nesting, which
+    :func:`canonical_json` does.
+
+    Raises:
+        ValueError, TypeError: the value is not JSON (never for what :func:`loads_plain` returns).
+    """
+    return "".join(_TEXT_ENCODER(value, 0))
+
+
+def _refuse_number(text: str) -> Any:
+    raise ValueError(f"{text[:32]!r}: not accepted by the canonical fast path")
+
+
+_PLAIN_DECODER = json.JSONDecoder(parse_float=_refuse_number, parse_constant=_refuse_number)
+"""The C parser with no per-object hook; floats and NaN/Infinity make :func:`loads_plain` give up."""
+
+_TEXT_ENCODER: Callable[[object, int], Any] = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, None, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+    if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
+    else lambda value, _: (_ENCODER.encode(value),)
+)
+"""The canonical encoder's C core, called directly: ``JSONEncoder.encode`` builds it anew on every call, which
+costs more than encoding an audit record. No cycle check (``markers`` None): parsed JSON has no cycles."""
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
