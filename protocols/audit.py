@@ -364,14 +364,18 @@ def read_canonical_records(
             _LONG_DIGITS.search(data_text) is not None or data_text.count("{") + data_text.count("[") > depth_budget
         ):
             return None
-        if len(data_text) > max_data // 4 and len(data_text.encode("utf-8")) > max_data:  # <= 4 bytes a character
-            return None
         # kind, actor and the hashes match patterns without any character JSON escapes: encoded, each is its
         # text in quotes. Keys in sorted order, as canonical_json writes them.
-        digest = hashlib.sha256(
-            f'{{"actor":"{actor}","data":{data_text},"epoch":{epoch},"kind":"{kind}",'
-            f'"prev_hash":"{prev_hash}","seq":{seq},"ts_ms":{ts_ms}}}'.encode()
-        ).hexdigest()
+        try:
+            if len(data_text) > max_data // 4 and len(data_text.encode("utf-8")) > max_data:  # <= 4 bytes a char
+                return None
+            hashed = (
+                f'{{"actor":"{actor}","data":{data_text},"epoch":{epoch},"kind":"{kind}",'
+                f'"prev_hash":"{prev_hash}","seq":{seq},"ts_ms":{ts_ms}}}'.encode()
+            )
+        except UnicodeEncodeError:  # a lone surrogate in data: the strict decoder refuses it and says so
+            return None
+        digest = hashlib.sha256(hashed).hexdigest()
         if digest != hash_:
             return None
         pieces.append(
