@@ -392,19 +392,25 @@ class _Reader:
         """
         limit = min(self.size, self._max)
         unpack = _U64.unpack_from
-        pos, buf, start = self.pos, self._buf, self._buf_start
+        # positions relative to the buffer: ``i`` the current string, ``end`` the bound on a string's end
+        # (``limit``), ``stop`` the end of the bytes a length prefix can be read from without a refill
+        buf, start = self._buf, self._buf_start
+        i, end = self.pos - start, limit - start
+        stop = min(len(buf), end)
         for index in range(count):
-            if pos + 8 <= min(start + len(buf), limit):
-                n = unpack(buf, pos - start)[0]
-                if n <= bound and pos + 8 + n <= limit:
-                    pos += 8 + n
+            if i + 8 <= stop:
+                n = unpack(buf, i)[0]
+                if n <= bound and i + 8 + n <= end:
+                    i += 8 + n
                     continue
             # not buffered yet, or out of bounds: the checked path refills the buffer or raises
-            self.pos = pos
+            self.pos = start + i
             _, n = self.string_length(f"{what}[{index}]", bound)
             self.skip(n, f"{what}[{index}]")
-            pos, buf, start = self.pos, self._buf, self._buf_start
-        self.pos = pos
+            buf, start = self._buf, self._buf_start
+            i, end = self.pos - start, limit - start
+            stop = min(len(buf), end)
+        self.pos = start + i
 
     def string(self, what: str, bound: int) -> str:
         at, n = self.string_length(what, bound)

@@ -114,7 +114,7 @@ def verify_bundle(
                 dest.unlink()
             raise BundleError(f"{bundle}: chunk {bad} of the blob does not match the signed chunk list")
         try:
-            finish_file(dest, target)
+            finish_file(dest, target, done)
         except FetchRefusedError as exc:
             dest.unlink()
             raise BundleError(str(exc)) from exc

@@ -15,11 +15,17 @@ Invariants:
 - A chunk that fails verification ``max_bad_chunks`` times aborts the transfer (:class:`FetchRefusedError`).
 - A total deadline and a minimum throughput (after a grace period) bound slow retrieval
   (:class:`FetchTimeoutError`).
-- At the end the whole file is fsynced and its length and sha256 checked against the target; the caller then
-  installs it through the registry's state machine (moving the file, not copying it).
-- Speed without weaker checks (HTTP): chunks are verified and written by one worker thread, in order, while the
-  next ones arrive (:class:`_ChunkWriter`); the whole-file sha256 is computed on the way (never a re-read); the
-  kernel is asked to start writing back every few MiB, so the final fsync has little left to wait for.
+- At the end the whole file is fsynced, its length must be the signed length and every chunk index must have
+  been verified (in this transfer, or on disk when it resumed). That is the whole-file check: the chunk list is
+  a signed field of the same TUF target and covers exactly ``length`` bytes, so no second sha256 pass over the
+  file is made (ADR 0013). The caller then installs it through the registry's state machine (moving the file,
+  not copying it).
+- Speed without weaker checks (HTTP): the body's blocks are handed, as received and about 1 MiB at a time, to
+  one worker thread that cuts them at chunk boundaries, verifies each chunk and writes the verified ones, in
+  order, while the next blocks arrive (:class:`_ChunkWriter`); the kernel is asked to start writing back every
+  few MiB, so the final fsync has little left to wait for.
+- :class:`VerifiedPrefix` lets a reader on another thread (the installer's GGUF header check) follow the
+  download as it grows, seeing only bytes of chunks already verified and written.
 
 Errors::
 
@@ -37,13 +43,14 @@ import ctypes
 import hashlib
 import os
 import secrets
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import BinaryIO, Protocol, cast
 
 import aiohttp
 import structlog
@@ -64,6 +71,7 @@ __all__ = [
     "FetchTimeoutError",
     "HttpBlobFetcher",
     "MqttBlobFetcher",
+    "VerifiedPrefix",
     "finish_file",
     "verified_chunks",
 ]
@@ -150,45 +158,134 @@ def verified_chunks(path: Path, target: VerifiedTarget) -> set[int]:
     return done
 
 
-class _InOrderDigest:
-    """The whole-file sha256, computed on the way while verified chunks are written in order from chunk 0.
+class VerifiedPrefix:
+    """How much of a download, from byte 0, is verified and written; readable while it grows.
 
-    Saves re-reading the file at the end; any gap (a resumed file, an out-of-order chunk) disables it and
-    :func:`finish_file` hashes the file instead.
+    The fetchers report every chunk that is verified against the signed list and on disk (:meth:`chunk_done`,
+    from any thread; chunks resumed from disk count too). :meth:`open` gives a read-only file object over the
+    download whose reads block until the bytes they ask for are in that prefix, so a reader on another thread
+    (the installer's GGUF header validation) sees verified bytes only, while the rest is still arriving. Its
+    size is the signed length. :meth:`close` (the transfer ended, or its file was replaced) makes any read that
+    still waits, or comes later, past the prefix raise ``OSError``.
     """
 
-    def __init__(self) -> None:
-        self._hash: Any = hashlib.sha256()
+    def __init__(self, target: VerifiedTarget, path: Path) -> None:
+        self.path = path
+        self.length = target.length
+        self._chunk_size = target.fields.chunk_size
+        self._cond = threading.Condition()
         self._next = 0
+        """The first chunk index not yet verified and written."""
+        self._ahead: set[int] = set()
+        self._closed = False
+        self._discarded = False
 
-    def feed(self, index: int, data: bytes) -> None:
-        if self._hash is not None and index == self._next:
-            self._hash.update(data)
-            self._next += 1
-        else:
-            self._hash = None
+    @property
+    def complete(self) -> bool:
+        """Every byte of the file is verified and written (and the file was not replaced: :meth:`discard`)."""
+        with self._cond:
+            return not self._discarded and self._next * self._chunk_size >= self.length
 
-    def result(self, chunks: int) -> str | None:
-        return self._hash.hexdigest() if self._hash is not None and self._next == chunks else None
+    @property
+    def end(self) -> int:
+        """Bytes ``[0, end)`` of the file are verified and written."""
+        with self._cond:
+            return min(self.length, self._next * self._chunk_size)
+
+    def chunk_done(self, index: int) -> None:
+        """Chunk ``index`` was verified against the signed list and is in the file."""
+        with self._cond:
+            if index < self._next:
+                return
+            self._ahead.add(index)
+            start = self._next
+            while self._next in self._ahead:
+                self._ahead.discard(self._next)
+                self._next += 1
+            if self._next != start:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more chunks will be reported: waiting reads past the prefix fail."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def discard(self) -> None:
+        """The file was deleted (a refused source): whatever a reader saw of it is not the final file."""
+        with self._cond:
+            self._discarded = True
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait_for(self, end: int) -> None:
+        """Block until bytes ``[0, end)`` are verified and written.
+
+        Raises:
+            OSError: the prefix was closed before reaching ``end``.
+        """
+        with self._cond:
+            while min(self.length, self._next * self._chunk_size) < end and not self._closed:
+                self._cond.wait()
+            if min(self.length, self._next * self._chunk_size) < end:
+                raise OSError(f"{self.path.name}: the transfer ended before byte {end} was verified")
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[BinaryIO]:
+        """A blocking, read-only file object over the verified prefix (``seek``, ``tell``, ``read``)."""
+        self.wait_for(min(1, self.length))  # the file exists once its first chunk is written
+        reader = _PrefixReader(self, os.open(self.path, os.O_RDONLY))
+        try:
+            yield cast(BinaryIO, reader)
+        finally:
+            os.close(reader.fd)
 
 
-def finish_file(path: Path, target: VerifiedTarget, digest_so_far: str | None = None) -> None:
-    """fsync, then length and sha256 of the whole file (blocking).
+class _PrefixReader:
+    """The file object of :meth:`VerifiedPrefix.open` (only what a header parser calls)."""
 
-    ``digest_so_far``: the sha256 of every chunk as written, in order (then the file is not read again).
+    def __init__(self, prefix: VerifiedPrefix, fd: int) -> None:
+        self.prefix = prefix
+        self.fd = fd
+        self.pos = 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.prefix.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.prefix.length if n < 0 else min(self.prefix.length, self.pos + n)
+        if end <= self.pos:
+            return b""
+        self.prefix.wait_for(end)
+        data = os.pread(self.fd, end - self.pos, self.pos)
+        if len(data) != end - self.pos:
+            raise OSError(f"{self.prefix.path.name}: short read at {self.pos} of a verified range")
+        self.pos = end
+        return data
+
+
+def finish_file(path: Path, target: VerifiedTarget, verified: Collection[int]) -> None:
+    """fsync, then check the file against the target: signed length, and every chunk verified (blocking).
+
+    ``verified``: the indices of the chunks whose bytes were checked against the signed chunk list before they
+    were written (or, on resume, read back from this file and checked). Together with the length this is as
+    strong as the whole-file sha256 (the chunk list is signed with the target and covers exactly its length;
+    ADR 0013), so the file is not hashed again.
     """
     with path.open("rb") as f:
         os.fsync(f.fileno())
-        if digest_so_far is None:
-            digest = hashlib.sha256()
-            while block := f.read(1 << 20):
-                digest.update(block)
-            digest_so_far = digest.hexdigest()
-    length = path.stat().st_size
-    if length != target.length or digest_so_far != target.sha256:
+        length = os.fstat(f.fileno()).st_size
+    count = len(target.fields.chunks)
+    unverified = count - len({i for i in verified if 0 <= i < count})
+    if length != target.length or unverified:
         raise FetchRefusedError(
-            f"{target.path}: the assembled file has {length} bytes and sha256 {digest_so_far}, "
-            f"the signed target {target.length} bytes and {target.sha256}"
+            f"{target.path}: the assembled file has {length} bytes and {unverified} unverified chunks, "
+            f"the signed target {target.length} bytes in {count} chunks"
         )
 
 
@@ -217,64 +314,141 @@ _start_writeback = _start_writeback_fn()
 _WRITEBACK_EVERY = 4 << 20
 
 
-class _ChunkWriter:
-    """Checks received chunks against the signed list and writes them, on one worker thread, in order.
+_BATCH_BYTES = 1 << 20
+"""HTTP: received blocks are handed to the writer about this many bytes at a time."""
+_MAX_IOV = 512
+"""Buffers per ``pwritev`` (POSIX guarantees at least 16, Linux takes 1024)."""
 
-    Why a thread: hashing and ``pwrite`` of a 98 MB blob on the event loop serialise with receiving it; here they
-    overlap with the arrival of the next chunks (hashlib and ``os.pwrite`` release the GIL). The guarantees are
-    unchanged: a chunk is written only after its sha256 matched the signed list (on the worker, before the
-    ``pwrite``), chunks are handled in submission order (so the in-order whole-file digest still works), and at
-    most ``depth`` chunks wait in memory (backpressure on the sender). A failed check or write is raised by the
-    next :meth:`submit` or by :meth:`drain`; nothing after a refused chunk is written.
+
+class _ChunkWriter:
+    """Checks the received byte stream chunk by chunk against the signed list and writes it, on one worker thread.
+
+    Why a thread: hashing and writing a 98 MB blob on the event loop serialise with receiving it; here they
+    overlap with the arrival of the next blocks (hashlib releases the GIL for buffers over 2 KiB, ``os.pwritev``
+    always). Why batches of blocks: one hand-off (and thread switch) per ~1 MiB instead of per chunk, and no
+    copy on the event loop: the blocks are handed over as received, whatever their size; the worker slices them
+    at chunk boundaries (memoryview), hashes the slices and writes a chunk's slices with one ``pwritev``.
+
+    The guarantees are unchanged: a chunk is written only after its whole sha256 matched the signed list (the
+    slices of a chunk are kept, not written, until its last byte has arrived and been hashed), the stream is
+    handled in order, and at most ``depth`` batches wait in memory (backpressure on the sender). A failed check
+    or write is raised by the next :meth:`submit` or by :meth:`drain`; nothing after a refused chunk is written.
+    The stream must not run past the last chunk (the caller bounds it by the signed length).
     """
 
-    def __init__(self, fd: int, target: VerifiedTarget, whole: _InOrderDigest, source: str, depth: int = 8) -> None:
+    def __init__(
+        self,
+        fd: int,
+        target: VerifiedTarget,
+        first: int,
+        source: str,
+        prefix: VerifiedPrefix | None,
+        depth: int = 4,
+    ) -> None:
         self.fd = fd
         self.target = target
-        self.whole = whole
         self.source = source
+        self.prefix = prefix
         self.depth = depth
         self.on_written: Callable[[int], None] = lambda index: None
         """Called on the event loop, in order, for every chunk written."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fetch-write")
-        self._pending: deque[tuple[int, bool, asyncio.Future[None]]] = deque()
+        self._pending: deque[asyncio.Future[list[int]]] = deque()
         self._failed = False
         self._unsynced: tuple[int, int] | None = None
         """The byte range written since the last writeback was started."""
+        # the chunk being received: its index, its running sha256, its slices so far and their length
+        self._index = first
+        self._hash = hashlib.sha256()
+        self._slices: list[memoryview] = []
+        self._have = 0
 
-    def _work(self, index: int, data: bytes, write: bool) -> None:
+    def _work(self, blocks: list[bytes], skip: Collection[int]) -> list[int]:
+        """Consume the next ``blocks`` of the stream; write the chunks they complete that are not in ``skip``.
+
+        The chunks completed by one call are written together once each of them has matched (few system calls:
+        this thread gives the GIL back to the event loop for every one, and waits to get it again); a chunk that
+        fails stops the call: the verified chunks before it are written, then the error is raised.
+        """
         if self._failed:
-            return  # a previous chunk was refused: write nothing after it
-        if hashlib.sha256(data).hexdigest() != self.target.fields.chunks[index]:
-            self._failed = True
-            raise FetchRefusedError(f"{self.source}: chunk {index} failed verification (sha256)")
-        if write:
-            offset, _ = chunk_span(index, self.target.length, self.target.fields.chunk_size)
-            os.pwrite(self.fd, data, offset)
-            self.whole.feed(index, data)
-            low, high = self._unsynced or (offset, offset)
-            low, high = min(low, offset), max(high, offset + len(data))
-            if high - low >= _WRITEBACK_EVERY:
-                _start_writeback(self.fd, low, high - low)
-                self._unsynced = None
-            else:
-                self._unsynced = (low, high)
+            return []  # a previous chunk was refused: write nothing after it
+        size, length, expected = self.target.fields.chunk_size, self.target.length, self.target.fields.chunks
+        verified: list[tuple[int, list[memoryview]]] = []
+        try:
+            for block in blocks:
+                view = memoryview(block)
+                while view:
+                    _, span = chunk_span(self._index, length, size)
+                    if span == 0:
+                        self._failed = True
+                        raise FetchRefusedError(f"{self.source}: more bytes than the signed length {length}")
+                    piece = view[: span - self._have]
+                    view = view[len(piece) :]
+                    self._hash.update(piece)
+                    self._slices.append(piece)
+                    self._have += len(piece)
+                    if self._have < span:
+                        continue
+                    if self._hash.hexdigest() != expected[self._index]:
+                        self._failed = True
+                        raise FetchRefusedError(f"{self.source}: chunk {self._index} failed verification (sha256)")
+                    verified.append((self._index, self._slices))
+                    self._index, self._hash, self._slices, self._have = self._index + 1, hashlib.sha256(), [], 0
+        finally:
+            written = self._write([(index, chunk) for index, chunk in verified if index not in skip])
+            if self.prefix is not None:
+                for index, _ in verified:
+                    self.prefix.chunk_done(index)
+        return written
 
-    async def submit(self, index: int, data: bytes, *, write: bool) -> None:
-        """Queue chunk ``index`` (``write``: not on disk yet); waits while ``depth`` chunks are in flight."""
+    def _write(self, chunks: list[tuple[int, list[memoryview]]]) -> list[int]:
+        """Write verified chunks, each run of consecutive ones with one ``pwritev`` (of at most ``_MAX_IOV``
+        buffers); return their indices."""
+        size = self.target.fields.chunk_size
+        run: list[memoryview] = []
+        start = end = 0
+        for index, slices in chunks:
+            if run and index * size != end:
+                self._pwritev(run, start, end)
+                run = []
+            if not run:
+                start = end = index * size
+            for piece in slices:
+                if len(run) == _MAX_IOV:
+                    self._pwritev(run, start, end)
+                    run, start = [], end
+                run.append(piece)
+                end += len(piece)
+        if run:
+            self._pwritev(run, start, end)
+        return [index for index, _ in chunks]
+
+    def _pwritev(self, run: list[memoryview], start: int, end: int) -> None:
+        if os.pwritev(self.fd, run, start) != end - start:
+            raise OSError(f"short write at offset {start}")
+        low, high = self._unsynced or (start, start)
+        low, high = min(low, start), max(high, end)
+        if high - low >= _WRITEBACK_EVERY:
+            _start_writeback(self.fd, low, high - low)
+            self._unsynced = None
+        else:
+            self._unsynced = (low, high)
+
+    async def submit(self, blocks: list[bytes], *, skip: Collection[int]) -> None:
+        """Queue the next ``blocks`` of the stream (chunks in ``skip`` are on disk already: only checked); waits
+        while ``depth`` batches are in flight."""
         while len(self._pending) >= self.depth:
             await self._complete_one()
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._work, index, data, write)
-        self._pending.append((index, write, future))
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._work, blocks, skip)
+        self._pending.append(future)
 
     async def _complete_one(self) -> None:
-        index, write, future = self._pending.popleft()
-        await future
-        if write:
+        future = self._pending.popleft()
+        for index in await future:
             self.on_written(index)
 
     async def drain(self) -> None:
-        """Wait for every queued chunk (the first failure is raised once all of them have ended)."""
+        """Wait for every queued batch (the first failure is raised once all of them have ended)."""
         error: BaseException | None = None
         while self._pending:
             try:
@@ -302,23 +476,36 @@ class MqttBlobFetcher:
         self.last_stats: FetchStats | None = None
         """The current or last transfer's counters."""
 
-    async def fetch(self, target: VerifiedTarget, dest: Path, progress: Progress | None = None) -> FetchStats:
+    async def fetch(
+        self,
+        target: VerifiedTarget,
+        dest: Path,
+        progress: Progress | None = None,
+        prefix: VerifiedPrefix | None = None,
+    ) -> FetchStats:
         """Fill ``dest`` with ``target``'s verified bytes (resuming what is there); one transfer at a time.
+
+        ``prefix``: told about every chunk verified and in the file (see :class:`VerifiedPrefix`).
 
         Raises:
             FetchRefusedError: a chunk failed verification too often, or the whole file does not match.
             FetchTimeoutError: deadline or throughput not met.
         """
         async with self._lock:
-            return await self._fetch(target, dest, progress or (lambda done, total: None))
+            return await self._fetch(target, dest, progress or (lambda done, total: None), prefix)
 
-    async def _fetch(self, target: VerifiedTarget, dest: Path, progress: Progress) -> FetchStats:
+    async def _fetch(
+        self, target: VerifiedTarget, dest: Path, progress: Progress, prefix: VerifiedPrefix | None
+    ) -> FetchStats:
         fields = target.fields
         stats = self.last_stats = FetchStats()
         started = self.clock()
         dest.parent.mkdir(parents=True, exist_ok=True)
         done = await asyncio.to_thread(verified_chunks, dest, target)
         stats.resumed = set(done)
+        if prefix is not None:
+            for index in sorted(done):
+                prefix.chunk_done(index)
         missing = deque(i for i in range(len(fields.chunks)) if i not in done)
         outstanding: set[int] = set()
         bad: Counter[int] = Counter()
@@ -330,9 +517,6 @@ class MqttBlobFetcher:
         log.info(
             "fetch.started", target=target.path, chunks=len(fields.chunks), resumed=len(done), transfer=transfer_id
         )
-        whole = _InOrderDigest()
-        if done:
-            whole.feed(-1, b"")  # resumed: the file is hashed at the end
         fd = os.open(dest, os.O_RDWR | os.O_CREAT, 0o600)
         self.link.chunk_sink = frames.put_nowait
         last_arrival = self.clock()
@@ -379,13 +563,14 @@ class MqttBlobFetcher:
                     continue
                 offset, length = chunk_span(index, target.length, fields.chunk_size)
                 os.pwrite(fd, data, offset)
-                whole.feed(index, data)
+                if prefix is not None:
+                    prefix.chunk_done(index)
                 received_bytes += length
                 progress(received_bytes, target.length)
         finally:
             self.link.chunk_sink = None
             os.close(fd)
-        await asyncio.to_thread(finish_file, dest, target, whole.result(len(fields.chunks)))
+        await asyncio.to_thread(finish_file, dest, target, stats.resumed | set(stats.verified))
         stats.seconds = self.clock() - started
         stats.bytes_received = received_bytes - resumed_bytes
         log.info("fetch.done", target=target.path, seconds=round(stats.seconds, 3), resumed=len(stats.resumed))
@@ -467,8 +652,17 @@ class HttpBlobFetcher:
         self.clock = clock
         self.last_stats: FetchStats | None = None
 
-    async def fetch(self, target: VerifiedTarget, dest: Path, url: str, progress: Progress | None = None) -> FetchStats:
+    async def fetch(
+        self,
+        target: VerifiedTarget,
+        dest: Path,
+        url: str,
+        progress: Progress | None = None,
+        prefix: VerifiedPrefix | None = None,
+    ) -> FetchStats:
         """Fill ``dest`` with ``target``'s verified bytes from ``url``.
+
+        ``prefix``: told about every chunk verified and in the file (see :class:`VerifiedPrefix`).
 
         Raises:
             FetchRefusedError: the server sent bytes that do not verify (or too many).
@@ -480,11 +674,11 @@ class HttpBlobFetcher:
         started = self.clock()
         dest.parent.mkdir(parents=True, exist_ok=True)
         stats.resumed = await asyncio.to_thread(verified_chunks, dest, target)
+        if prefix is not None:
+            for index in sorted(stats.resumed):
+                prefix.chunk_done(index)
         count = len(target.fields.chunks)
         failures = 0
-        whole = _InOrderDigest()
-        if stats.resumed:
-            whole.feed(-1, b"")
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.policy.request_timeout_s * 6)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
@@ -493,7 +687,7 @@ class HttpBlobFetcher:
                 if first is None:
                     break
                 try:
-                    await self._range(session, url, target, dest, first, done, stats, started, progress, whole)
+                    await self._range(session, url, target, dest, first, done, stats, started, progress, prefix)
                     failures = 0
                 except (aiohttp.ClientError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
                     failures += 1
@@ -502,7 +696,7 @@ class HttpBlobFetcher:
                         raise FetchError(f"{url}: {exc or type(exc).__name__}") from exc
                     await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 self._check_time(target, started, stats.bytes_received)
-        await asyncio.to_thread(finish_file, dest, target, whole.result(count))
+        await asyncio.to_thread(finish_file, dest, target, stats.resumed | set(stats.verified))
         stats.seconds = self.clock() - started
         log.info("fetch.done", target=target.path, url=url, seconds=round(stats.seconds, 3), resumed=len(stats.resumed))
         return stats
@@ -518,10 +712,9 @@ class HttpBlobFetcher:
         stats: FetchStats,
         started: float,
         progress: Progress,
-        whole: _InOrderDigest,
+        prefix: VerifiedPrefix | None,
     ) -> None:
         size = target.fields.chunk_size
-        count = len(target.fields.chunks)
         offset = first * size
         headers = {"Range": f"bytes={offset}-{target.length - 1}"} if offset else {}
         async with session.get(url, headers=headers) as response:
@@ -537,7 +730,7 @@ class HttpBlobFetcher:
             while skip:
                 skip -= len(await response.content.readexactly(min(skip, 1 << 20)))
             fd = os.open(dest, os.O_RDWR | os.O_CREAT, 0o600)
-            writer = _ChunkWriter(fd, target, whole, url)
+            writer = _ChunkWriter(fd, target, first, url, prefix)
             try:
                 if os.fstat(fd).st_size > target.length:
                     os.ftruncate(fd, target.length)
@@ -549,13 +742,30 @@ class HttpBlobFetcher:
                     progress(min(target.length, (index + 1) * size), target.length)
 
                 writer.on_written = written
-                for index in range(first, count):
-                    _, length = chunk_span(index, target.length, size)
-                    data = await response.content.readexactly(length)
-                    # verification (before the write) and the write run on the writer's thread, overlapping
-                    # with the next chunk's arrival; a bad chunk raises FetchRefusedError from submit or drain
-                    await writer.submit(index, data, write=index not in done)
-                    self._check_time(target, started, stats.bytes_received)
+                remaining = target.length - offset
+                blocks: list[bytes] = []
+                batched = 0
+                try:
+                    while remaining:
+                        # blocks as the socket delivered them (no copy here); the writer cuts them into chunks,
+                        # verifies each one (before its write) and writes it on its own thread, overlapping with
+                        # the next blocks' arrival; a bad chunk raises FetchRefusedError from submit or drain
+                        block = await response.content.readany()
+                        if not block:
+                            raise asyncio.IncompleteReadError(b"", remaining)
+                        if len(block) > remaining:
+                            raise FetchRefusedError(f"{url}: more bytes than the signed length {target.length}")
+                        remaining -= len(block)
+                        blocks.append(block)
+                        batched += len(block)
+                        if batched >= _BATCH_BYTES or not remaining:
+                            await writer.submit(blocks, skip=done)
+                            blocks, batched = [], 0
+                        self._check_time(target, started, stats.bytes_received)
+                except (aiohttp.ClientError, TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+                    if blocks:  # the connection dropped: the whole chunks received are kept (Range resumes after)
+                        await writer.submit(blocks, skip=done)
+                    raise
                 if await response.content.read(1):
                     raise FetchRefusedError(f"{url}: more bytes than the signed length {target.length}")
             finally:

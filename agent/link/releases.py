@@ -9,9 +9,13 @@ target by the TUF repository, and both must agree). Steps, each refusing with a 
 2. The assignment's sha256, length and target path must be the TUF target's.
 3. The target must fit the device (arch, RAM budget, accelerators) — checked before any byte is fetched.
 4. Free space and quota for the download and the install copy — also before any byte is fetched.
-5. Fetch into ``<state_dir>/downloads/fetch-<sha256>`` (per-chunk verification, resume).
+5. Fetch into ``<state_dir>/downloads/fetch-<sha256>`` (per-chunk verification, resume). For a GGUF target
+   the header is validated *while* the blob arrives, on its own thread, reading only bytes already verified
+   against the signed chunk list (:class:`~agent.link.fetch.VerifiedPrefix`): an invalid header refuses the
+   install exactly as the registry's validator would (a hostile GGUF is never loaded), and a valid one's facts
+   are handed to the registry, which then does not parse the header a second time.
 6. Install through the registry's state machine with the expected sha256 (length, sha256 and the format's
-   header validator again; a hostile GGUF is refused here and never loaded), not yet active.
+   header validator — the facts of step 5, or the registry's own parse when there are none), not yet active.
 7. Health check (injected: load + a fixed prompt at temperature 0 in the daemon); on failure the model is
    quarantined and the active model is unchanged — the device rolls itself back without the controller, and the
    report (kept in the outbox until acked) says so when the link is back; on success it is activated.
@@ -28,6 +32,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
-from agent.errors import AgentError, LinkError
+from agent.errors import AgentError, InvalidModelError, LinkError
 from agent.link.fetch import (
     DOWNLOADS_DIR,
     FetchError,
@@ -43,6 +48,7 @@ from agent.link.fetch import (
     FetchRefusedError,
     HttpBlobFetcher,
     MqttBlobFetcher,
+    VerifiedPrefix,
 )
 from agent.link.updater import (
     HttpMetadataSource,
@@ -52,6 +58,7 @@ from agent.link.updater import (
     ReleaseUpdater,
     VerifiedTarget,
 )
+from agent.registry.formats import ModelFacts, inspect_gguf_file
 from protocols.messages import DesiredModel, HardwareProfile, TransferProgress
 from protocols.topics import repo_topic
 
@@ -65,6 +72,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+PROGRESS_EVERY_S = 0.25
+"""Transfer progress changes the published device state at most this often."""
 
 HealthCheck = Callable[[Any], Awaitable[Mapping[str, float] | None]]
 """Called with the installed (staged) model record; raises ``AgentError`` if the model is unhealthy, else returns
@@ -133,6 +143,7 @@ class ReleaseInstaller:
         self.on_change: Callable[[], None] = lambda: None
         """Called when a transfer starts, progresses or ends (the link re-publishes the device state)."""
         self._transfers: dict[str, TransferProgress] = {}
+        self._progress_at = 0.0
 
     def partial_path(self, sha256: str) -> Path:
         """Where the download of blob ``sha256`` is assembled (kept across restarts for resume)."""
@@ -153,8 +164,11 @@ class ReleaseInstaller:
         dest = self.partial_path(target.sha256)
         transfer_id = secrets.token_hex(16)
         self._transfers[target.path] = TransferProgress(transfer_id, model.ref, 0, target.length)
+        # the GGUF header is validated while the blob arrives, from verified bytes only (module docstring, 5.)
+        prefix = VerifiedPrefix(target, dest) if target.fields.format == "gguf" else None
+        header = _HeaderCheck(prefix) if prefix is not None else None
         try:
-            await self._fetch(target, dest)
+            await self._fetch(target, dest, prefix)
         except FetchRefusedError as exc:
             await asyncio.to_thread(_unlink, dest)
             return InstallOutcome("refusal", "refused", f"{key}: {exc}", False)
@@ -165,14 +179,18 @@ class ReleaseInstaller:
         finally:
             self._transfers.pop(target.path, None)
             self.on_change()
-        return await self._install(model, target, dest)
+            validated = await header.result() if header is not None else None
+        if isinstance(validated, InvalidModelError):
+            await asyncio.to_thread(_unlink, dest)
+            return InstallOutcome("install", "failed", f"{key}: install refused: {validated}", False)
+        return await self._install(model, target, dest, validated)
 
     def http_urls(self, target: VerifiedTarget) -> list[str]:
         """HTTP sources of ``target``, in order: the artifact server, then the signed mirrors."""
         urls = [f"{self.artifact_url}/targets/{target.path}"] if self.artifact_url else []
         return [*urls, *target.mirrors] if self.http is not None else []
 
-    async def _fetch(self, target: VerifiedTarget, dest: Path) -> None:
+    async def _fetch(self, target: VerifiedTarget, dest: Path, prefix: VerifiedPrefix | None) -> None:
         """HTTP sources first (a failing or lying one is skipped), then the MQTT link."""
 
         def progress(done: int, total: int) -> None:
@@ -181,14 +199,17 @@ class ReleaseInstaller:
         for url in self.http_urls(target):
             assert self.http is not None
             try:
-                await self.http.fetch(target, dest, url, progress)
+                await self.http.fetch(target, dest, url, progress, prefix)
                 return
             except FetchRefusedError as exc:
                 log.warning("release.source_refused", url=url, error=str(exc))
+                if prefix is not None:  # its file is replaced: the registry validates the header instead
+                    prefix.discard()
+                    prefix = None
                 await asyncio.to_thread(_unlink, dest)
             except FetchError as exc:
                 log.warning("release.source_failed", url=url, error=str(exc))
-        await self.fetcher.fetch(target, dest, progress)
+        await self.fetcher.fetch(target, dest, progress, prefix)
 
     def transfers(self) -> tuple[TransferProgress, ...]:
         """Downloads in progress, for the device state (safe to call from a worker thread)."""
@@ -198,7 +219,13 @@ class ReleaseInstaller:
         current = self._transfers.get(path)
         if current is not None:
             self._transfers[path] = dataclasses.replace(current, received_bytes=min(done, total))
-            self.on_change()
+            # the device state (signed, published on change) shows the progress; once per chunk would sign
+            # and publish hundreds of states per fast transfer, so at most every PROGRESS_EVERY_S (the start
+            # and the end of a transfer are always published)
+            now = time.monotonic()
+            if current.received_bytes == 0 or now - self._progress_at >= PROGRESS_EVERY_S:
+                self._progress_at = now
+                self.on_change()
         self.on_progress(path, done, total)
 
     def _precheck(self, model: DesiredModel, target: VerifiedTarget) -> str | None:
@@ -218,7 +245,9 @@ class ReleaseInstaller:
             return f"{exc} (refused before download)"
         return None
 
-    async def _install(self, model: DesiredModel, target: VerifiedTarget, dest: Path) -> InstallOutcome:
+    async def _install(
+        self, model: DesiredModel, target: VerifiedTarget, dest: Path, validated: ModelFacts | None
+    ) -> InstallOutcome:
         key = model.ref.key
         try:
             record = await asyncio.to_thread(
@@ -231,7 +260,8 @@ class ReleaseInstaller:
                 expected_sha256=target.sha256,
                 activate=False,
                 metadata={"licence": target.fields.licence, "quant": target.fields.quant},
-                move=True,  # the fetcher verified (sha256, length) and fsynced it: no second copy
+                move=True,  # the fetcher verified (every chunk, length) and fsynced it: no second copy
+                validated=validated,  # the header, validated while the blob arrived (None: validate it here)
             )
         except AgentError as exc:
             return InstallOutcome("install", "failed", f"{key}: install refused: {exc}", False)
@@ -256,6 +286,39 @@ class ReleaseInstaller:
         return InstallOutcome(
             "install", "ok", f"installed and activated {key} from {target.path}", True, metrics=dict(metrics)
         )
+
+
+class _HeaderCheck:
+    """The GGUF header validation of one download, on its own thread while the blob arrives.
+
+    :meth:`result` (once the transfer has ended, successfully or not): the facts, the ``InvalidModelError``
+    that refuses the file, or None when the check could not see the whole verified file (the transfer failed,
+    or its file was replaced) — the registry then validates the header itself.
+    """
+
+    def __init__(self, prefix: VerifiedPrefix) -> None:
+        self.prefix = prefix
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="header-check")
+        self._future = self._executor.submit(self._run)
+
+    def _run(self) -> ModelFacts | InvalidModelError:
+        try:
+            with self.prefix.open() as f:
+                return inspect_gguf_file(f)
+        except InvalidModelError as exc:
+            return exc
+        except OSError as exc:  # the transfer ended before the header was there
+            return InvalidModelError(str(exc))
+
+    async def result(self) -> ModelFacts | InvalidModelError | None:
+        """Ends the check (the transfer is over) and returns its outcome (see the class docstring)."""
+        complete = self.prefix.complete
+        self.prefix.close()
+        try:
+            outcome = await asyncio.wrap_future(self._future)
+        finally:
+            self._executor.shutdown(wait=False)
+        return outcome if complete else None
 
 
 def _unlink(path: Path) -> None:

@@ -20,9 +20,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from agent.errors import InvalidModelError
-from agent.registry.gguf import GGUF_MAGIC, validate_gguf
+from agent.registry.gguf import GGUF_MAGIC, GgufInfo, validate_gguf, validate_gguf_file
 
-__all__ = ["ModelFacts", "ModelFormat", "OnnxInfo", "detect_format", "inspect_model", "validate_onnx"]
+__all__ = [
+    "ModelFacts",
+    "ModelFormat",
+    "OnnxInfo",
+    "detect_format",
+    "inspect_gguf_file",
+    "inspect_model",
+    "validate_onnx",
+]
 
 ModelFormat = Literal["gguf", "onnx"]
 
@@ -203,6 +211,30 @@ def detect_format(path: Path, suffix: str | None = None) -> ModelFormat:
     raise InvalidModelError(f"unknown model format: neither GGUF nor ONNX (starts with {head!r})")
 
 
+def inspect_gguf_file(f: BinaryIO) -> ModelFacts:
+    """:func:`inspect_model` of a GGUF read from an open file object (the same checks as for a path).
+
+    Used on a release download while it arrives (:class:`agent.link.fetch.VerifiedPrefix`), so that the header
+    validation overlaps the transfer instead of following it.
+
+    Raises:
+        InvalidModelError: the file is not a valid GGUF model.
+    """
+    return _gguf_facts(validate_gguf_file(f))
+
+
+def _gguf_facts(gguf: GgufInfo) -> ModelFacts:
+    if gguf.tensor_count == 0:
+        raise InvalidModelError("invalid GGUF: the file has no tensors (vocabulary-only files are not models)")
+    return ModelFacts(
+        format="gguf",
+        params=gguf.parameter_count,
+        context_length=gguf.context_length,
+        licence=gguf.licence,
+        metadata=gguf.summary(),
+    )
+
+
 def inspect_model(path: Path, suffix: str | None = None) -> ModelFacts:
     """Detect and validate a model file; return the facts the registry records.
 
@@ -215,16 +247,7 @@ def inspect_model(path: Path, suffix: str | None = None) -> ModelFacts:
     """
     kind = detect_format(path, suffix)
     if kind == "gguf":
-        gguf = validate_gguf(path)
-        if gguf.tensor_count == 0:
-            raise InvalidModelError("invalid GGUF: the file has no tensors (vocabulary-only files are not models)")
-        return ModelFacts(
-            format="gguf",
-            params=gguf.parameter_count,
-            context_length=gguf.context_length,
-            licence=gguf.licence,
-            metadata=gguf.summary(),
-        )
+        return _gguf_facts(validate_gguf(path))
     onnx = validate_onnx(path)
     return ModelFacts(
         format="onnx",

@@ -13,6 +13,7 @@ whose message names the field and its offset (see :mod:`protocols.gguf` for the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 from agent.errors import InvalidModelError
 from protocols.errors import DecodeError
@@ -48,6 +49,7 @@ __all__ = [
     "build_gguf",
     "validate_gguf",
     "validate_gguf_bytes",
+    "validate_gguf_file",
 ]
 
 
@@ -74,6 +76,17 @@ def validate_gguf(path: Path, limits: GgufLimits = DEFAULT_GGUF_LIMITS) -> GgufI
         raise InvalidModelError(str(exc)) from exc
     except OSError as exc:
         raise InvalidModelError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def validate_gguf_file(f: BinaryIO, limits: GgufLimits = DEFAULT_GGUF_LIMITS) -> GgufInfo:
+    """:func:`validate_gguf` on an open, seekable binary file object (a download still arriving:
+    :meth:`agent.link.fetch.VerifiedPrefix.open`). The same parser, the same checks, the same errors."""
+    try:
+        return parse_gguf(f, limits)
+    except DecodeError as exc:
+        raise InvalidModelError(str(exc)) from exc
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read the file: {exc.strerror or exc}") from exc
 
 
 def validate_gguf_bytes(data: bytes, limits: GgufLimits = DEFAULT_GGUF_LIMITS) -> GgufInfo:

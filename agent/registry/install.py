@@ -19,6 +19,10 @@ Invariants:
   interrupted earlier from its source, or abandons it (deleting its partial file) if the source is gone.
 - ``move`` (release downloads): the source is hard-linked into ``partial/`` instead of copied and its name is
   removed once ``copied`` is committed; the sha256 the caller verified is recorded without re-reading the file.
+  With ``move`` the caller may also hand over the format facts it validated on exactly these bytes
+  (``validated``: the release installer validates a GGUF header while the download arrives); ``verified`` then
+  records them instead of parsing the header again. A resumption after a crash has neither: it re-hashes and
+  re-validates.
 - Crash-loop breaker: every start or resumption of an install increments ``installs.attempts`` in its own
   committed transaction. An install still unfinished at recovery crashed the agent once per attempt; when
   ``attempts`` reaches ``RegistryConfig.crash_quarantine_after`` it is quarantined instead of retried (and so
@@ -66,7 +70,7 @@ from agent.errors import (
     QuarantinedError,
     RegistryError,
 )
-from agent.registry.formats import inspect_model
+from agent.registry.formats import ModelFacts, inspect_model
 from protocols.limits import MODEL_NAME_RE, VARIANT_RE
 
 if TYPE_CHECKING:
@@ -416,8 +420,8 @@ def _copy(
     return row
 
 
-def _verify(reg: Registry, row: dict[str, Any]) -> dict[str, Any]:
-    """Length, sha256 and format checks on the partial file."""
+def _verify(reg: Registry, row: dict[str, Any], validated: ModelFacts | None = None) -> dict[str, Any]:
+    """Length, sha256 and format checks on the partial file (``validated``: the caller's, see ``move``)."""
     partial = reg._blobs.partial_path(row["id"])
     if row["size"] != row["source_size"]:
         raise IntegrityError(f"{_ref(row)}: copied {row['size']} bytes, expected {row['source_size']}")
@@ -429,7 +433,7 @@ def _verify(reg: Registry, row: dict[str, Any]) -> dict[str, Any]:
         raise QuarantinedError(f"{_ref(bad)} with sha256 {row['sha256'][:12]} is quarantined: {bad['reason']}")
     source = Path(row["source"])
     try:
-        facts = inspect_model(partial, suffix=source.suffix)
+        facts = validated if validated is not None else inspect_model(partial, suffix=source.suffix)
     except InvalidModelError as exc:
         raise InvalidModelError(f"{source.name}: {exc}") from exc
     payload = {
@@ -528,7 +532,12 @@ def _content_intact(reg: Registry, row: Mapping[str, Any]) -> bool:
 
 
 def _drive(
-    reg: Registry, row: dict[str, Any], progress: Callable[[int, int], None] | None, *, move: bool = False
+    reg: Registry,
+    row: dict[str, Any],
+    progress: Callable[[int, int], None] | None,
+    *,
+    move: bool = False,
+    validated: ModelFacts | None = None,
 ) -> dict[str, Any]:
     resumed_at = row["step"]
     # ``copied`` too: a moved source has no other name, and an unsynced copy may have lost data
@@ -536,10 +545,11 @@ def _drive(
         row["step"] = "planned"
     if resumed_at == "renamed" and not reg._blobs.blob_intact(row["sha256"], row["size"]):
         raise IntegrityError(f"{_ref(row)}: its blob is missing or damaged after a crash")
+    fresh = row["step"] == "planned" and move  # the caller's file, moved in this call: its facts may be used
     if row["step"] in ("planned", "copying"):
         row = _copy(reg, row, progress, move=move)
     if row["step"] == "copied":
-        row = _verify(reg, row)
+        row = _verify(reg, row, validated if fresh else None)
     if row["step"] == "verified":
         row = _fsync(reg, row)
     if row["step"] == "fsynced":
@@ -565,12 +575,19 @@ def _finish(reg: Registry, row: Mapping[str, Any], step: str, error: str) -> Non
 
 
 def run_install(
-    reg: Registry, install_id: str, *, progress: Callable[[int, int], None] | None = None, move: bool = False
+    reg: Registry,
+    install_id: str,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    move: bool = False,
+    validated: ModelFacts | None = None,
 ) -> ModelRecord:
     """Drive an install from its persisted step to ``done``.
 
     ``move``: take the source file instead of copying it (:func:`_move`; only for a file whose sha256 the
     caller verified against the install's ``expected_sha256``). A resumption after a crash always copies.
+    ``validated``: with ``move``, the format facts the caller validated on exactly these bytes (used instead
+    of parsing the file again; see the module docstring).
 
     Returns:
         The installed model.
@@ -592,7 +609,7 @@ def run_install(
             tx.event("install_started", install=row, attempt=row["attempts"] + 1, step=row["step"])
         row["attempts"] += 1
         try:
-            row = _drive(reg, row, progress, move=move)
+            row = _drive(reg, row, progress, move=move, validated=validated)
         except (IntegrityError, InvalidModelError, QuarantinedError, InsufficientSpaceError) as exc:
             _finish(reg, _install_row(reg, install_id), "failed", str(exc))
             raise

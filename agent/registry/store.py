@@ -55,6 +55,7 @@ from agent.errors import (
 )
 from agent.registry import gc as _gc
 from agent.registry import install as _install
+from agent.registry.formats import ModelFacts
 from agent.registry.schema import append_event, open_database
 
 __all__ = [
@@ -545,6 +546,7 @@ class Registry:
         metadata: Mapping[str, Any] | None = None,
         progress: Callable[[int, int], None] | None = None,
         move: bool = False,
+        validated: ModelFacts | None = None,
     ) -> ModelRecord:
         """Install a local model file through the install pipeline (copy, verify, fsync, rename, activate).
 
@@ -561,6 +563,9 @@ class Registry:
             move: the registry takes ``src`` (hard link, then the source name is removed) instead of copying it,
                 when it is on the same filesystem. Only for a file the caller has just verified and fsynced
                 against ``expected_sha256`` (a release download): its content is then not hashed again here.
+            validated: only with ``move``: the facts :func:`~agent.registry.formats.inspect_gguf_file` (or
+                ``inspect_model``) returned for exactly this content, validated by the caller while the file
+                arrived; the header is then not parsed again (a crash-resumed install re-validates).
 
         Returns:
             The installed model.
@@ -584,7 +589,7 @@ class Registry:
         )
         with self._heavy:
             install_id = _install.plan_install(self, request)
-            return _install.run_install(self, install_id, progress=progress, move=move)
+            return _install.run_install(self, install_id, progress=progress, move=move, validated=validated)
 
     def list_models(self, name: str | None = None, *, include_removed: bool = False) -> list[ModelRecord]:
         """Models ordered by name, then version (newest first), then variant."""
