@@ -131,7 +131,9 @@ class ReleaseInstaller:
         self.health_check = health_check
         self.on_progress = on_progress or (lambda path, done, total: None)
         self.on_change: Callable[[], None] = lambda: None
-        """Called when a transfer starts, progresses or ends (the link re-publishes the device state)."""
+        """Called when a download starts or ends and after an install (the device state changed)."""
+        self.on_progress_change: Callable[[], None] = lambda: None
+        """Called after every batch of a download (the link publishes progress at a bounded rate)."""
         self._transfers: dict[str, TransferProgress] = {}
 
     def partial_path(self, sha256: str) -> Path:
@@ -153,6 +155,7 @@ class ReleaseInstaller:
         dest = self.partial_path(target.sha256)
         transfer_id = secrets.token_hex(16)
         self._transfers[target.path] = TransferProgress(transfer_id, model.ref, 0, target.length)
+        self.on_change()
         try:
             await self._fetch(target, dest)
         except FetchRefusedError as exc:
@@ -198,7 +201,7 @@ class ReleaseInstaller:
         current = self._transfers.get(path)
         if current is not None:
             self._transfers[path] = dataclasses.replace(current, received_bytes=min(done, total))
-            self.on_change()
+            self.on_progress_change()
         self.on_progress(path, done, total)
 
     def _precheck(self, model: DesiredModel, target: VerifiedTarget) -> str | None:
