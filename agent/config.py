@@ -154,6 +154,8 @@ class LinkConfig:
     """The retained state is re-published at least this often (the controller's heartbeat)."""
     state_check_interval_s: float = 5.0
     """How often the state is rebuilt to see whether it changed (it is published at once when it did)."""
+    progress_interval_s: float = 1.0
+    """A download's progress is re-published at most this often (other changes are published at once)."""
     resend_after_s: float = 30.0
     """An unacked outbox message is sent again after this long, doubling up to ``resend_max_s``."""
     resend_max_s: float = 600.0

@@ -144,6 +144,7 @@ class AgentLink:
         self._heartbeat = 0
         self._last_fingerprint = b""
         self._last_state_at = 0.0
+        self._progress_pending = False
         self._max_packet = enrollment.broker.max_packet_size
         self._connack: dict[str, Any] = {}
         self._notices: set[str] = set()
@@ -160,6 +161,16 @@ class AgentLink:
     def state_changed(self) -> None:
         """Tell the link that the device's state changed (models, status): it is re-published soon."""
         self._state_changed.set()
+
+    def progress_changed(self) -> None:
+        """Tell the link that a download made progress: re-published at most every ``progress_interval_s``.
+
+        A transfer reports progress after every batch of chunks; rebuilding and publishing the retained state
+        that often would cost the device CPU and the controller a signature check per batch.
+        """
+        self._progress_pending = True
+        if self.clock() - self._last_state_at >= self.config.progress_interval_s:
+            self._state_changed.set()
 
     async def send_report(self, report: Report) -> None:
         """Sign ``report`` with the device key and keep it in the outbox until the controller acks it.
@@ -446,8 +457,11 @@ class AgentLink:
 
     async def _state_loop(self, client: aiomqtt.Client) -> NoReturn:
         while True:
+            wait = self.config.state_check_interval_s
+            if self._progress_pending:  # progress held back by progress_changed(): publish it when it is due
+                wait = min(wait, max(0.0, self._last_state_at + self.config.progress_interval_s - self.clock()))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.state_check_interval_s):
+                async with asyncio.timeout(wait):
                     await self._state_changed.wait()
             self._state_changed.clear()
             state = await self._build_state("online")
@@ -461,6 +475,7 @@ class AgentLink:
         self._heartbeat = state.heartbeat
         self._last_fingerprint = fingerprint(state)
         self._last_state_at = self.clock()
+        self._progress_pending = False
         self.stats.states_published += 1
 
 
@@ -608,6 +623,7 @@ async def open_agent_link(
         if link.dispatcher.installer is not None:  # transfers in progress go into the device state
             state.transfers = link.dispatcher.installer.transfers
             link.dispatcher.installer.on_change = link.state_changed
+            link.dispatcher.installer.on_progress_change = link.progress_changed
             # the assignment keys, as the TUF target keys/assignments.json (agent/link/keyring.py)
             link.keyring = link.dispatcher.verifier.keyring = ControllerKeyring(
                 enrollment.controller_keys,

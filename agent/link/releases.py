@@ -32,7 +32,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +71,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-PROGRESS_EVERY_S = 0.25
-"""Transfer progress changes the published device state at most this often."""
 
 HealthCheck = Callable[[Any], Awaitable[Mapping[str, float] | None]]
 """Called with the installed (staged) model record; raises ``AgentError`` if the model is unhealthy, else returns
@@ -141,9 +137,10 @@ class ReleaseInstaller:
         self.health_check = health_check
         self.on_progress = on_progress or (lambda path, done, total: None)
         self.on_change: Callable[[], None] = lambda: None
-        """Called when a transfer starts, progresses or ends (the link re-publishes the device state)."""
+        """Called when a download starts or ends and after an install (the device state changed)."""
+        self.on_progress_change: Callable[[], None] = lambda: None
+        """Called after every batch of a download (the link publishes progress at a bounded rate)."""
         self._transfers: dict[str, TransferProgress] = {}
-        self._progress_at = 0.0
 
     def partial_path(self, sha256: str) -> Path:
         """Where the download of blob ``sha256`` is assembled (kept across restarts for resume)."""
@@ -164,6 +161,7 @@ class ReleaseInstaller:
         dest = self.partial_path(target.sha256)
         transfer_id = secrets.token_hex(16)
         self._transfers[target.path] = TransferProgress(transfer_id, model.ref, 0, target.length)
+        self.on_change()
         # the GGUF header is validated while the blob arrives, from verified bytes only (module docstring, 5.)
         prefix = VerifiedPrefix(target, dest) if target.fields.format == "gguf" else None
         header = _HeaderCheck(prefix) if prefix is not None else None
@@ -219,13 +217,7 @@ class ReleaseInstaller:
         current = self._transfers.get(path)
         if current is not None:
             self._transfers[path] = dataclasses.replace(current, received_bytes=min(done, total))
-            # the device state (signed, published on change) shows the progress; once per chunk would sign
-            # and publish hundreds of states per fast transfer, so at most every PROGRESS_EVERY_S (the start
-            # and the end of a transfer are always published)
-            now = time.monotonic()
-            if current.received_bytes == 0 or now - self._progress_at >= PROGRESS_EVERY_S:
-                self._progress_at = now
-                self.on_change()
+            self.on_progress_change()  # the link publishes it at most every progress_interval_s
         self.on_progress(path, done, total)
 
     def _precheck(self, model: DesiredModel, target: VerifiedTarget) -> str | None:

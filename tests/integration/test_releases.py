@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +322,27 @@ async def test_release_over_http_from_the_artifact_server(tmp_path: Path) -> Non
         assert fleet.server is not None
         assert fleet.server.chunks is not None
         assert fleet.server.chunks.chunks_sent == 0
+
+
+async def test_transfer_progress_is_published_at_a_bounded_rate(tmp_path: Path) -> None:
+    """A download reports progress after every batch of chunks; the state goes out at most every progress_interval_s."""
+    async with running_fleet(tmp_path) as fleet:
+        model = make_gguf(tmp_path / "tiny.gguf", 3_000_000)
+        fleet.cli("model", "add", str(model), "--name", "tiny", "--variant", "q4_0", "--chunk-size", "16384")
+        fleet.cli("model", "publish")
+        interval = 0.5
+        link = dataclasses.replace(FAST_LINK, state_interval_s=600.0, state_check_interval_s=5.0)
+        agent = await started(fleet, link=dataclasses.replace(link, progress_interval_s=interval))
+        seen: list[tuple[float, int]] = []  # (time, states published so far) at every progress callback
+
+        def on_progress(path: str, done: int, total: int) -> None:
+            seen.append((time.monotonic(), agent.link.stats.states_published))
+
+        agent.link.dispatcher.installer.on_progress = on_progress
+        fleet.cli("deploy", "tiny@1", "--to", "dev1")
+        report = await wait_report(fleet, "dev1", within=60)
+        assert report["outcome"] == "ok", report
+        assert len(seen) >= 8, "the transfer reported progress in batches"
+        (first_at, first_count), (last_at, last_count) = seen[0], seen[-1]
+        published = last_count - first_count
+        assert published <= (last_at - first_at) / interval + 2, (published, len(seen), last_at - first_at)
