@@ -50,6 +50,7 @@ from controller.pki import controller_common_name
 from controller.releases import ReleaseRepository
 from controller.rollout import RolloutDriver
 from controller.store import AssignmentRow, FleetStore
+from protocols.backoff import raise_if_cancelled
 from protocols.errors import ProtocolError
 from protocols.keys import keyid, public_key_from_pem
 from protocols.link import open_sealed, seal
@@ -168,6 +169,7 @@ class FleetServer:
     async def _assignment_loop(self) -> None:
         interval = self.config.controller.assignment_poll_s
         while True:
+            raise_if_cancelled()  # a publish's wait_for may have swallowed a stop (protocols/backoff.py)
             await asyncio.sleep(interval)
             if not self.link.connected.is_set():
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-__all__ = ["Backoff", "raise_if_cancelling"]
+__all__ = ["Backoff", "raise_if_cancelled", "raise_if_cancelling"]
 
 
 class Backoff:
@@ -42,3 +42,19 @@ def raise_if_cancelling(exc: BaseException) -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from exc
+
+
+def raise_if_cancelled() -> None:
+    """Raise ``CancelledError`` if the current task was cancelled and yet runs on: call it at the top of loops.
+
+    Python 3.11's ``asyncio.wait_for``, which aiomqtt awaits in every publish, subscribe and unsubscribe, returns
+    the result instead of raising when the task's cancellation arrives in the same loop iteration as that result
+    (3.12 reimplemented it). The cancellation is then delivered nowhere and a ``while True`` loop runs on after
+    its stop: a stopped agent kept re-sending its outbox to the broker. A handled cancellation leaves
+    ``Task.cancelling()`` at 0 (``asyncio.timeout`` uncancels what it turned into ``TimeoutError``); one still
+    counted while the task runs was swallowed. Not for a task that hosts a ``TaskGroup`` (3.11 may leave such a
+    task counted after a child fails).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

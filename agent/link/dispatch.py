@@ -38,6 +38,7 @@ import structlog
 from agent.errors import AgentError
 from agent.link.outbox import Outbox
 from agent.link.store import LinkStore
+from protocols.backoff import raise_if_cancelled
 from protocols.errors import ProtocolError, RollbackError, VerificationError
 from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey
 from protocols.link import open_sealed, seal
@@ -275,6 +276,7 @@ class Dispatcher:
     async def run(self) -> NoReturn:
         """Reconcile now (a crash may have left an accepted assignment unapplied), then whenever woken."""
         while True:
+            raise_if_cancelled()  # installs fetch over aiomqtt, which may swallow a stop (protocols/backoff.py)
             await self.reconcile()
             await self.wake.wait()
             self.wake.clear()

@@ -32,6 +32,7 @@ from typing import NoReturn
 import structlog
 
 from agent.link.updater import ReleaseError
+from protocols.backoff import raise_if_cancelled
 from protocols.errors import DecodeError
 from protocols.keys import Ed25519PublicKey
 from protocols.releases import AssignmentKeyList, decode_assignment_keys
@@ -137,6 +138,7 @@ class ControllerKeyring:
         assignment) and every ``interval`` seconds while connected; re-verify a refused assignment after a
         change."""
         while True:
+            raise_if_cancelled()  # the TUF lookup subscribes through aiomqtt (protocols/backoff.py)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self.stale.wait()

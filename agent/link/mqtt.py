@@ -43,7 +43,7 @@ from agent.link.releases import HealthCheck, build_installer
 from agent.link.state import StateBuilder, fingerprint
 from agent.link.store import LinkStore
 from protocols.audit import AuditHead
-from protocols.backoff import Backoff, raise_if_cancelling
+from protocols.backoff import Backoff, raise_if_cancelled, raise_if_cancelling
 from protocols.errors import DecodeError, ProtocolError
 from protocols.link import open_sealed, seal
 from protocols.messages import Ack, DeviceState, Report
@@ -273,6 +273,7 @@ class AgentLink:
         loop = asyncio.get_running_loop()
         backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
         while True:
+            raise_if_cancelled()
             started = loop.time()
             try:
                 await self._session()
@@ -371,6 +372,7 @@ class AgentLink:
 
     async def _reader(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
+            raise_if_cancelled()  # here and in every loop of the link: see protocols/backoff.py
             topic = str(message.topic)
             payload = bytes(message.payload)
             try:
@@ -404,6 +406,7 @@ class AgentLink:
 
     async def _sender(self, client: aiomqtt.Client) -> NoReturn:
         while True:
+            raise_if_cancelled()
             self.outbox.wake.clear()
             items = await self.outbox.due()
             for item in items:
@@ -457,6 +460,7 @@ class AgentLink:
 
     async def _state_loop(self, client: aiomqtt.Client) -> NoReturn:
         while True:
+            raise_if_cancelled()
             wait = self.config.state_check_interval_s
             if self._progress_pending:  # progress held back by progress_changed(): publish it when it is due
                 wait = min(wait, max(0.0, self._last_state_at + self.config.progress_interval_s - self.clock()))

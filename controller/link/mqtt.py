@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 
 from controller.errors import LinkError
 from controller.home import TlsFiles
-from protocols.backoff import Backoff, raise_if_cancelling
+from protocols.backoff import Backoff, raise_if_cancelled, raise_if_cancelling
 
 __all__ = ["Backoff", "ControllerLink", "DeviceSession", "InboundMessage", "NotConnectedError", "tls_context"]
 
@@ -147,6 +147,7 @@ class ControllerLink:
         """Stay connected forever; cancel the task to stop (the connection is closed cleanly)."""
         loop = asyncio.get_running_loop()
         while True:
+            raise_if_cancelled()  # here and in the message loop: see protocols/backoff.py
             started = loop.time()
             try:
                 await self._session(on_connect, on_message)
@@ -169,6 +170,7 @@ class ControllerLink:
                 self.connected.set()
                 await on_connect(self)
                 async for message in client.messages:
+                    raise_if_cancelled()
                     await on_message(
                         self, InboundMessage(str(message.topic), bytes(message.payload), bool(message.retain))
                     )
