@@ -31,7 +31,7 @@ SDIST="$(ls "$SRC_DIR"/llama_cpp_python-"$VERSION".tar.gz 2>/dev/null || true)"
 if [[ -z "$SDIST" ]]; then
   echo "downloading the llama-cpp-python $VERSION sdist"
   # `pip download` only fetches the archive: it installs nothing into the venv.
-  "$PY" -m pip download --quiet --no-binary :all: --no-deps \
+  "$PY" -m pip download --quiet --no-binary llama-cpp-python --no-deps \
     --dest "$SRC_DIR" "llama-cpp-python==$VERSION"
   SDIST="$(ls "$SRC_DIR"/llama_cpp_python-"$VERSION".tar.gz)"
 fi
