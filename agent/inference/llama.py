@@ -46,10 +46,11 @@ Invariants:
   saves a quarter of the KV memory; decoding speed is that of f16 with flash attention.
 * **Prompt-prefix reuse.** A slot keeps the token history whose KV it holds (prompt and decoded completion)
   after its request ends. A new request goes to the free slot whose history shares the longest prefix with
-  its prompt (at least :data:`_REUSE_MIN_TOKENS` tokens, else the lowest free slot); only the KV past that
-  prefix is removed (``llama_memory_seq_rm``) and only the rest of the prompt is decoded. Since rows are
-  computed alike whatever the batch, a reused prefix holds exactly the KV a cold start would compute: chat
-  turns, which re-send the whole conversation, skip it and get the same reply.
+  its prompt (at least :data:`_REUSE_MIN_TOKENS` tokens, else the lowest free slot; any shared prefix when the
+  step's admissions fill every free slot); only the KV past that prefix is removed (``llama_memory_seq_rm``)
+  and only the rest of the prompt is decoded. Since rows are computed alike whatever the batch, a reused
+  prefix holds exactly the KV a cold start would compute: chat turns, which re-send the whole conversation,
+  skip it and get the same reply.
 * **Streaming.** Each sampled token is turned into text (whole UTF-8 characters; stop strings held back until
   they can be ruled out) and appended to the request's :class:`~agent.inference.streams.Inbox` in the same
   step; consumers are woken once per step.
@@ -132,7 +133,9 @@ _GGML_TYPE_Q8_0: Final = 8
 _Q8_0_BLOCK: Final = (34, 32)  # bytes per block, values per block (32 int8 + one f16 scale)
 _REUSE_MIN_TOKENS: Final = 16
 """A slot's cached prefix decides the slot only when it saves at least this many tokens (otherwise the lowest
-free slot is used, which keeps running sequences on consecutive ids: one ubatch per step)."""
+free slot is used, which keeps running sequences on consecutive ids: one ubatch per step) — unless the requests
+admitted in this step take every free slot: the running set is then all slots whatever goes where, so each
+request takes the free slot sharing the longest prefix with it, however short."""
 
 
 # --- llama.cpp's log -----------------------------------------------------------------------------------------
@@ -482,6 +485,24 @@ class _Slot:
         self.request: _Request | None = None
 
 
+def _choose_slot(slots: list[_Slot], tokens: list[int], min_reuse: int) -> tuple[_Slot, int]:
+    """The free slot for a prompt of ``tokens`` and how many of them its history holds already.
+
+    The free slot sharing the longest prefix with the prompt if that is at least ``min_reuse`` tokens, else the
+    lowest free one (ties: the lowest); its shared prefix is reused either way. Needs a free slot.
+    """
+    slot, shared, best = None, 0, -1
+    for candidate in slots:  # in id order: ties go to the lowest free id
+        if candidate.request is not None:
+            continue
+        common = _common_prefix(candidate.history, tokens)
+        score = common if common >= min_reuse else 0
+        if score > best:
+            slot, shared, best = candidate, common, score
+    assert slot is not None, "no free slot"
+    return slot, shared
+
+
 # --- the decode thread ---------------------------------------------------------------------------------------
 
 
@@ -642,8 +663,10 @@ class _DecodeLoop:
                 break
         free = len(self._slots) - len(active)
         if free and len(self._queue):
-            for ticket in self._queue.take(free):
-                self._admit(ticket)
+            tickets = self._queue.take(free)
+            fills = len(tickets) == free  # every slot will be busy: no ubatch split to avoid
+            for ticket in tickets:
+                self._admit(ticket, min_reuse=1 if fills else _REUSE_MIN_TOKENS)
         if not active:
             return
 
@@ -739,7 +762,7 @@ class _DecodeLoop:
                 self._prefilling.remove(request)
                 self._decoding += 1
 
-    def _admit(self, ticket: Ticket[_Request]) -> None:
+    def _admit(self, ticket: Ticket[_Request], min_reuse: int = _REUSE_MIN_TOKENS) -> None:
         request = ticket.item
         if request.cancelled or request.inbox.orphaned:
             request.done = True
@@ -754,14 +777,7 @@ class _DecodeLoop:
             self._queue.release(ticket)
             return
         tokens = request.tokens
-        slot, shared, best = self._slots[0], 0, -1
-        for candidate in self._slots:  # in id order: ties go to the lowest free id
-            if candidate.request is not None:
-                continue
-            common = _common_prefix(candidate.history, tokens)
-            score = common if common >= _REUSE_MIN_TOKENS else 0
-            if score > best:
-                slot, shared, best = candidate, common, score
+        slot, shared = _choose_slot(self._slots, tokens, min_reuse)
         keep = min(shared, len(tokens) - 1)  # at least one prompt token is decoded: its logits start the reply
         if keep < len(slot.history):
             memory = self._native.memory
