@@ -1,12 +1,13 @@
 """Release delivery benchmark: the 98 MB SmolLM2 file delivered end to end, over MQTT and over HTTP, on loopback.
 
 In one run, on this machine, with a private Mosquitto running the configuration ``edge-fleet init`` generated
-(TLS, client certificates, ACL) and the real ``serve`` (tests/fleet_harness.py):
+(TLS, client certificates, ACL) and the real ``serve`` in its own process (``python -m controller serve``, as
+systemd runs it: the controller and the device never share a process or its GIL), the agents in this one:
 
 1. publishes the SmolLM2 GGUF as a signed release (256 KiB chunks);
 2. **signed MQTT delivery**: the agent's ``ReleaseInstaller.install`` — TUF refresh over retained topics, windowed
-   chunk transfer with per-chunk sha256, whole-file sha256, fsync, the registry's install pipeline (copy, verify,
-   fsync, rename, activate) — timed from the call to its return;
+   chunk transfer with per-chunk sha256 against the signed chunk list, length, fsync, GGUF header validation, the
+   registry's install pipeline (move, fsync, rename, activate) — timed from the call to its return;
 3. **raw MQTT pipe**: a bare aiomqtt QoS 1 publish loop of the same bytes in the same chunk size, controller
    identity → device identity through the same broker, timed until the subscriber has every byte;
 4. **signed HTTP delivery**: the same install with the metadata and the blob from ``serve``'s artifact server;
@@ -30,6 +31,7 @@ import logging
 import os
 import platform
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +49,8 @@ from broker import free_port  # noqa: E402
 from fleet_harness import FAST_LINK, Fleet, running_fleet, wait_for  # noqa: E402
 
 from agent.link.enrollment import link_dir  # noqa: E402
+from controller.config import dump_config  # noqa: E402
+from controller.home import atomic_write  # noqa: E402
 from controller.pki import controller_common_name  # noqa: E402
 from controller.releases import ReleaseRepository  # noqa: E402
 from protocols.messages import DesiredModel  # noqa: E402
@@ -128,6 +132,50 @@ async def raw_mqtt(fleet: Fleet, device: str, data: bytes) -> float | None:
     return elapsed
 
 
+def spawn_serve(fleet: Fleet, log: Path) -> subprocess.Popen[bytes]:
+    """``edge-fleet serve`` for ``fleet``'s home as a child process (output into ``log``)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "controller", "--home", str(fleet.home.root), "serve"],
+            cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _connected(process: subprocess.Popen[bytes], log: Path) -> bool:
+    if process.poll() is not None:
+        raise RuntimeError(f"serve exited with {process.returncode}: see {log}")
+    return b"serve.connected" in log.read_bytes()
+
+
+async def start_serve(fleet: Fleet, log: Path, artifact_port: int) -> subprocess.Popen[bytes]:
+    """:func:`spawn_serve`, returning once it is connected to the broker and its artifact server answers."""
+    process = spawn_serve(fleet, log)
+
+    async def ready() -> bool:
+        if not _connected(process, log):
+            return False
+        try:
+            async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{artifact_port}/") as reply:
+                return reply.status < 500
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(ready, within=60, what="serve (child process) to connect and serve")
+    return process
+
+
+def stop_serve(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 async def raw_http(url: str, dest: Path) -> float:
     """Seconds for a bare HTTP GET of ``url`` into ``dest``."""
     started = time.perf_counter()
@@ -158,7 +206,8 @@ async def run(rounds: int, only: str | None = None) -> dict[str, Any]:
             port = free_port()
             controller = dataclasses.replace(fleet.home.config.controller, artifact_port=port)
             fleet.home.config = dataclasses.replace(fleet.home.config, controller=controller)
-            await fleet.start_server()
+            atomic_write(fleet.home.config_path, dump_config(fleet.home.config).encode())
+            serve = await start_serve(fleet, Path(tmp) / "serve.log", port)
             mqtt_agent = fleet.enroll("bench-mqtt", models=())
             http_agent = fleet.enroll(
                 "bench-http", models=(), link=dataclasses.replace(FAST_LINK, artifact_url=f"http://127.0.0.1:{port}")
@@ -179,7 +228,7 @@ async def run(rounds: int, only: str | None = None) -> dict[str, Any]:
                     raw_h.append(await raw_http(url, Path(tmp) / "raw"))
             # the raw pipe uses the same two identities (client id = certificate CN): stop their owners first
             await mqtt_agent.stop()
-            await fleet.stop_server()
+            stop_serve(serve)
             for _ in range(rounds if only != "http" else 0):
                 seconds = await raw_mqtt(fleet, "bench-mqtt", data)
                 if seconds is not None:
