@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import hashlib
 import os
 import secrets
@@ -320,6 +321,31 @@ _MAX_IOV = 512
 """Buffers per ``pwritev`` (POSIX guarantees at least 16, Linux takes 1024)."""
 
 
+def _trim(path: Path, length: int) -> None:
+    """Cut ``path`` to ``length`` bytes if it is longer (a download file never holds more than the signed length)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size > length:
+            os.ftruncate(fd, length)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``: ``pwrite`` may write less (a full disk part-way); nothing is an error.
+
+    Raises:
+        OSError: the write failed, or wrote nothing.
+    """
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, f"short write at offset {offset}")
+        view = view[written:]
+        offset += written
+
+
 class _ChunkWriter:
     """Checks the received byte stream chunk by chunk against the signed list and writes it, on one worker thread.
 
@@ -562,7 +588,7 @@ class MqttBlobFetcher:
                     missing.appendleft(index)  # failed verification: ask again (bounded by max_bad_chunks)
                     continue
                 offset, length = chunk_span(index, target.length, fields.chunk_size)
-                os.pwrite(fd, data, offset)
+                _pwrite_all(fd, data, offset)  # finish_file counts the chunk as on disk: all of it must be
                 if prefix is not None:
                     prefix.chunk_done(index)
                 received_bytes += length
@@ -684,7 +710,8 @@ class HttpBlobFetcher:
             while True:
                 done = stats.resumed | set(stats.verified)
                 first = next((i for i in range(count) if i not in done), None)
-                if first is None:
+                if first is None:  # every chunk verified (perhaps all resumed): drop bytes past the signed length
+                    await asyncio.to_thread(_trim, dest, target.length)
                     break
                 try:
                     await self._range(session, url, target, dest, first, done, stats, started, progress, prefix)

@@ -146,3 +146,18 @@ async def test_unpublished_path_is_not_served(
         await HttpBlobFetcher(FetchPolicy(), retries=0).fetch(
             target, tmp_path / "out", f"{artifacts.url}/targets/models/tiny/2/q4_0.gguf"
         )
+
+
+async def test_complete_download_with_trailing_bytes_is_cut_to_the_signed_length(
+    repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path
+) -> None:
+    """Every chunk already on disk, followed by junk: nothing is fetched, the junk is cut, the file is the target."""
+    target = await _lookup(repo, artifacts, tmp_path)
+    out = tmp_path / "out"
+    await HttpBlobFetcher().fetch(target, out, f"{artifacts.url}/targets/{PATH}")
+    with out.open("ab") as f:
+        f.write(b"junk past the signed length")
+    stats = await HttpBlobFetcher().fetch(target, out, f"{artifacts.url}/targets/{PATH}")
+    assert not stats.verified
+    assert len(stats.resumed) == len(target.fields.chunks)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == target.sha256
