@@ -469,8 +469,15 @@ class _ChunkWriter:
         self._pending.append(future)
 
     async def _complete_one(self) -> None:
-        future = self._pending.popleft()
-        for index in await future:
+        future = self._pending[0]
+        # shielded: a cancelled waiter must not cancel a batch the worker has not started, or the worker would
+        # go on with the stream's next batch as if it followed the one before (every later chunk misaligned)
+        try:
+            written = await asyncio.shield(future)
+        finally:
+            if future.done():  # else cancelled while waiting: the batch stays queued for drain()
+                self._pending.popleft()
+        for index in written:
             self.on_written(index)
 
     async def drain(self) -> None:
@@ -795,6 +802,12 @@ class HttpBlobFetcher:
                     raise
                 if await response.content.read(1):
                     raise FetchRefusedError(f"{url}: more bytes than the signed length {target.length}")
+            except asyncio.CancelledError:
+                # a stop mid-transfer: the queued batches still finish (their verified chunks stay for a resume),
+                # and the stop is what propagates, never an error of theirs (it would read as a refused source)
+                with contextlib.suppress(Exception):
+                    await writer.drain()
+                raise
             finally:
                 try:
                     await writer.drain()
