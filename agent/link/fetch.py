@@ -47,7 +47,7 @@ import secrets
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,20 +185,25 @@ class VerifiedPrefix:
     def complete(self) -> bool:
         """Every byte of the file is verified and written (and the file was not replaced: :meth:`discard`)."""
         with self._cond:
-            return not self._discarded and self._next * self._chunk_size >= self.length
+            return not self._discarded and self._end() >= self.length
 
     @property
     def end(self) -> int:
         """Bytes ``[0, end)`` of the file are verified and written."""
         with self._cond:
-            return min(self.length, self._next * self._chunk_size)
+            return self._end()
+
+    def _end(self) -> int:  # the lock is held
+        return min(self.length, self._next * self._chunk_size)
 
     def chunk_done(self, index: int) -> None:
         """Chunk ``index`` was verified against the signed list and is in the file."""
+        self.chunks_done((index,))
+
+    def chunks_done(self, indices: Iterable[int]) -> None:
+        """:meth:`chunk_done` for each of ``indices`` (one wake-up for all of them)."""
         with self._cond:
-            if index < self._next:
-                return
-            self._ahead.add(index)
+            self._ahead.update(i for i in indices if i >= self._next)
             start = self._next
             while self._next in self._ahead:
                 self._ahead.discard(self._next)
@@ -226,9 +231,9 @@ class VerifiedPrefix:
             OSError: the prefix was closed before reaching ``end``.
         """
         with self._cond:
-            while min(self.length, self._next * self._chunk_size) < end and not self._closed:
+            while self._end() < end and not self._closed:
                 self._cond.wait()
-            if min(self.length, self._next * self._chunk_size) < end:
+            if self._end() < end:
                 raise OSError(f"{self.path.name}: the transfer ended before byte {end} was verified")
 
     @contextlib.contextmanager
@@ -321,12 +326,17 @@ _MAX_IOV = 512
 """Buffers per ``pwritev`` (POSIX guarantees at least 16, Linux takes 1024)."""
 
 
+def _cut_to(fd: int, length: int) -> None:
+    """Cut the file to ``length`` bytes if it is longer (a download file never holds more than the signed length)."""
+    if os.fstat(fd).st_size > length:
+        os.ftruncate(fd, length)
+
+
 def _trim(path: Path, length: int) -> None:
-    """Cut ``path`` to ``length`` bytes if it is longer (a download file never holds more than the signed length)."""
+    """:func:`_cut_to` for ``path``."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if os.fstat(fd).st_size > length:
-            os.ftruncate(fd, length)
+        _cut_to(fd, length)
     finally:
         os.close(fd)
 
@@ -423,8 +433,7 @@ class _ChunkWriter:
         finally:
             written = self._write([(index, chunk) for index, chunk in verified if index not in skip])
             if self.prefix is not None:
-                for index, _ in verified:
-                    self.prefix.chunk_done(index)
+                self.prefix.chunks_done(index for index, _ in verified)
         return written
 
     def _write(self, chunks: list[tuple[int, list[memoryview]]]) -> list[int]:
@@ -537,8 +546,7 @@ class MqttBlobFetcher:
         done = await asyncio.to_thread(verified_chunks, dest, target)
         stats.resumed = set(done)
         if prefix is not None:
-            for index in sorted(done):
-                prefix.chunk_done(index)
+            prefix.chunks_done(done)
         missing = deque(i for i in range(len(fields.chunks)) if i not in done)
         outstanding: set[int] = set()
         bad: Counter[int] = Counter()
@@ -554,8 +562,7 @@ class MqttBlobFetcher:
         self.link.chunk_sink = frames.put_nowait
         last_arrival = self.clock()
         try:
-            if os.fstat(fd).st_size > target.length:
-                os.ftruncate(fd, target.length)  # never more than the signed length
+            _cut_to(fd, target.length)
             while missing or outstanding:
                 self._check_time(target, started, received_bytes - resumed_bytes)
                 if not self.link.connected.is_set():
@@ -708,8 +715,7 @@ class HttpBlobFetcher:
         dest.parent.mkdir(parents=True, exist_ok=True)
         stats.resumed = await asyncio.to_thread(verified_chunks, dest, target)
         if prefix is not None:
-            for index in sorted(stats.resumed):
-                prefix.chunk_done(index)
+            prefix.chunks_done(stats.resumed)
         count = len(target.fields.chunks)
         failures = 0
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.policy.request_timeout_s * 6)
@@ -766,8 +772,7 @@ class HttpBlobFetcher:
             fd = os.open(dest, os.O_RDWR | os.O_CREAT, 0o600)
             writer = _ChunkWriter(fd, target, first, url, prefix)
             try:
-                if os.fstat(fd).st_size > target.length:
-                    os.ftruncate(fd, target.length)
+                _cut_to(fd, target.length)
 
                 def written(index: int) -> None:
                     _, length = chunk_span(index, target.length, size)
