@@ -70,23 +70,23 @@ def validate_gguf(path: Path, limits: GgufLimits = DEFAULT_GGUF_LIMITS) -> GgufI
             its offset), or it cannot be read.
     """
     try:
-        with path.open("rb") as f:
-            return parse_gguf(f, limits)
-    except DecodeError as exc:
-        raise InvalidModelError(str(exc)) from exc
+        f = path.open("rb")
     except OSError as exc:
         raise InvalidModelError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    with f:
+        return validate_gguf_file(f, limits, name=str(path))
 
 
-def validate_gguf_file(f: BinaryIO, limits: GgufLimits = DEFAULT_GGUF_LIMITS) -> GgufInfo:
+def validate_gguf_file(f: BinaryIO, limits: GgufLimits = DEFAULT_GGUF_LIMITS, *, name: str = "the file") -> GgufInfo:
     """:func:`validate_gguf` on an open, seekable binary file object (a download still arriving:
-    :meth:`agent.link.fetch.VerifiedPrefix.open`). The same parser, the same checks, the same errors."""
+    :meth:`agent.link.fetch.VerifiedPrefix.open`). The same parser, the same checks, the same errors
+    (``name``: what a read error calls the file)."""
     try:
         return parse_gguf(f, limits)
     except DecodeError as exc:
         raise InvalidModelError(str(exc)) from exc
     except OSError as exc:
-        raise InvalidModelError(f"cannot read the file: {exc.strerror or exc}") from exc
+        raise InvalidModelError(f"cannot read {name}: {exc.strerror or exc}") from exc
 
 
 def validate_gguf_bytes(data: bytes, limits: GgufLimits = DEFAULT_GGUF_LIMITS) -> GgufInfo:
