@@ -39,8 +39,7 @@ def raise_if_cancelling(exc: BaseException) -> None:
     reconnect loop that catches ``MqttError`` would then swallow the cancellation and run forever (Python 3.11
     delivers a task's cancellation once). Call this first in such an ``except`` clause.
     """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if _cancelling():
         raise asyncio.CancelledError from exc
 
 
@@ -55,6 +54,11 @@ def raise_if_cancelled() -> None:
     counted while the task runs was swallowed. Not for a task that hosts a ``TaskGroup`` (3.11 may leave such a
     task counted after a child fails).
     """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if _cancelling():
         raise asyncio.CancelledError
+
+
+def _cancelling() -> bool:
+    """The current task has a cancellation requested and not handled (``Task.cancelling()``)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
