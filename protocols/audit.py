@@ -369,19 +369,16 @@ def read_canonical_records(
         try:
             if len(data_text) > max_data // 4 and len(data_text.encode("utf-8")) > max_data:  # <= 4 bytes a char
                 return None
-            hashed = (
-                f'{{"actor":"{actor}","data":{data_text},"epoch":{epoch},"kind":"{kind}",'
-                f'"prev_hash":"{prev_hash}","seq":{seq},"ts_ms":{ts_ms}}}'.encode()
-            )
+            # the record's text without and with ``hash``, which sorts between ``epoch`` and ``kind``
+            head = f'{{"actor":"{actor}","data":{data_text},"epoch":{epoch},'
+            tail = f'"kind":"{kind}","prev_hash":"{prev_hash}","seq":{seq},"ts_ms":{ts_ms}}}'
+            hashed = (head + tail).encode()
         except UnicodeEncodeError:  # a lone surrogate in data: the strict decoder refuses it and says so
             return None
         digest = hashlib.sha256(hashed).hexdigest()
         if digest != hash_:
             return None
-        pieces.append(
-            f'{{"actor":"{actor}","data":{data_text},"epoch":{epoch},"hash":"{hash_}","kind":"{kind}",'
-            f'"prev_hash":"{prev_hash}","seq":{seq},"ts_ms":{ts_ms}}}'
-        )
+        pieces.append(f'{head}"hash":"{hash_}",{tail}')
         # AuditRecord(...) plus the two cached fields, set through the slots directly: a frozen dataclass's
         # __init__ goes through object.__setattr__ once per field, which cost more than hashing the record.
         record = _new_record(AuditRecord)
