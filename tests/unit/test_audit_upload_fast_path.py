@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from json_strategies import json_objects, json_scalars
 
 from protocols.audit import (
     KIND_EPOCH_START,
@@ -40,13 +41,6 @@ PUB = KEY.public_key()
 DEVICE = "edge-01"
 BIG = 1 << 20
 
-json_scalars = st.none() | st.booleans() | st.integers(MIN_INT, MAX_INT) | st.text(max_size=12)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=20,
-)
-json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=6)
 
 audit_data = st.dictionaries(
     st.text(max_size=8),
