@@ -1,4 +1,4 @@
-"""The HTTP fetcher's stream verifier and the verified-prefix reader, against real files.
+"""The fetchers' stream verifier, the verified-prefix reader and write faults, against real files.
 
 Real parts: :class:`agent.link.fetch._ChunkWriter` writing a real file (the stream is cut into blocks at
 arbitrary points, as a socket delivers it), :class:`agent.link.fetch.VerifiedPrefix` read by the real GGUF
@@ -8,23 +8,35 @@ validator (``agent.registry.formats.inspect_gguf_file``) on another thread while
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import InvalidModelError
-from agent.link.fetch import FetchRefusedError, VerifiedPrefix, _ChunkWriter, finish_file
+from agent.link.fetch import (
+    FetchError,
+    FetchPolicy,
+    FetchRefusedError,
+    MqttBlobFetcher,
+    VerifiedPrefix,
+    _ChunkWriter,
+    finish_file,
+)
 from agent.link.updater import VerifiedTarget
 from agent.registry.formats import inspect_gguf_file, inspect_model
 from agent.registry.gguf import GgmlType, build_gguf
-from protocols.releases import ModelTargetFields, chunk_count, chunk_digests
+from protocols.messages import FetchRequest, decode, encode_chunk
+from protocols.releases import ModelTargetFields, chunk_count, chunk_digests, chunk_span
 
 pytestmark = pytest.mark.component
 
@@ -179,3 +191,108 @@ def test_transfer_ending_early_fails_the_read_instead_of_blocking(tmp_path: Path
     outcome, _ = _validate_while_arriving(tmp_path, data, [0], 256)
     assert isinstance(outcome, InvalidModelError | OSError)
     assert "transfer ended before byte" in str(outcome)
+
+
+# --- write faults (found by a review of ADR 0013's change: with no whole-file sha256 after a download, every
+# chunk counted as verified must be on disk whole, and a stop mid-transfer must neither drop a queued batch nor
+# turn into a refused source) ----------------------------------------------------------------------------------
+
+CHUNK = 1024
+
+
+class _Sender:
+    """A fake MQTT link answering every fetch request with the right chunks."""
+
+    def __init__(self, data: bytes) -> None:
+        self.device = "dev1"
+        self.data = data
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.chunk_sink: Callable[[bytes], None] | None = None
+
+    async def publish_fetch(self, payload: bytes) -> None:
+        request = decode(payload)
+        assert isinstance(request, FetchRequest)
+        for index in request.indices:
+            offset, size = chunk_span(index, len(self.data), CHUNK)
+            frame = encode_chunk(request.transfer_id, index, self.data[offset : offset + size])
+            assert self.chunk_sink is not None
+            asyncio.get_running_loop().call_soon(self.chunk_sink, frame)
+
+
+async def test_mqtt_short_pwrite_is_not_counted_as_a_verified_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short ``pwrite`` (e.g. a full disk part-way) must not leave a chunk counted as verified half written:
+    the fetcher writes the rest (or fails); it never returns with a file whose bytes are not the signed ones."""
+    data = hashlib.sha256(b"x").digest() * 160  # 5120 bytes: 5 chunks of 1 KiB
+    target = _target(data, CHUNK)
+    real_pwrite = os.pwrite
+    short_once = [True]
+
+    def pwrite(fd: int, buf: bytes, offset: int) -> int:
+        if offset == CHUNK and short_once[0]:  # chunk 1: only half of it reaches the file
+            short_once[0] = False
+            return real_pwrite(fd, bytes(buf)[: len(buf) // 2], offset)
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "out"
+    try:
+        await MqttBlobFetcher(_Sender(data), FetchPolicy(window=1)).fetch(target, out)
+    except (FetchError, OSError):
+        return  # refusing (or failing) the transfer is correct
+    assert out.read_bytes() == data, "fetch succeeded although chunk 1 on disk does not match the signed chunk"
+
+
+class _HeldExecutor(concurrent.futures.Executor):
+    """Runs nothing until :meth:`run_all`: every submitted batch waits, not started, like one the worker has not
+    picked up yet."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.queue.append((future, fn, args))
+        return future
+
+    def run_all(self) -> None:
+        while self.queue:
+            future, fn, args = self.queue.pop(0)
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled before it started: never runs
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.run_all()
+
+
+async def test_a_stop_while_batches_wait_for_the_worker_loses_none_and_raises_no_refusal(tmp_path: Path) -> None:
+    """The HTTP writer: cancelled while waiting for a batch the worker has not started, it must not cancel that
+    batch (the worker would take the next one as its continuation: every later chunk misaligned, refused)."""
+    data = os.urandom(4 * CHUNK)
+    target = _target(data, CHUNK)
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    writer = _ChunkWriter(fd, target, 0, "test", None, depth=2)
+    writer._executor.shutdown()
+    held = _HeldExecutor()
+    writer._executor = held  # type: ignore[assignment]
+    try:
+        await writer.submit([data[:CHUNK]], skip=())
+        await writer.submit([data[CHUNK : 2 * CHUNK]], skip=())
+        third = asyncio.create_task(writer.submit([data[2 * CHUNK :]], skip=()))  # waits: two batches queued
+        for _ in range(3):
+            await asyncio.sleep(0)
+        third.cancel()  # the stop
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        held.run_all()  # the worker gets to the queued batches only now
+        await writer.drain()  # no refusal: nothing was misaligned
+    finally:
+        writer.close()
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes()[: 2 * CHUNK] == data[: 2 * CHUNK], "a queued batch was lost"
