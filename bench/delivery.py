@@ -46,7 +46,7 @@ import aiohttp  # noqa: E402
 import aiomqtt  # noqa: E402
 import structlog  # noqa: E402
 from broker import free_port  # noqa: E402
-from fleet_harness import FAST_LINK, Fleet, running_fleet, wait_for  # noqa: E402
+from fleet_harness import FAST_LINK, Fleet, running_fleet, spawn_serve, wait_for  # noqa: E402
 
 from agent.link.enrollment import link_dir  # noqa: E402
 from controller.config import dump_config  # noqa: E402
@@ -132,18 +132,6 @@ async def raw_mqtt(fleet: Fleet, device: str, data: bytes) -> float | None:
     return elapsed
 
 
-def spawn_serve(fleet: Fleet, log: Path) -> subprocess.Popen[bytes]:
-    """``edge-fleet serve`` for ``fleet``'s home as a child process (output into ``log``)."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "controller", "--home", str(fleet.home.root), "serve"],
-            cwd=str(ROOT),
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _connected(process: subprocess.Popen[bytes], log: Path) -> bool:
     if process.poll() is not None:
         raise RuntimeError(f"serve exited with {process.returncode}: see {log}")
@@ -152,7 +140,7 @@ def _connected(process: subprocess.Popen[bytes], log: Path) -> bool:
 
 async def start_serve(fleet: Fleet, log: Path, artifact_port: int) -> subprocess.Popen[bytes]:
     """:func:`spawn_serve`, returning once it is connected to the broker and its artifact server answers."""
-    process = spawn_serve(fleet, log)
+    process = spawn_serve(fleet.home.root, log)
 
     async def ready() -> bool:
         if not _connected(process, log):

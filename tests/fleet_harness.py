@@ -15,9 +15,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,22 @@ class TcpProxy:
         while data:
             data = await reader.read(65536)
         await asyncio.sleep(3600)  # EOF seen: keep the other side open, say nothing
+
+
+def spawn_serve(
+    home_root: Path, log: Path, env: Mapping[str, str] | None = None, *, new_session: bool = False
+) -> subprocess.Popen[bytes]:
+    """``edge-fleet serve`` for the home at ``home_root`` as a child process (``python -m controller``, as systemd
+    runs it), the repository on its path, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "controller", "--home", str(home_root), "serve"],
+            cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
 
 
 async def run_subprocess(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:

@@ -17,7 +17,6 @@ import resource
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 import psutil
 from broker import Mosquitto, free_port
+from fleet_harness import spawn_serve
 
 from controller.config import CONTROLLER_NAME_ENV, BrokerConfig, ControllerConfig, FleetConfig
 from controller.home import FleetHome
@@ -145,16 +145,7 @@ class ScaleFleet:
 
     def start_controller(self, name: str = "main") -> ControllerProcess:
         log_path = self.tmp / f"serve-{name}.log"
-        env = {**os.environ, CONTROLLER_NAME_ENV: name, "PYTHONPATH": str(ROOT)}
-        with log_path.open("ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "controller", "--home", str(self.home.root), "serve"],
-                cwd=str(ROOT),
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = spawn_serve(self.home.root, log_path, {CONTROLLER_NAME_ENV: name}, new_session=True)
         controller = ControllerProcess(name, process, log_path)
         self.controllers.append(controller)
         return controller
