@@ -24,7 +24,7 @@ import hashlib
 import os
 import signal
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
@@ -32,13 +32,16 @@ from agent import __version__
 from agent.api.app import ApiState
 from agent.api.server import ApiServer
 from agent.api.tokens import TokenStore
-from agent.audit import AuditLog, AuditUploader, watch_clock
 from agent.config import AgentConfig
 from agent.health import model_health_check
 from agent.inference import ModelPool
-from agent.link.mqtt import open_agent_link
+from agent.link import bundle_path
 from agent.registry import Registry
 from agent.systemd import SystemdNotifier, watchdog_loop
+
+if TYPE_CHECKING:
+    from agent.audit import AuditLog
+    from agent.link.mqtt import AgentLink
 
 __all__ = ["INFERENCE_STALL_S", "inference_progress", "run"]
 
@@ -132,29 +135,35 @@ async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.E
         server = await stack.enter_async_context(ApiServer(state))
 
         # The MQTT link, if the device is enrolled (`edge-agent enroll`); None otherwise. Nothing waits for it.
-        link = await stack.enter_async_context(
-            open_agent_link(
-                config,
-                registry,
-                agent_version=__version__,
-                loaded_models=lambda: [(m.name, m.variant, m.sha256) for m in pool.loaded()],
-                health_check=model_health_check(state),  # delivered releases (agent/link/releases.py)
+        # Its modules (TLS, TUF, MQTT, ~20 MiB resident) are imported only then: a device that runs offline,
+        # never enrolled, does not carry them.
+        link: AgentLink | None = None
+        if config.link.enabled and bundle_path(config.state_dir).exists():
+            from agent.link.mqtt import open_agent_link
+
+            link = await stack.enter_async_context(
+                open_agent_link(
+                    config,
+                    registry,
+                    agent_version=__version__,
+                    loaded_models=lambda: [(m.name, m.variant, m.sha256) for m in pool.loaded()],
+                    health_check=model_health_check(state),  # delivered releases (agent/link/releases.py)
+                )
             )
-        )
 
         # The audit log (DESIGN.md §6) needs the device id: the enrolled one, else the configured one.
         device = link.device if link is not None else config.device_id
-        audit = (
-            await asyncio.to_thread(
+        audit: AuditLog | None = None
+        if device:
+            from agent.audit import AuditLog, AuditUploader, watch_clock
+
+            audit = await asyncio.to_thread(
                 AuditLog.open,
                 registry,
                 device,
                 max_records=config.audit.max_records,
                 max_bytes=config.audit.max_bytes,
             )
-            if device
-            else None
-        )
         if audit is not None:
             state.audit = audit.record
             if link is not None:

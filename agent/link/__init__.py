@@ -7,3 +7,21 @@
 - :mod:`agent.link.state` builds the device's state message.
 - :mod:`agent.link.mqtt` is the connection (the only agent module importing aiomqtt): :class:`AgentLink`.
 """
+
+from pathlib import Path
+
+__all__ = ["bundle_path", "link_dir"]
+
+
+def link_dir(state_dir: Path) -> Path:
+    """``state_dir/link``: the enrollment, its TLS files and the link's database."""
+    return state_dir / "link"
+
+
+def bundle_path(state_dir: Path) -> Path:
+    """The installed provisioning bundle; the device is enrolled if it exists (see :mod:`agent.link.enrollment`).
+
+    Here, not in :mod:`agent.link.enrollment`, so that the daemon can tell whether to start the link without
+    importing the link's TLS, TUF and MQTT stack on a device that has none.
+    """
+    return link_dir(state_dir) / "bundle"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import EnrollmentError
+from agent.link import bundle_path, link_dir
 from protocols.enrollment import BrokerAddress, EnrollmentBundle, decode_bundle
 from protocols.errors import ProtocolError
 from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey
@@ -29,11 +30,6 @@ from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey
 __all__ = ["Enrollment", "install_bundle", "link_dir", "load_enrollment"]
 
 MAX_BUNDLE_BYTES = 256 * 1024
-
-
-def link_dir(state_dir: Path) -> Path:
-    """``state_dir/link``."""
-    return state_dir / "link"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +106,7 @@ def install_bundle(
     directory = link_dir(state_dir)
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        current = directory / "bundle"
+        current = bundle_path(state_dir)
         if current.exists():
             try:
                 previous: str | None = _decode(current.read_bytes(), None, None, check_time=False).device
@@ -141,7 +137,7 @@ def load_enrollment(
     Raises:
         EnrollmentError: the installed bundle is invalid, expired, or for another device than ``device_id``.
     """
-    path = link_dir(state_dir) / "bundle"
+    path = bundle_path(state_dir)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
