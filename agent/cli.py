@@ -122,7 +122,7 @@ def run(ctx: AgentContext) -> None:
     config = ctx.config
     configure_logging(config.log.level, json=config.log.json)
     try:
-        status = asyncio.run(daemon.run(config))
+        status = asyncio.run(daemon.run(config, freeze_gc=True))
     except AgentError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(status)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import signal
@@ -71,6 +72,7 @@ async def run(
     *,
     notifier: SystemdNotifier | None = None,
     stop: asyncio.Event | None = None,
+    freeze_gc: bool = False,
 ) -> int:
     """Run the agent until SIGTERM/SIGINT (or ``stop`` is set); return the exit status.
 
@@ -78,6 +80,8 @@ async def run(
         config: the agent's configuration.
         notifier: systemd notifier (default: from the environment; a no-op when not under systemd).
         stop: an event that ends the daemon when set (tests); signals set it too.
+        freeze_gc: once ready, move every object allocated so far out of the garbage collector's sight
+            (:func:`gc.freeze`; ``edge-agent run`` sets it, a test running the daemon in its own process not).
     """
     notifier = notifier or SystemdNotifier()
     stop = stop or asyncio.Event()
@@ -89,7 +93,7 @@ async def run(
             installed.append(sig)
     structlog.contextvars.bind_contextvars(device_id=config.device_id)
     try:
-        await _serve(config, notifier, stop)
+        await _serve(config, notifier, stop, freeze_gc=freeze_gc)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
@@ -116,7 +120,7 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:
     return handler
 
 
-async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.Event) -> None:
+async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.Event, *, freeze_gc: bool) -> None:
     log.info("agent.starting", version=__version__, state_dir=str(config.state_dir))
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     async with contextlib.AsyncExitStack() as stack:
@@ -171,6 +175,13 @@ async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.E
                 link.dispatcher.audit = audit.record  # assignments applied / refused (agent/link/dispatch.py)
             await audit.record("agent.started", "agent", await asyncio.to_thread(_start_facts, config))
 
+        if freeze_gc:
+            # Everything allocated so far (modules, the registry, the API's routes) lives as long as the process:
+            # out of the collector's sight, a collection scans only what requests allocate. Unfrozen, the start-up
+            # objects made collections pauses of up to tens of milliseconds (measured: 94 ms for a full one, 10 ms
+            # for a young one on a busy 2-core box; 28 and 0.8 ms frozen), holding the GIL that every model's
+            # decode loop needs between two steps.
+            gc.freeze()
         notifier.ready(status=f"serving on {server.socket_path}")
         log.info("agent.ready", socket=str(server.socket_path))
         async with asyncio.TaskGroup() as tasks:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import secrets
 import ssl
 from collections.abc import AsyncIterator
@@ -310,11 +311,14 @@ async def test_agent_daemon_runs_the_link_when_enrolled(tmp_path: Path) -> None:
             agent.config, api=dataclasses.replace(agent.config.api, socket_path=tmp_path / "api.sock")
         )
         stop = asyncio.Event()
-        task = asyncio.create_task(daemon.run(config, stop=stop))
+        assert gc.get_freeze_count() == 0
+        task = asyncio.create_task(daemon.run(config, stop=stop, freeze_gc=True))
         try:
             await wait_for(lambda: fleet.devices()["dev-d"]["online"], within=30, what="online via the daemon")
             assert fleet.devices()["dev-d"]["models"] == [f"{MODEL_NAME}@1:{MODEL_VARIANT}"]
+            assert gc.get_freeze_count() > 0  # as `edge-agent run` does once ready
         finally:
             stop.set()
+            gc.unfreeze()  # this test process goes on
             assert await asyncio.wait_for(task, 30) == 0
         await wait_for(lambda: fleet.devices()["dev-d"]["status"] == "offline", what="offline after a clean stop")
