@@ -4,7 +4,9 @@ In one run, on this machine, with a private Mosquitto running the configuration 
 (TLS, client certificates, ACL) and the real ``serve`` in its own process (``python -m controller serve``, as
 systemd runs it: the controller and the device never share a process or its GIL), the agents in this one:
 
-1. publishes the SmolLM2 GGUF as a signed release (256 KiB chunks);
+1. publishes the SmolLM2 GGUF as signed releases (256 KiB chunks), one version per delivery, each with its own
+   content (the last byte of the tensor data differs: one 4-bit weight), as a new release has: a device that
+   already holds a blob never downloads it again, and re-delivering the same bytes would measure that instead;
 2. **signed MQTT delivery**: the agent's ``ReleaseInstaller.install`` — TUF refresh over retained topics, windowed
    chunk transfer with per-chunk sha256 against the signed chunk list, length, fsync, GGUF header validation, the
    registry's install pipeline (move, fsync, rename, activate) — timed from the call to its return;
@@ -66,6 +68,15 @@ def _tls(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(str(cert), str(key))
     return context
+
+
+def release_file(directory: Path, version: int) -> Path:
+    """SmolLM2 with its last byte changed for ``version`` (a valid GGUF: one weight of the last block differs)."""
+    data = bytearray(MODEL.read_bytes())
+    data[-1] ^= version
+    path = directory / f"release-{version}.gguf"
+    path.write_bytes(data)
+    return path
 
 
 async def signed_delivery(fleet: Fleet, device: str, version: int, sha256: str, length: int) -> float:
@@ -183,14 +194,16 @@ async def run(rounds: int, only: str | None = None) -> dict[str, Any]:
     (ROOT / ".cache" / "bench").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
         async with running_fleet(Path(tmp)) as fleet:
-            for version in range(1, 2 * rounds + 1):
+            repo = ReleaseRepository(fleet.home.repo_dir)
+            versions = range(1, 2 * rounds + 1)
+            for version in versions:
                 fleet.cli(
-                    "model", "add", str(MODEL), "--name", NAME, "--variant", VARIANT,
+                    "model", "add", str(release_file(Path(tmp), version)), "--name", NAME, "--variant", VARIANT,
                     "--version", str(version), "--chunk-size", str(CHUNK),
                 )  # fmt: skip
             fleet.cli("model", "publish")
-            target = ReleaseRepository(fleet.home.repo_dir).target(f"models/{NAME}/1/{VARIANT}.gguf")
-            sha256 = target.hashes["sha256"]
+            sha256 = {v: repo.target(f"models/{NAME}/{v}/{VARIANT}.gguf").hashes["sha256"] for v in versions}
+            assert len(set(sha256.values())) == len(versions)
             port = free_port()
             controller = dataclasses.replace(fleet.home.config.controller, artifact_port=port)
             fleet.home.config = dataclasses.replace(fleet.home.config, controller=controller)
@@ -209,9 +222,9 @@ async def run(rounds: int, only: str | None = None) -> dict[str, Any]:
             signed_mqtt, signed_http, raw_m, raw_h = [], [], [], []
             for r in range(rounds):
                 if only != "http":
-                    signed_mqtt.append(await signed_delivery(fleet, "bench-mqtt", 1 + 2 * r, sha256, length))
+                    signed_mqtt.append(await signed_delivery(fleet, "bench-mqtt", 1 + 2 * r, sha256[1 + 2 * r], length))
                 if only != "mqtt":
-                    signed_http.append(await signed_delivery(fleet, "bench-http", 2 + 2 * r, sha256, length))
+                    signed_http.append(await signed_delivery(fleet, "bench-http", 2 + 2 * r, sha256[2 + 2 * r], length))
                     url = f"http://127.0.0.1:{port}/targets/models/{NAME}/1/{VARIANT}.gguf"
                     raw_h.append(await raw_http(url, Path(tmp) / "raw"))
             # the raw pipe uses the same two identities (client id = certificate CN): stop their owners first
