@@ -197,11 +197,14 @@ async def run(rounds: int, only: str | None = None) -> dict[str, Any]:
             repo = ReleaseRepository(fleet.home.repo_dir)
             versions = range(1, 2 * rounds + 1)
             for version in versions:
+                release = release_file(Path(tmp), version)
                 fleet.cli(
-                    "model", "add", str(release_file(Path(tmp), version)), "--name", NAME, "--variant", VARIANT,
+                    "model", "add", str(release), "--name", NAME, "--variant", VARIANT,
                     "--version", str(version), "--chunk-size", str(CHUNK),
                 )  # fmt: skip
+                release.unlink()
             fleet.cli("model", "publish")
+            os.sync()  # the releases just written must not be flushed to disk while the deliveries are timed
             sha256 = {v: repo.target(f"models/{NAME}/{v}/{VARIANT}.gguf").hashes["sha256"] for v in versions}
             assert len(set(sha256.values())) == len(versions)
             port = free_port()
