@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hashlib
 import itertools
 import os
@@ -22,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import agent.link.fetch as fetch_module
 from agent.errors import InvalidModelError
 from agent.link.fetch import (
     FetchError,
@@ -64,8 +66,7 @@ async def _stream(path: Path, target: VerifiedTarget, blocks: list[bytes], batch
         try:
             await writer.drain()
         finally:
-            writer.close()
-            os.close(fd)
+            writer.close()  # closes fd
     return written
 
 
@@ -294,5 +295,55 @@ async def test_a_stop_while_batches_wait_for_the_worker_loses_none_and_raises_no
         await writer.drain()  # no refusal: nothing was misaligned
     finally:
         writer.close()
-        os.close(fd)
     assert (tmp_path / "out").read_bytes()[: 2 * CHUNK] == data[: 2 * CHUNK], "a queued batch was lost"
+
+
+async def test_the_download_is_flushed_to_disk_in_steps_while_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP: the writer's flusher makes the file durable every few MiB (here: every 4 chunks) on its own thread,
+    so the final fsync has only the tail left; the bytes are exactly the stream's."""
+    flushed_at: list[int] = []
+
+    def datasync(fd: int) -> None:
+        flushed_at.append(os.fstat(fd).st_size)
+        os.fdatasync(fd)
+
+    monkeypatch.setattr(fetch_module, "_datasync", datasync)
+    data = os.urandom(40 * CHUNK + 7)
+    target = _target(data, CHUNK)
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    writer = _ChunkWriter(fd, target, 0, "test", None, depth=2)
+    writer.flusher.every = 4 * CHUNK
+    try:
+        for block in _blocks(data, list(range(0, len(data), CHUNK // 2))):
+            await writer.submit([block], skip=())
+            await writer.drain()  # one batch at a time: the flusher sees the file grow
+    finally:
+        writer.close()
+    assert (tmp_path / "out").read_bytes() == data
+    assert writer.flusher.flushes == len(flushed_at) >= 2, flushed_at
+    assert flushed_at[0] < len(data), "the first flush ran while the blob was still arriving"
+
+
+async def test_a_failed_flush_fails_the_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error of a background flush is reported to its descriptor only (the final fsync runs on another
+    one and may not see it): the writer raises it when it closes, so the download is not taken as durable."""
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fetch_module, "_datasync", failing)
+    data = os.urandom(12 * CHUNK)
+    target = _target(data, CHUNK)
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    writer = _ChunkWriter(fd, target, 0, "test", None, depth=2)
+    writer.flusher.every = 4 * CHUNK
+    try:
+        await writer.submit([data], skip=())
+        await writer.drain()
+    finally:
+        with pytest.raises(OSError, match="Input/output error"):
+            writer.close()
+    with pytest.raises(OSError, match="Bad file descriptor"):  # and the descriptor was closed all the same
+        os.fstat(fd)
