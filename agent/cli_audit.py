@@ -4,7 +4,7 @@ Both open the database read-only (SQLite WAL lets them read while the daemon wri
 not the daemon runs. The log holds only what the controller has not acknowledged yet: acknowledged records are
 deleted on the device and live in the fleet DB (``edge-fleet audit ...``).
 
-Register with ``main.add_command(audit)`` in :mod:`agent.cli`.
+Registered by name in :data:`agent.cli._LAZY` (imported when the command is used).
 """
 
 from __future__ import annotations

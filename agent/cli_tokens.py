@@ -13,7 +13,7 @@ The plaintext of a new token is printed once, on stdout alone, so that
 ``TOKEN=$(edge-agent token create app --scope infer)`` captures exactly the token; everything else goes to
 stderr.
 
-Register with ``main.add_command(token)`` in :mod:`agent.cli`.
+Registered by name in :data:`agent.cli._LAZY` (imported when the command is used).
 """
 
 from __future__ import annotations

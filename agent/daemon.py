@@ -22,9 +22,11 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import importlib
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -112,6 +114,14 @@ def _start_facts(config: AgentConfig) -> dict[str, object]:
     return facts
 
 
+def _may_be_enrolled(state_dir: Path) -> bool:
+    """False only if no enrollment bundle is installed; an unreadable one is left to the link to report."""
+    try:
+        return bundle_path(state_dir).exists()
+    except OSError:  # e.g. link/ owned by another user: open_agent_link logs why and serves without the link
+        return True
+
+
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:
     def handler() -> None:
         log.info("agent.signal", signal=sig.name)
@@ -142,7 +152,13 @@ async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.E
         # Its modules (TLS, TUF, MQTT, ~20 MiB resident) are imported only then: a device that runs offline,
         # never enrolled, does not carry them.
         link: AgentLink | None = None
-        if config.link.enabled and bundle_path(config.state_dir).exists():
+        if not config.link.enabled:
+            log.info("link.disabled")
+        elif not _may_be_enrolled(config.state_dir):
+            log.info("link.not_enrolled", state_dir=str(config.state_dir))
+        else:
+            # imported off the loop: the API already serves (a second or two on a small box)
+            await asyncio.to_thread(importlib.import_module, "agent.link.mqtt")
             from agent.link.mqtt import open_agent_link
 
             link = await stack.enter_async_context(

@@ -5,8 +5,8 @@ In one run, on this machine, with a private Mosquitto running the configuration 
 systemd runs it: the controller and the device never share a process or its GIL), the agents in this one:
 
 1. publishes the SmolLM2 GGUF as signed releases (256 KiB chunks), one version per delivery, each with its own
-   content (the last byte of the tensor data differs: one 4-bit weight), as a new release has: a device that
-   already holds a blob never downloads it again, and re-delivering the same bytes would measure that instead;
+   content (one byte of the last quantized tensor differs), as a new release has: re-delivering bytes the
+   device's registry already holds would also time dropping the duplicate;
 2. **signed MQTT delivery**: the agent's ``ReleaseInstaller.install`` — TUF refresh over retained topics, windowed
    chunk transfer with per-chunk sha256 against the signed chunk list, length, fsync, GGUF header validation, the
    registry's install pipeline (move, fsync, rename, activate) — timed from the call to its return;
@@ -55,6 +55,7 @@ from controller.config import dump_config  # noqa: E402
 from controller.home import atomic_write  # noqa: E402
 from controller.pki import controller_common_name  # noqa: E402
 from controller.releases import ReleaseRepository  # noqa: E402
+from protocols.gguf import parse_gguf  # noqa: E402
 from protocols.messages import DesiredModel  # noqa: E402
 from protocols.topics import TopicKind, device_topic  # noqa: E402
 
@@ -71,9 +72,15 @@ def _tls(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def release_file(directory: Path, version: int) -> Path:
-    """SmolLM2 with its last byte changed for ``version`` (a valid GGUF: one weight of the last block differs)."""
+    """SmolLM2 with one byte of its last quantized tensor changed for ``version`` (1-255): two 4-bit weights
+    differ, the header does not (a valid GGUF of the same length)."""
+    if not 1 <= version <= 255:
+        raise ValueError(f"version {version}: 1-255 distinct releases only")
+    with MODEL.open("rb") as f:
+        info = parse_gguf(f)
+    last = max((t for t in info.tensors if t.ggml_type.name.startswith("Q")), key=lambda t: t.offset)
     data = bytearray(MODEL.read_bytes())
-    data[-1] ^= version
+    data[info.data_offset + last.offset + last.n_bytes - 1] ^= version
     path = directory / f"release-{version}.gguf"
     path.write_bytes(data)
     return path
@@ -228,7 +235,8 @@ async def run(rounds: int, only: str | None = None) -> dict[str, Any]:
                     signed_mqtt.append(await signed_delivery(fleet, "bench-mqtt", 1 + 2 * r, sha256[1 + 2 * r], length))
                 if only != "mqtt":
                     signed_http.append(await signed_delivery(fleet, "bench-http", 2 + 2 * r, sha256[2 + 2 * r], length))
-                    url = f"http://127.0.0.1:{port}/targets/models/{NAME}/1/{VARIANT}.gguf"
+                    # the blob just delivered: as warm in the server's page cache as it was for the signed delivery
+                    url = f"http://127.0.0.1:{port}/targets/models/{NAME}/{2 + 2 * r}/{VARIANT}.gguf"
                     raw_h.append(await raw_http(url, Path(tmp) / "raw"))
             # the raw pipe uses the same two identities (client id = certificate CN): stop their owners first
             await mqtt_agent.stop()
@@ -266,7 +274,9 @@ async def run(rounds: int, only: str | None = None) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="best of N for each measurement")
+    parser.add_argument(
+        "--rounds", type=int, choices=range(1, 101), default=2, metavar="1-100", help="best of N for each measurement"
+    )
     parser.add_argument("--only", choices=("mqtt", "http"), help="measure one path (and its raw pipe) only")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

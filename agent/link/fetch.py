@@ -312,9 +312,9 @@ class _Flusher:
     final fsync, on another one, might not see it.
     """
 
-    def __init__(self, fd: int, every: int = _SYNC_EVERY) -> None:
+    def __init__(self, fd: int, every: int | None = None) -> None:
         self.fd = fd
-        self.every = every
+        self.every = _SYNC_EVERY if every is None else every
         self.flushes = 0
         self._written = 0
         self._running: Future[None] | None = None
@@ -527,16 +527,25 @@ class _ChunkWriter:
 
     def close(self) -> None:
         """Stop the worker thread (after :meth:`drain`), wait for the flush in progress and close the file
-        (blocking: call it off the event loop).
+        (blocking: call it off the event loop). Once only; later calls do nothing.
 
         Raises:
-            OSError: a flush of the file failed.
+            OSError: a flush of the file failed; the file was emptied (its verified chunks are fetched again).
         """
+        if self.fd < 0:
+            return
         try:
             self._executor.shutdown(wait=True)
-            self.flusher.close()
+            try:
+                self.flusher.close()
+            except OSError:
+                # the data may not be on disk, yet its pages read back as verified: a resume must not keep them
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, 0)
+                raise
         finally:
             os.close(self.fd)
+            self.fd = -1
 
 
 class MqttBlobFetcher:
@@ -804,7 +813,12 @@ class HttpBlobFetcher:
             while skip:
                 skip -= len(await response.content.readexactly(min(skip, 1 << 20)))
             fd = os.open(dest, os.O_RDWR | os.O_CREAT, 0o600)
-            writer = _ChunkWriter(fd, target, first, url, prefix)
+            try:
+                writer = _ChunkWriter(fd, target, first, url, prefix)  # it owns fd from here on
+            except BaseException:
+                os.close(fd)
+                raise
+            completed = False
             try:
                 _cut_to(fd, target.length)
 
@@ -841,6 +855,7 @@ class HttpBlobFetcher:
                     raise
                 if await response.content.read(1):
                     raise FetchRefusedError(f"{url}: more bytes than the signed length {target.length}")
+                completed = True
             except asyncio.CancelledError:
                 # a stop mid-transfer: the queued batches still finish (their verified chunks stay for a resume),
                 # and the stop is what propagates, never an error of theirs (it would read as a refused source)
@@ -850,10 +865,19 @@ class HttpBlobFetcher:
             finally:
                 try:
                     await writer.drain()
+                except BaseException:
+                    completed = False
+                    raise
                 finally:
                     # off the loop (it waits for a flush in progress), and finished even if this task is cancelled:
                     # the descriptor is closed only after the worker and the flusher are done with it
-                    await asyncio.shield(asyncio.to_thread(writer.close))
+                    try:
+                        await asyncio.shield(asyncio.to_thread(writer.close))
+                    except OSError as exc:  # a failed flush (the file was emptied: nothing of it is trusted)
+                        if completed:
+                            raise
+                        # another error (a refused source, a dropped link) or a stop is on its way: it decides
+                        log.warning("fetch.flush_failed", url=url, error=str(exc))
 
     def _check_time(self, target: VerifiedTarget, started: float, new_bytes: int) -> None:
         elapsed = self.clock() - started

@@ -7,6 +7,7 @@ its URL).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+import agent.link.fetch as fetch_module
 from agent.link.fetch import FetchError, FetchPolicy, FetchRefusedError, HttpBlobFetcher
 from agent.link.updater import HttpMetadataSource, ReleaseUpdater, VerifiedTarget
 from controller.link.http import ArtifactServer
@@ -161,3 +163,44 @@ async def test_complete_download_with_trailing_bytes_is_cut_to_the_signed_length
     assert not stats.verified
     assert len(stats.resumed) == len(target.fields.chunks)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == target.sha256
+
+
+def _failing_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fetch_module, "_datasync", failing)
+    monkeypatch.setattr(fetch_module, "_SYNC_EVERY", 4 * CHUNK)
+
+
+async def test_a_failed_flush_fails_a_complete_download_and_keeps_nothing_of_it(
+    repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every chunk verified, but a background flush failed: the download is an I/O error, not a file to install,
+    and its chunks are not kept for a resume (their pages read back fine although the disk may not hold them)."""
+    target = await _lookup(repo, artifacts, tmp_path)
+    _failing_flushes(monkeypatch)
+    with pytest.raises(OSError, match="Input/output error"):
+        await HttpBlobFetcher().fetch(target, tmp_path / "out", f"{artifacts.url}/targets/{PATH}")
+    assert (tmp_path / "out").stat().st_size == 0
+
+
+async def test_a_refused_source_is_reported_as_refused_even_if_a_flush_failed(
+    repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tampered chunk decides what the caller does (drop this source, try the next): a flush failure on the
+    way out must not replace it."""
+    target = await _lookup(repo, artifacts, tmp_path)
+    data = bytearray(repo.blob_path(target.sha256).read_bytes())
+    data[9 * CHUNK + 1] ^= 0x80
+    _failing_flushes(monkeypatch)
+
+    async def tampered(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=bytes(data))
+
+    runner, url = await _mirror(tampered)
+    try:
+        with pytest.raises(FetchRefusedError, match="chunk 9 failed verification"):
+            await HttpBlobFetcher().fetch(target, tmp_path / "out", url)
+    finally:
+        await runner.cleanup()

@@ -319,6 +319,8 @@ async def test_agent_daemon_runs_the_link_when_enrolled(tmp_path: Path) -> None:
             assert gc.get_freeze_count() > 0  # as `edge-agent run` does once ready
         finally:
             stop.set()
-            gc.unfreeze()  # this test process goes on
-            assert await asyncio.wait_for(task, 30) == 0
+            try:
+                assert await asyncio.wait_for(task, 30) == 0
+            finally:
+                gc.unfreeze()  # this test process goes on (after the daemon ended: it cannot freeze again)
         await wait_for(lambda: fleet.devices()["dev-d"]["status"] == "offline", what="offline after a clean stop")

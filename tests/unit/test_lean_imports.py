@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,22 @@ def test_a_subcommand_is_imported_when_named(command: str) -> None:
     modules = _imported_after(code)
     assert f"agent.cli_{'tokens' if command == 'token' else command}" in modules
     assert "agent.cli_bench" not in modules
+
+
+def test_an_unreadable_link_directory_is_left_to_the_link_to_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deciding whether to import the link must not crash the daemon (a `link/` owned by another user: the link
+    then logs why it cannot be used and the agent serves without it, as before)."""
+    from agent import daemon
+
+    assert not daemon._may_be_enrolled(tmp_path)
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "bundle").write_bytes(b"x")
+    assert daemon._may_be_enrolled(tmp_path)
+
+    def denied(self: Path, **kwargs: object) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)
+    assert daemon._may_be_enrolled(tmp_path)
