@@ -2,4 +2,5 @@
 
 from controller.cli import main
 
-main(prog_name="edge-fleet")
+if __name__ == "__main__":  # not when a worker process (controller.audit_shards) imports this as its main module
+    main(prog_name="edge-fleet")

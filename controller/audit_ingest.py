@@ -2,7 +2,7 @@
 
 :class:`AuditIngest` is the ``serve`` handler of ``edgefleet/v1/devices/{d}/audit`` (DESIGN.md §6). For each
 :class:`~protocols.messages.AuditBatch`, on the fleet DB's one writer thread (so neither the hashing nor SQLite
-blocks the event loop), :func:`ingest_batch`:
+blocks the event loop) or in a worker process of :mod:`controller.audit_shards`, :func:`ingest_batch`:
 
 1. decodes the batch (bounded by ``limits.max_message_bytes``) with
    :func:`~protocols.messages.decode_upload` — canonical uploads, which is what agents send, through the fast
@@ -15,6 +15,11 @@ blocks the event loop), :func:`ingest_batch`:
 3. stores the new records (``(device, epoch, seq)`` is the primary key: stored once), the new head and the
    duplicate count, and alerts for GAP records (records the device dropped) and unlinked epochs, in one
    transaction.
+
+The audit shards' workers split this in two (:func:`prepare_upload`, then :func:`ingest_upload`): step 1 and the
+checks of step 2 that need no accepted head (signature, chain within the batch, :meth:`ChainVerifier.check_upload`)
+before the transaction, with no lock held; relating the batch to the head and storing it inside. The verdict is
+the same either way (a check made with a key that is no longer the device's enrolled one is done again).
 
 Only after that commit does the handler publish the signed :class:`~protocols.messages.Ack` naming the head;
 the device deletes its records only then. A batch that does not verify is never acked (the device keeps its
@@ -37,7 +42,7 @@ import sqlite_utils
 import structlog
 
 from controller.store import FleetStore
-from protocols.audit import AuditHead, AuditRecord, ChainVerifier, VerifiedBatch, verify_chain
+from protocols.audit import AuditHead, AuditRecord, ChainVerifier, CheckedUpload, VerifiedBatch, verify_chain
 from protocols.errors import ChainError, DecodeError, ProtocolError, RollbackError, VerificationError
 from protocols.keys import public_key_from_pem
 from protocols.limits import DEFAULT_LIMITS, Limits
@@ -51,12 +56,17 @@ __all__ = [
     "EXPORT_FIELDS",
     "AuditIngest",
     "IngestResult",
+    "PreparedUpload",
     "StoredChain",
     "alerts",
+    "decode_batch",
     "export_rows",
     "format_export",
     "ingest_batch",
+    "ingest_upload",
+    "prepare_upload",
     "record_alert",
+    "store_batch",
     "tail",
     "verify_stored",
 ]
@@ -75,12 +85,14 @@ class IngestResult:
         stored: New records stored.
         duplicates: Records the controller already had.
         alert: The alert kind raised for a refused batch, if any.
+        detail: Why it was refused (the alert's detail), for serve's log.
     """
 
     head: AuditHead | None
     stored: int = 0
     duplicates: int = 0
     alert: str | None = None
+    detail: str = ""
 
 
 def record_alert(db: sqlite_utils.Database, device: str, kind: str, detail: str, *, now: float) -> None:
@@ -116,19 +128,14 @@ def _classify(exc: ProtocolError, batch: AuditBatch, head: AuditHead | None) -> 
     return "chain"
 
 
-def ingest_batch(
-    store: FleetStore,
-    device: str,
-    payload: bytes,
-    *,
-    now: float,
-    limits: Limits = DEFAULT_LIMITS,
-) -> IngestResult:
-    """Decode, verify and store one upload of ``device`` (blocking; the DB writer thread). See the module docstring."""
-    db = store.db
-    row = db.execute("SELECT signing_key_pem, revoked_ts FROM devices WHERE id = ?", [device]).fetchone()
-    if row is None or row[1] is not None:
-        return IngestResult(None, alert=None)
+def decode_batch(device: str, payload: bytes, *, limits: Limits = DEFAULT_LIMITS) -> AuditBatch | ProtocolError:
+    """Step 1 of :func:`ingest_batch`, no DB: decode one upload of ``device``; the error instead of raising.
+
+    This is most of an upload's CPU time (JSON parse, every record re-encoded and hashed on the fast path), so
+    :mod:`controller.audit_shards` runs it (in :func:`prepare_upload`) before taking SQLite's write lock. The error
+    is returned, not raised, because what it means is decided later, in the transaction: a ``malformed`` alert for
+    an enrolled device, a rejection for an unknown one.
+    """
     try:
         message = decode_upload(payload, limits=limits)
         if not isinstance(message, AuditBatch):
@@ -136,10 +143,72 @@ def ingest_batch(
         if message.device != device:
             raise VerificationError(f"batch names device {message.device!r} on {device!r}'s topic")
     except ProtocolError as exc:
+        return exc
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedUpload:
+    """One upload decoded and, when :func:`prepare_upload` made it, checked as far as it can be without a lock.
+
+    Attributes:
+        decoded: What :func:`decode_batch` returned.
+        key_pem: The enrolled key :attr:`checked` was verified with (None: not checked).
+        checked: :meth:`ChainVerifier.check_upload`'s result or error (None: not checked).
+        rows: The ``audit_records`` rows of every record, received at the upload's ``now`` (with ``checked``).
+    """
+
+    decoded: AuditBatch | ProtocolError
+    key_pem: str | None = None
+    checked: CheckedUpload | ProtocolError | None = None
+    rows: list[Row] | None = None
+
+
+def prepare_upload(
+    store: FleetStore, device: str, payload: bytes, *, now: float, limits: Limits = DEFAULT_LIMITS
+) -> PreparedUpload:
+    """Step 1 and the head-independent half of step 2, outside any transaction (an audit shard's worker, no lock).
+
+    Decodes; for an enrolled device, verifies the checkpoint signature with its key as read now and the chain
+    within the batch (:meth:`~protocols.audit.ChainVerifier.check_upload`). :func:`store_batch` uses the check only
+    if the device still has that key inside its transaction, and verifies from scratch otherwise.
+    """
+    decoded = decode_batch(device, payload, limits=limits)
+    if isinstance(decoded, ProtocolError):
+        return PreparedUpload(decoded)
+    row = store.db.execute("SELECT signing_key_pem, revoked_ts FROM devices WHERE id = ?", [device]).fetchone()
+    if row is None or row[1] is not None:
+        return PreparedUpload(decoded)
+    key_pem = str(row[0])
+    public_key = public_key_from_pem(key_pem.encode())  # a bad enrolled key raises, as in store_batch
+    try:
+        checked = ChainVerifier.check_upload(device, decoded.records, decoded.checkpoint, public_key, limits=limits)
+    except ProtocolError as exc:
+        return PreparedUpload(decoded, key_pem, exc)
+    return PreparedUpload(decoded, key_pem, checked, _rows(device, checked.records, now))
+
+
+def store_batch(
+    store: FleetStore,
+    device: str,
+    prepared: PreparedUpload,
+    *,
+    now: float,
+    limits: Limits = DEFAULT_LIMITS,
+) -> IngestResult:
+    """Steps 2 and 3 of :func:`ingest_batch`: verify a decoded upload against the device's head and store it."""
+    db = store.db
+    row = db.execute("SELECT signing_key_pem, revoked_ts FROM devices WHERE id = ?", [device]).fetchone()
+    if row is None or row[1] is not None:
+        return IngestResult(None, alert=None)
+    if isinstance(prepared.decoded, ProtocolError):
         with store.transaction():
-            record_alert(db, device, "malformed", f"{type(exc).__name__}: {exc}", now=now)
-        return IngestResult(None, alert="malformed")
-    public_key = public_key_from_pem(row[0].encode())
+            detail = f"{type(prepared.decoded).__name__}: {prepared.decoded}"
+            record_alert(db, device, "malformed", detail, now=now)
+        return IngestResult(None, alert="malformed", detail=detail)
+    message = prepared.decoded
+    key_current = prepared.key_pem == row[0]  # checked with the key still enrolled; else verify from scratch
+    checked = prepared.checked if key_current else None
     with store.transaction():
         head = _head(db, device)
         verifier = ChainVerifier({device: head} if head is not None else {})
@@ -151,28 +220,81 @@ def ingest_batch(
             return None if found is None else str(found[0])
 
         try:
-            verified = verifier.verify_batch(
-                device, message.records, message.checkpoint, public_key, known=known, limits=limits
-            )
+            if isinstance(checked, ProtocolError):
+                raise checked
+            if checked is not None:
+                verified = verifier.verify_checked(checked, known=known)
+            else:
+                public_key = public_key_from_pem(row[0].encode())
+                verified = verifier.verify_batch(
+                    device, message.records, message.checkpoint, public_key, known=known, limits=limits
+                )
         except ProtocolError as exc:
             kind = _classify(exc, message, head)
             record_alert(db, device, kind, str(exc), now=now)
-            log.warning("audit.refused", device_id=device, alert=kind, error=str(exc))
-            return IngestResult(None, alert=kind)
-        _store(db, verified, now=now)
+            return IngestResult(None, alert=kind, detail=str(exc))
+        _store(db, verified, now=now, rows=prepared.rows if key_current else None)
     verifier.commit(verified)
     return IngestResult(verified.head, stored=len(verified.records), duplicates=verified.duplicates)
 
 
-def _store(db: sqlite_utils.Database, verified: VerifiedBatch, *, now: float) -> None:
+def ingest_batch(
+    store: FleetStore,
+    device: str,
+    payload: bytes,
+    *,
+    now: float,
+    limits: Limits = DEFAULT_LIMITS,
+) -> IngestResult:
+    """Decode, verify and store one upload of ``device`` (blocking; the DB writer thread). See the module docstring."""
+    decoded = decode_batch(device, payload, limits=limits)
+    return store_batch(store, device, PreparedUpload(decoded), now=now, limits=limits)
+
+
+def ingest_upload(
+    store: FleetStore,
+    topic: str,
+    device: str,
+    prepared: PreparedUpload,
+    *,
+    now: float,
+    limits: Limits = DEFAULT_LIMITS,
+) -> IngestResult:
+    """:func:`store_batch`; an upload of an unknown or revoked device is recorded as a rejection (same transaction)."""
+    result = store_batch(store, device, prepared, now=now, limits=limits)
+    if result.head is None and result.alert is None:
+        store.record_rejection(topic, device, "unknown or revoked device", now=now)
+    return result
+
+
+Row = tuple[str, int, int, int, str, str, str, str, str, float]
+"""One ``audit_records`` row: device, epoch, seq, ts_ms, kind, actor, data, prev_hash, hash, received_ts."""
+
+
+def _rows(device: str, records: Sequence[AuditRecord], now: float) -> list[Row]:
+    return [
+        (device, r.epoch, r.seq, r.ts_ms, r.kind, r.actor, r.canonical_data_text(), r.prev_hash, r.hash, now)
+        for r in records
+    ]
+
+
+def _store(
+    db: sqlite_utils.Database, verified: VerifiedBatch, *, now: float, rows: Sequence[Row] | None = None
+) -> None:
+    """Store a verified batch; ``rows``: the rows of every record of its upload, built before the transaction."""
     device = verified.device
+    new = verified.records
+    if rows is not None and new:  # the new records are the upload's last ones (the re-sent ones come first)
+        rows = rows[len(rows) - len(new) :]
+        first, last = rows[0], rows[-1]
+        if len(rows) != len(new) or first[1:3] != (new[0].epoch, new[0].seq) or last[8] != new[-1].hash:
+            raise AssertionError(f"{device}: prepared rows do not match the verified records")
+    else:
+        rows = _rows(device, new, now)
     db.conn.executemany(
         "INSERT OR IGNORE INTO audit_records (device, epoch, seq, ts_ms, kind, actor, data, prev_hash, hash, "
         "received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (device, r.epoch, r.seq, r.ts_ms, r.kind, r.actor, r.canonical_data_text(), r.prev_hash, r.hash, now)
-            for r in verified.records
-        ],
+        rows,
     )
     checkpoint = json.dumps(verified.checkpoint.to_dict(), sort_keys=True)
     db.execute(
@@ -231,10 +353,8 @@ class AuditIngest:
         limits = self.limits
 
         def run(store: FleetStore) -> IngestResult:
-            result = ingest_batch(store, device, payload, now=now, limits=limits)
-            if result.head is None and result.alert is None:
-                store.record_rejection(topic, device, "unknown or revoked device", now=now)
-            return result
+            prepared = PreparedUpload(decode_batch(device, payload, limits=limits))
+            return ingest_upload(store, topic, device, prepared, now=now, limits=limits)
 
         return run
 
@@ -242,6 +362,8 @@ class AuditIngest:
         """After the commit: count, and ack the stored head (never for a refused upload)."""
         if result.head is None:
             self.refused += 1
+            if result.alert is not None:  # logged here, not where it was verified: that may be a shard's worker
+                log.warning("audit.refused", device_id=device, alert=result.alert, error=result.detail)
             return
         self.batches += 1
         self.stored += result.stored

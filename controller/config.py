@@ -72,6 +72,10 @@ class ControllerConfig:
     """Address of ``serve``'s HTTP artifact server (release metadata and blobs, controller.link.http)."""
     artifact_port: int = 0
     """Its port; 0 = no artifact server (releases go over MQTT only)."""
+    audit_workers: int = -1
+    """Worker processes that verify and store audit uploads, sharded by device (controller.audit_shards).
+    0 = on serve's DB writer thread, with state and reports; -1 = auto: one per CPU serve may use, at most 4,
+    and 0 on a single CPU."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,8 @@ def validate(config: FleetConfig) -> FleetConfig:
         raise ConfigError("controller.keepalive_s must be between 2 and 600")
     if ctl.heartbeat_timeout_s < 1:
         raise ConfigError("controller.heartbeat_timeout_s must be at least 1")
+    if not -1 <= ctl.audit_workers <= 64:
+        raise ConfigError(f"controller.audit_workers {ctl.audit_workers}: 0 (in-process), 1-64, or -1 (auto)")
     if not 0 <= ctl.artifact_port <= 65535:
         raise ConfigError(f"controller.artifact_port {ctl.artifact_port} is not a TCP port (0 = off)")
     return config

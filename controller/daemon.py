@@ -19,7 +19,10 @@ The DB is used from one writer thread (SQLite from asyncio). ``state``, ``report
 jobs of :class:`controller.ingest.WriteBatcher`: verified and stored on that thread in arrival order, whatever has
 queued up committed in one transaction (each message in its own savepoint), and acked only after that commit, so
 the loop keeps reading the broker while earlier messages are verified. ``audit`` messages go to
-:class:`controller.audit_ingest.AuditIngest` (acked after its commit); ``fetch``
+:class:`controller.audit_ingest.AuditIngest` (acked after its commit); with ``[controller] audit_workers`` > 0
+(the default on more than one CPU) they are verified and stored by worker processes sharded by device
+(:class:`controller.audit_shards.AuditShards`, started after the DB is opened, stopped before it is closed), and
+acked by serve after the worker's commit; ``fetch``
 messages go to handlers registered by later features (``extra_handlers``); without one they are left unacked,
 so devices keep them.
 """
@@ -41,6 +44,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller.audit_ingest import AuditIngest
+from controller.audit_shards import AuditShards, default_workers
 from controller.home import FleetHome
 from controller.ingest import Job, WriteBatcher
 from controller.link.blobs import ChunkServer, RepositoryPublisher
@@ -97,6 +101,11 @@ class FleetServer:
         self._store: FleetStore | None = None
         self.ingest = WriteBatcher(self.db, lambda: self.store)
         """Group commit of state, report and audit messages (controller.ingest): one fsync for many messages."""
+        workers = self.config.controller.audit_workers
+        self.audit_workers = default_workers() if workers < 0 else workers
+        """Audit shards' worker processes (controller.audit_shards); 0 = audit uploads go through ``ingest``."""
+        self.audit_shards: AuditShards | None = None
+        """The running shards (set inside :meth:`run` when ``audit_workers`` > 0)."""
         self._followups: asyncio.TaskGroup | None = None
         ctl = self.config.controller
         self.link = ControllerLink(
@@ -143,13 +152,20 @@ class FleetServer:
                     self.artifacts = await stack.enter_async_context(
                         ArtifactServer(self.releases.repo, ctl.artifact_bind, ctl.artifact_port)
                     )
+                if self.audit_workers > 0:  # after the store: serve created and migrated the DB they open
+                    self.audit_shards = await stack.enter_async_context(
+                        AuditShards(self.home.db_path, self.audit_workers, limits=self.audit.limits)
+                    )
                 async with asyncio.TaskGroup() as tasks:
                     self._followups = tasks
                     tasks.create_task(self.ingest.run(), name="ingest-writer")
+                    if self.audit_shards is not None:
+                        tasks.create_task(self.audit_shards.run(), name="audit-shards")
                     tasks.create_task(self.link.run(self._on_connect, self._on_message), name="mqtt-link")
                     tasks.create_task(self._assignment_loop(), name="assignment-publisher")
                     tasks.create_task(self._rollout_loop(), name="rollout-driver")
         finally:
+            self.audit_shards = None
             store, self._store = self._store, None
             await self.db(store.close)
             self._writer.shutdown(wait=True)
@@ -245,8 +261,13 @@ class FleetServer:
             return
         handler = self.extra_handlers.get(topic.kind)
         if handler is self.audit:
-            job = self.audit.job(message.topic, topic.device_id, message.payload, now=self.clock())
-            future = await self.ingest.submit(job)
+            if self.audit_shards is not None:  # verified and stored by the device's shard (controller.audit_shards)
+                future = await self.audit_shards.submit(
+                    message.topic, topic.device_id, message.payload, now=self.clock()
+                )
+            else:
+                job = self.audit.job(message.topic, topic.device_id, message.payload, now=self.clock())
+                future = await self.ingest.submit(job)
             self._follow(self._after_audit(topic.device_id, future))
         elif handler is not None:
             await handler(self, message, topic.device_id)

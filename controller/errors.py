@@ -11,6 +11,7 @@ Every error the controller raises on purpose derives from :class:`ControllerErro
      │    └── ConfigError          fleet.toml is invalid
      ├── EnrollmentError           a device cannot be enrolled or revoked (bad id, exists, unknown)
      ├── StoreError                the fleet database refused an operation
+     │    └── AuditShardError      an audit shard's worker process failed an upload or died (controller.audit_shards)
      ├── LinkError                 the MQTT link cannot be used (TLS files, broker refused us)
      └── ModelToolError            model tooling (quantize, inspect, compare) cannot do what was asked
           ├── ModelFileError       a model file is missing, unreadable, truncated or not valid GGUF/ONNX
@@ -20,6 +21,7 @@ Every error the controller raises on purpose derives from :class:`ControllerErro
 from __future__ import annotations
 
 __all__ = [
+    "AuditShardError",
     "ConfigError",
     "ControllerError",
     "EnrollmentError",
@@ -63,6 +65,10 @@ class EnrollmentError(ControllerError):
 
 class StoreError(ControllerError):
     """The fleet database refused an operation."""
+
+
+class AuditShardError(StoreError):
+    """An audit shard's worker process failed an upload (the error's text, from the worker) or died."""
 
 
 class LinkError(ControllerError):

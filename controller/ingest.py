@@ -23,6 +23,11 @@ Invariants:
   message loop. Messages the MQTT client has already received wait in its receive queue meanwhile (aiomqtt acks
   QoS 1 on receipt), so a controller far behind holds that backlog in memory; nothing is lost either way, since a
   device keeps everything until the controller's application-level ack.
+
+The queue and its loop are :class:`GroupCommitter`, generic over what a group is made of and where it runs:
+:class:`WriteBatcher` runs jobs on the writer thread; :class:`controller.audit_shards.AuditShards` puts one
+committer per shard in front of a worker process (audit uploads, ``audit_workers`` > 0). The invariants above
+hold per committer.
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 import structlog
 
 from controller.store import FleetStore
 
-__all__ = ["Job", "WriteBatcher", "run_group"]
+__all__ = ["GroupCommitter", "Job", "WriteBatcher", "run_group"]
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +49,8 @@ Job = Callable[[FleetStore], Any]
 """One message's DB work: verify and store, return what the caller needs to ack (runs on the writer thread)."""
 
 RunOnWriter = Callable[..., Awaitable[Any]]
+
+Item = TypeVar("Item")
 
 
 def run_group(store: FleetStore, jobs: list[Job]) -> list[tuple[bool, Any]]:
@@ -63,7 +70,97 @@ def run_group(store: FleetStore, jobs: list[Job]) -> list[tuple[bool, Any]]:
     return outcomes
 
 
-class WriteBatcher:
+class GroupCommitter(Generic[Item]):
+    """Queues items and hands whatever queued up to ``run_group`` as one group (see the module docstring).
+
+    ``run_group`` runs a list of items in one transaction and returns one ``(True, result)`` or
+    ``(False, exception)`` per item, in order (what :func:`run_group` returns); it raises when the transaction
+    failed as a whole. :class:`WriteBatcher` runs jobs on the writer thread;
+    :class:`controller.audit_shards.AuditShards` runs picklable uploads in a worker process per shard.
+    """
+
+    def __init__(
+        self,
+        run_group: Callable[[list[Item]], Awaitable[list[tuple[bool, Any]]]],
+        *,
+        max_group: int = 512,
+        max_pending: int = 4096,
+    ) -> None:
+        """Args:
+        run_group: Runs one group (awaited on the loop; it must not block it).
+        max_group: Most items in one transaction (bounds the time the write lock is held).
+        max_pending: Most items queued or running; :meth:`submit` waits beyond that.
+        """
+        self._run_group = run_group
+        self.max_group = max_group
+        self._queue: collections.deque[tuple[Item, asyncio.Future[Any]]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Semaphore(max_pending)
+        self.groups = 0
+        """Transactions committed."""
+        self.jobs = 0
+        """Items run (committed or failed alone)."""
+        self.largest_group = 0
+
+    async def submit(self, item: Item) -> asyncio.Future[Any]:
+        """Queue ``item``; returns a future resolved after the commit that made its work durable.
+
+        Waits while ``max_pending`` items are queued or running (backpressure). The order of ``submit`` calls is
+        the order in which items run.
+        """
+        await self._room.acquire()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _: self._room.release())
+        self._queue.append((item, future))
+        self._wake.set()
+        return future
+
+    @property
+    def pending(self) -> int:
+        """Items queued and not yet handed to ``run_group``."""
+        return len(self._queue)
+
+    async def run(self) -> NoReturn:
+        """Run groups forever (a named task of ``serve``); cancelled, it cancels every future it has not resolved."""
+        try:
+            while True:
+                if not self._queue:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._run_one([self._queue.popleft() for _ in range(min(self.max_group, len(self._queue)))])
+        except asyncio.CancelledError:  # stopping: nothing queued is acked
+            for _, future in self._queue:
+                future.cancel()
+            self._queue.clear()
+            raise
+
+    async def _run_one(self, group: list[tuple[Item, asyncio.Future[Any]]]) -> None:
+        try:
+            outcomes = await self._run_group([item for item, _ in group])
+        except asyncio.CancelledError:  # stopping: nothing of the group is acked (it may still commit)
+            for _, future in group:
+                future.cancel()
+            raise
+        except Exception as exc:  # a failed commit fails its jobs; devices re-send them
+            log.error("ingest.commit_failed", jobs=len(group), error=str(exc) or type(exc).__name__)
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.groups += 1
+        self.jobs += len(group)
+        self.largest_group = max(self.largest_group, len(group))
+        for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+class WriteBatcher(GroupCommitter[Job]):
     """Queues jobs and runs them in groups on the writer thread (see the module docstring)."""
 
     def __init__(
@@ -80,63 +177,9 @@ class WriteBatcher:
         max_group: Most jobs in one transaction (bounds the time the write lock is held).
         max_pending: Most jobs queued or running; :meth:`submit` waits beyond that.
         """
-        self._run_on_writer = run_on_writer
-        self._store = store
-        self.max_group = max_group
-        self._queue: collections.deque[tuple[Job, asyncio.Future[Any]]] = collections.deque()
-        self._wake = asyncio.Event()
-        self._room = asyncio.Semaphore(max_pending)
-        self.groups = 0
-        """Transactions committed."""
-        self.jobs = 0
-        """Jobs run (committed or failed alone)."""
-        self.largest_group = 0
 
-    async def submit(self, job: Job) -> asyncio.Future[Any]:
-        """Queue ``job``; returns a future resolved after the commit that made its work durable.
+        async def on_writer(jobs: list[Job]) -> list[tuple[bool, Any]]:
+            outcomes: list[tuple[bool, Any]] = await run_on_writer(run_group, store(), jobs)
+            return outcomes
 
-        Waits while ``max_pending`` jobs are queued or running (backpressure). The order of ``submit`` calls is
-        the order in which jobs run.
-        """
-        await self._room.acquire()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda _: self._room.release())
-        self._queue.append((job, future))
-        self._wake.set()
-        return future
-
-    @property
-    def pending(self) -> int:
-        """Jobs queued and not yet handed to the writer."""
-        return len(self._queue)
-
-    async def run(self) -> NoReturn:
-        """Run groups forever (a named task of ``serve``)."""
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            group = [self._queue.popleft() for _ in range(min(self.max_group, len(self._queue)))]
-            try:
-                outcomes = await self._run_on_writer(run_group, self._store(), [job for job, _ in group])
-            except asyncio.CancelledError:
-                for _, future in group:
-                    future.cancel()
-                raise
-            except Exception as exc:  # a failed commit fails its jobs; devices re-send them
-                log.error("ingest.commit_failed", jobs=len(group), error=str(exc))
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.groups += 1
-            self.jobs += len(group)
-            self.largest_group = max(self.largest_group, len(group))
-            for (_, future), (ok, value) in zip(group, outcomes, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+        super().__init__(on_writer, max_group=max_group, max_pending=max_pending)

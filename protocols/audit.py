@@ -80,6 +80,7 @@ __all__ = [
     "AuditHead",
     "AuditRecord",
     "ChainVerifier",
+    "CheckedUpload",
     "Checkpoint",
     "DroppedRange",
     "EpochChange",
@@ -896,9 +897,15 @@ def _check_links(records: Sequence[AuditRecord]) -> None:
         previous = record
 
 
-def _relate(records: Sequence[AuditRecord], after: AuditHead | None, known: KnownHash | None) -> _Outcome:
-    """Check ``records`` (non-empty) and relate them to the accepted head ``after``."""
-    _check_links(records)
+def _relate(
+    records: Sequence[AuditRecord], after: AuditHead | None, known: KnownHash | None, *, links_checked: bool = False
+) -> _Outcome:
+    """Check ``records`` (non-empty) and relate them to the accepted head ``after``.
+
+    ``links_checked``: :func:`_check_links` already passed on exactly these records (:class:`CheckedUpload`).
+    """
+    if not links_checked:
+        _check_links(records)
     epoch, first, last = records[0].epoch, records[0], records[-1]
     new: Sequence[AuditRecord] = records
     duplicates = 0
@@ -1007,6 +1014,21 @@ class VerifiedBatch:
     checkpoint: Checkpoint
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedUpload:
+    """An upload whose checks that need no accepted head passed; made only by :meth:`ChainVerifier.check_upload`.
+
+    Attributes:
+        device: The device the upload came from.
+        records: Its records (their hashes, links and epoch_start/gap rules verified).
+        checkpoint: Its checkpoint, signature verified, naming ``device`` and the last record.
+    """
+
+    device: str
+    records: tuple[AuditRecord, ...]
+    checkpoint: Checkpoint
+
+
 @dataclass
 class ChainVerifier:
     """Verifies audit uploads against the last accepted head of each device (DESIGN.md §6).
@@ -1050,17 +1072,49 @@ class ChainVerifier:
             RollbackError: older epoch or a batch (or checkpoint) behind the accepted head.
             DecodeError: a malformed checkpoint body.
         """
+        return self.verify_checked(
+            self.check_upload(device, records, checkpoint, public_key, limits=limits), known=known
+        )
+
+    @staticmethod
+    def check_upload(
+        device: str,
+        records: Sequence[AuditRecord],
+        checkpoint: SignedCheckpoint,
+        public_key: Ed25519PublicKey,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> CheckedUpload:
+        """The first half of :meth:`verify_batch`, which needs no accepted head (so no storage, no lock).
+
+        Checkpoint signature, checkpoint names ``device`` and the last record, every record hashes and links to the
+        one before it. :meth:`verify_checked` then relates the upload to the accepted head.
+
+        Raises:
+            UnknownKeyError, VerificationError, ChainError, DecodeError: as :meth:`verify_batch`, for these checks.
+        """
         verified = verify_checkpoint(checkpoint, public_key, limits=limits)
         if verified.device != device:
             raise VerificationError(f"checkpoint names device {verified.device!r}, upload came from {device!r}")
-        after = self.heads.get(device)
         if records:
             if verified.head != records[-1].head:
                 raise VerificationError(
                     f"checkpoint (epoch {verified.epoch} seq {verified.seq}) does not match the last record "
                     f"(epoch {records[-1].epoch} seq {records[-1].seq})"
                 )
-            outcome = _relate(records, after, known)
+            _check_links(records)
+        return CheckedUpload(device, tuple(records), verified)
+
+    def verify_checked(self, checked: CheckedUpload, *, known: KnownHash | None = None) -> VerifiedBatch:
+        """The second half of :meth:`verify_batch`: relate a checked upload to its device's accepted head.
+
+        Raises:
+            ChainError, RollbackError, VerificationError: as :meth:`verify_batch`, for these checks.
+        """
+        device, records, verified = checked.device, checked.records, checked.checkpoint
+        after = self.heads.get(device)
+        if records:
+            outcome = _relate(records, after, known, links_checked=True)
             for record in outcome.new:
                 if record.seq == 0 and _epoch_start_of(record).device != device:
                     raise ChainError(f"epoch {record.epoch} seq 0: epoch_start names another device")

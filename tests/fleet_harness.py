@@ -104,7 +104,14 @@ class Agent:
 class Fleet:
     """Controller home + broker + serve + agents under one temporary directory."""
 
-    def __init__(self, tmp: Path, *, max_queued_messages: int = 1000, max_packet_size: int = 2 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        max_queued_messages: int = 1000,
+        max_packet_size: int = 2 * 1024 * 1024,
+        audit_workers: int = -1,
+    ) -> None:
         self.tmp = tmp
         self.port = free_port()
         config = FleetConfig(
@@ -116,7 +123,9 @@ class Fleet:
                 max_queued_messages=max_queued_messages,
                 user="root" if os.geteuid() == 0 else "",
             ),
-            controller=ControllerConfig(keepalive_s=2, heartbeat_timeout_s=4, assignment_poll_s=0.2),
+            controller=ControllerConfig(
+                keepalive_s=2, heartbeat_timeout_s=4, assignment_poll_s=0.2, audit_workers=audit_workers
+            ),
         )
         self.home = FleetHome.init(tmp / "home", config)
         self.broker = Mosquitto(tmp / "broker", config_file=self.home.mosquitto_conf_path, port=self.port)

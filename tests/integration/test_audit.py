@@ -171,10 +171,15 @@ def device_pending(state_dir: Path) -> int:
         return int(conn.execute(query).fetchone()[0])
 
 
-async def test_batch_resent_after_a_lost_ack_is_stored_once_and_counted_as_duplicate(tmp_path: Path) -> None:
-    """The agent stops after sending a batch but before recording the ack: it is re-sent, stored once, counted."""
-    async with running_fleet(tmp_path) as fleet:
+@pytest.mark.parametrize("audit_workers", [0, 2], ids=["in-process", "2-shards"])
+async def test_batch_resent_after_a_lost_ack_is_stored_once_and_counted_as_duplicate(
+    tmp_path: Path, audit_workers: int
+) -> None:
+    """The agent stops after sending a batch but before recording the ack: it is re-sent, stored once, counted
+    (verified on serve's writer thread, and by audit shards' worker processes)."""
+    async with running_fleet(tmp_path, audit_workers=audit_workers) as fleet:
         server = await fleet.start_server()
+        assert (server.audit_shards is not None) == (audit_workers > 0)
         agent = fleet.enroll("dev-dup", models=(1,))
         audit = await asyncio.to_thread(AuditLog.open, agent.registry, "dev-dup")
         await append_many(audit, 50)
@@ -228,9 +233,12 @@ async def test_retention_cap_writes_a_gap_record_and_the_controller_alerts(tmp_p
         assert "ok" in fleet.cli("audit", "verify", "--device", "dev-cap")
 
 
-async def test_restored_old_copy_of_the_state_directory_is_flagged_as_a_regression(tmp_path: Path) -> None:
+@pytest.mark.parametrize("audit_workers", [0, 2], ids=["in-process", "2-shards"])
+async def test_restored_old_copy_of_the_state_directory_is_flagged_as_a_regression(
+    tmp_path: Path, audit_workers: int
+) -> None:
     """The device's registry.db restored from an old copy after uploading newer records: a regression alert."""
-    async with running_fleet(tmp_path) as fleet:
+    async with running_fleet(tmp_path, audit_workers=audit_workers) as fleet:
         server = await fleet.start_server()
         agent = fleet.enroll("dev-old", models=(1,))
         audit = await asyncio.to_thread(AuditLog.open, agent.registry, "dev-old")

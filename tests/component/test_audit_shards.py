@@ -1,0 +1,427 @@
+"""Audit ingest sharded over worker processes (controller.audit_shards): real processes, a real SQLite file, real keys.
+
+Every test runs :class:`~controller.audit_shards.AuditShards` as ``serve`` does (its group loops as a task, the
+workers ``spawn``ed) against a fleet DB created by :meth:`FleetStore.open`, with devices enrolled with real
+Ed25519 keys and uploads encoded as the agent's uploader sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import signal
+import sqlite3
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import controller.audit_shards as audit_shards
+from controller.audit_ingest import IngestResult, ingest_batch, ingest_upload, prepare_upload
+from controller.audit_shards import AuditShards, shard_of
+from controller.config import ConfigError, ControllerConfig, FleetConfig, validate
+from controller.errors import AuditShardError
+from controller.store import FleetStore
+from protocols.audit import AuditRecord, CheckedUpload, Checkpoint, make_record, sign_checkpoint, start_epoch
+from protocols.keys import Ed25519PrivateKey, keyid, public_key_to_pem
+from protocols.messages import AuditBatch
+
+pytestmark = [pytest.mark.component, pytest.mark.timeout(120)]
+
+DEVICES = [f"dev-{i}" for i in range(6)]
+KEYS = {device: Ed25519PrivateKey.generate() for device in DEVICES}
+
+
+def topic(device: str) -> str:
+    return f"edgefleet/v1/devices/{device}/audit"
+
+
+def uploads(device: str, count: int, size: int) -> list[tuple[bytes, int]]:
+    """``count`` consecutive signed uploads of ``size`` records of ``device``: ``(payload, last seq)``."""
+    records: list[AuditRecord] = [start_epoch(device, 1, previous=None, reason="t", actor="agent", ts_ms=1000)]
+    while len(records) < count * size:
+        records.append(make_record(records[-1], "test.event", "agent", {"i": len(records)}, 1000 + len(records)))
+    out = []
+    for start in range(0, len(records), size):
+        part = records[start : start + size]
+        head = part[-1]
+        checkpoint = sign_checkpoint(Checkpoint(device, 1, head.seq, head.hash, head.ts_ms), KEYS[device])
+        out.append((AuditBatch(device, 1, tuple(part), checkpoint).encode(), head.seq))
+    return out
+
+
+def create_db(path: Path, devices: list[str] = DEVICES) -> None:
+    """Create, migrate and enrol ``devices``, as serve does before it starts the shards."""
+    store = FleetStore.open(path)
+    try:
+        with store.transaction():
+            for device in devices:
+                store.add_device(
+                    device,
+                    cert_serial=1,
+                    cert_not_after=dt.datetime(2100, 1, 1, tzinfo=dt.UTC),
+                    signing_keyid=keyid(KEYS[device]),
+                    signing_key_pem=public_key_to_pem(KEYS[device]).decode(),
+                )
+    finally:
+        store.close()
+
+
+def query(path: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    """Read committed rows through a connection of our own (what another process sees)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params or []).fetchall()
+
+
+@contextlib.asynccontextmanager
+async def running(path: Path, workers: int = 2, **options: Any) -> AsyncIterator[AuditShards]:
+    """Shards started, their loops running as serve runs them; stopped (and the loops cancelled) on exit."""
+    async with AuditShards(path, workers, **options) as shards:
+        task = asyncio.create_task(shards.run())
+        try:
+            yield shards
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def upload_until_stored(shards: AuditShards, device: str, payload: bytes, *, attempts: int = 5) -> IngestResult:
+    """Upload as a device does: re-send until acked (a failed upload is never acked)."""
+    for _ in range(attempts):
+        try:
+            result: IngestResult = await (await shards.submit(topic(device), device, payload, now=1.0))
+        except AuditShardError:
+            continue
+        return result
+    raise AssertionError(f"{device}: no ack after {attempts} attempts")
+
+
+def test_both_shards_are_used_and_a_device_always_maps_to_one() -> None:
+    """The test devices spread over both shards; a device's shard is stable (crc32, not the salted hash())."""
+    assert {shard_of(d, 2) for d in DEVICES} == {0, 1}
+    assert shard_of("dev-0", 2) == shard_of("dev-0", 2) == __import__("zlib").crc32(b"dev-0") % 2
+
+
+def test_audit_workers_setting_is_validated() -> None:
+    """audit_workers accepts -1 (auto), 0 (in-process) and 1-64, nothing else."""
+    for good in (-1, 0, 2, 64):
+        validate(FleetConfig(controller=ControllerConfig(audit_workers=good)))
+    for bad in (-2, 65):
+        with pytest.raises(ConfigError, match="audit_workers"):
+            validate(FleetConfig(controller=ControllerConfig(audit_workers=bad)))
+
+
+async def test_many_devices_through_two_shards_stored_once_in_order_and_acked_after_commit(tmp_path: Path) -> None:
+    """Six devices' batches, interleaved, through 2 workers: every record once, in order, heads right; each
+    result arrives only once its records and head are committed (visible to another connection)."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    per_device = {device: uploads(device, 8, 25) for device in DEVICES}
+    seen_before_result: list[bool] = []
+
+    def check_committed(device: str, seq: int, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            seen_before_result.append(False)
+            return
+        (head,) = query(db, "SELECT seq FROM audit_heads WHERE device = ?", [device])[0]
+        stored = query(db, "SELECT count(*) FROM audit_records WHERE device = ? AND seq = ?", [device, seq])[0][0]
+        seen_before_result.append(head >= seq and stored == 1)
+
+    async with running(db, max_group=4) as shards:
+        assert len({pid for pid in shards.pids}) == 2
+        assert os.getpid() not in shards.pids
+        futures: list[tuple[str, int, asyncio.Future[Any]]] = []
+        for index in range(8):  # arrival order: devices interleaved batch by batch
+            for device in DEVICES:
+                payload, seq = per_device[device][index]
+                future = await shards.submit(topic(device), device, payload, now=1.0)
+                future.add_done_callback(lambda f, d=device, s=seq: check_committed(d, s, f))
+                futures.append((device, seq, future))
+        results = await asyncio.gather(*(f for _, _, f in futures))
+        assert sum(s.committer.groups for s in shards.shards) < len(futures)  # queued uploads shared commits
+        assert all(s.committer.jobs > 0 for s in shards.shards)
+    assert seen_before_result == [True] * len(futures)
+    for (device, seq, _), result in zip(futures, results, strict=True):
+        assert result.head is not None, (device, result)
+        assert result.head.seq == seq
+        assert result.stored == 25
+        assert result.duplicates == 0
+    for device in DEVICES:
+        seqs = [r[0] for r in query(db, "SELECT seq FROM audit_records WHERE device = ? ORDER BY seq", [device])]
+        assert seqs == list(range(200))
+        assert query(db, "SELECT seq, records FROM audit_heads WHERE device = ?", [device]) == [(199, 200)]
+    assert query(db, "SELECT count(*) FROM audit_alerts") == [(0,)]
+
+
+async def test_resent_batch_is_counted_as_duplicate_once(tmp_path: Path) -> None:
+    """A batch uploaded again after it was stored: nothing stored twice, its records counted as duplicates once."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    (first, _), (second, _) = uploads("dev-0", 2, 10)
+    async with running(db) as shards:
+        stored = await upload_until_stored(shards, "dev-0", first)
+        again = await upload_until_stored(shards, "dev-0", first)
+        after = await upload_until_stored(shards, "dev-0", second)
+    assert (stored.stored, stored.duplicates) == (10, 0)
+    assert (again.stored, again.duplicates, again.head) == (0, 10, stored.head)
+    assert (after.stored, after.duplicates) == (10, 0)
+    assert query(db, "SELECT records, duplicates FROM audit_heads WHERE device = 'dev-0'") == [(20, 10)]
+    assert query(db, "SELECT count(*) FROM audit_records") == [(20,)]
+
+
+async def test_bad_batch_is_refused_with_an_alert_while_the_rest_of_its_group_commits(tmp_path: Path) -> None:
+    """A byte changed in one device's record: refused, alerted, nothing of it stored; the other uploads of the
+    same group (same worker, one transaction) are stored."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    same_shard = [d for d in DEVICES if shard_of(d, 2) == shard_of("dev-0", 2)]
+    assert len(same_shard) >= 2
+    bad_device, good_devices = same_shard[0], same_shard[1:]
+    payload, _ = uploads(bad_device, 1, 10)[0]
+    assert payload.count(b'"i":5}') == 1
+    flipped = payload.replace(b'"i":5}', b'"i":7}')  # one byte: the record no longer hashes to its hash
+    async with running(db) as shards:
+        shard = shards.shards[shard_of(bad_device, 2)]
+        futures = [await shards.submit(topic(bad_device), bad_device, flipped, now=1.0)]
+        for device in good_devices:  # queued behind it before the loop runs: one group
+            futures.append(await shards.submit(topic(device), device, uploads(device, 1, 10)[0][0], now=1.0))
+        bad, *good = await asyncio.gather(*futures)
+        assert shard.committer.groups == 1
+        assert shard.committer.largest_group == len(futures)
+    assert bad.head is None
+    assert bad.alert == "chain"
+    assert all(r.head is not None and r.stored == 10 for r in good)
+    assert query(db, "SELECT device, kind FROM audit_alerts") == [(bad_device, "chain")]
+    assert query(db, "SELECT count(*) FROM audit_records WHERE device = ?", [bad_device]) == [(0,)]
+    assert query(db, "SELECT count(*) FROM audit_records") == [(10 * len(good_devices),)]
+
+
+async def test_upload_from_an_unknown_device_is_recorded_as_a_rejection(tmp_path: Path) -> None:
+    """An upload on the topic of a device that is not enrolled: not stored, not acked, recorded in rejections."""
+    db = tmp_path / "fleet.db"
+    create_db(db, devices=["dev-1"])
+    payload, _ = uploads("dev-0", 1, 5)[0]
+    async with running(db) as shards:
+        result = await (await shards.submit(topic("dev-0"), "dev-0", payload, now=1.0))
+    assert result.head is None
+    assert result.alert is None
+    assert query(db, "SELECT device, reason FROM rejections") == [("dev-0", "unknown or revoked device")]
+    assert query(db, "SELECT count(*) FROM audit_records") == [(0,)]
+
+
+async def test_killed_worker_loses_nothing_and_its_shard_comes_back(tmp_path: Path) -> None:
+    """SIGKILL a worker while devices upload (each re-sending until acked, as agents do): every record ends up
+    stored exactly once and in order, the shard gets a new worker, the other shard keeps its own."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    per_device = {device: uploads(device, 10, 40) for device in DEVICES}
+    async with running(db, max_group=2) as shards:
+        victim = shards.shards[0]
+        killed_pid, other_pid = victim.pid, shards.shards[1].pid
+        assert killed_pid is not None
+        acked = asyncio.Event()
+
+        async def device_uploads(device: str) -> None:
+            for payload, seq in per_device[device]:
+                result = await upload_until_stored(shards, device, payload)
+                assert result.head is not None
+                assert result.head.seq == seq
+                if shard_of(device, 2) == 0:
+                    acked.set()
+
+        async with asyncio.TaskGroup() as tasks:
+            for device in DEVICES:
+                tasks.create_task(device_uploads(device))
+            await acked.wait()  # shard 0 is busy with the next uploads now
+            os.kill(killed_pid, signal.SIGKILL)
+        assert victim.pid not in (None, killed_pid)
+        assert victim.restarts
+        assert shards.shards[1].pid == other_pid
+        # Killed while idle: the next upload goes to a new worker (nothing of it reached the dead one).
+        os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)
+        device = next(d for d in DEVICES if shard_of(d, 2) == 0)
+        resent = await (await shards.submit(topic(device), device, per_device[device][-1][0], now=1.0))
+        assert resent.duplicates == 40
+    for device in DEVICES:
+        seqs = [r[0] for r in query(db, "SELECT seq FROM audit_records WHERE device = ? ORDER BY seq", [device])]
+        assert seqs == list(range(400))
+    assert query(db, "SELECT count(*) FROM audit_alerts") == [(0,)]
+
+
+async def test_a_worker_that_keeps_dying_ends_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More restarts than allowed within the window: run() raises (serve exits non-zero, systemd restarts it)."""
+    monkeypatch.setattr(audit_shards, "MAX_RESTARTS", 1)
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    device = next(d for d in DEVICES if shard_of(d, 2) == 0)
+    payload, _ = uploads(device, 1, 5)[0]
+    async with AuditShards(db, 2) as shards:
+        task = asyncio.create_task(shards.run())
+        try:
+            for _ in range(2):
+                pid = shards.shards[0].pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(AuditShardError, asyncio.CancelledError):  # cancelled: run() ended
+                    await (await shards.submit(topic(device), device, payload, now=1.0))
+            with pytest.raises(ExceptionGroup) as raised:
+                await asyncio.wait_for(task, 10)
+            assert raised.group_contains(AuditShardError, match="restarted more than 1 times")
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def test_stop_lets_the_running_group_commit_and_never_acks_queued_uploads(tmp_path: Path) -> None:
+    """Stopping the shards mid-stream: uploads whose results came back are stored; the rest are either stored
+    (their group was running) or not at all, never half; the workers are gone afterwards."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    per_device = {device: uploads(device, 10, 100) for device in DEVICES}
+    async with running(db, max_group=2) as shards:
+        pids = [pid for pid in shards.pids if pid is not None]
+        futures = []
+        for index in range(10):
+            for device in DEVICES:
+                futures.append(
+                    (device, await shards.submit(topic(device), device, per_device[device][index][0], now=1.0))
+                )
+        await asyncio.wait([f for _, f in futures], return_when=asyncio.FIRST_COMPLETED)
+    acked = [(device, f.result().head.seq) for device, f in futures if f.done() and not f.cancelled()]
+    assert acked
+    assert any(f.cancelled() for _, f in futures)
+    for device, seq in acked:
+        assert query(db, "SELECT count(*) FROM audit_records WHERE device = ? AND seq = ?", [device, seq]) == [(1,)]
+    for device in DEVICES:
+        seqs = [r[0] for r in query(db, "SELECT seq FROM audit_records WHERE device = ? ORDER BY seq", [device])]
+        assert seqs == list(range(len(seqs)))  # a prefix: whole batches, in order
+        assert len(seqs) % 100 == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_check_made_with_a_key_no_longer_enrolled_is_not_trusted(tmp_path: Path) -> None:
+    """An upload checked before the transaction with the device's key, which is replaced (or revoked) before the
+    transaction: it is verified again with the enrolled key (refused), not stored on the strength of the old check."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    payload, _ = uploads("dev-0", 1, 5)[0]
+    store = FleetStore.open(db)
+    try:
+        prepared = prepare_upload(store, "dev-0", payload, now=1.0)
+        assert isinstance(prepared.checked, CheckedUpload)
+        other = Ed25519PrivateKey.generate()
+        with store.transaction():
+            store.db.execute(
+                "UPDATE devices SET signing_key_pem = ?, signing_keyid = ? WHERE id = 'dev-0'",
+                [public_key_to_pem(other).decode(), keyid(other)],
+            )
+        result = ingest_upload(store, topic("dev-0"), "dev-0", prepared, now=1.0)
+        assert result.head is None
+        assert result.alert == "bad_signature"
+        revoked = prepare_upload(store, "dev-1", uploads("dev-1", 1, 5)[0][0], now=1.0)
+        assert isinstance(revoked.checked, CheckedUpload)
+        with store.transaction():
+            store.revoke_device("dev-1")
+        assert ingest_upload(store, topic("dev-1"), "dev-1", revoked, now=1.0).head is None
+    finally:
+        store.close()
+    assert query(db, "SELECT count(*) FROM audit_records") == [(0,)]
+    assert query(db, "SELECT device, kind FROM audit_alerts") == [("dev-0", "bad_signature")]
+    assert query(db, "SELECT device, reason FROM rejections") == [("dev-1", "unknown or revoked device")]
+
+
+@given(st.data())
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_flipped_byte_gets_the_same_verdict_checked_before_the_transaction_as_inside(data: st.DataObject) -> None:
+    """Flip any byte of an upload following a stored one: the workers' path (checked before the transaction) and
+    ingest_batch (all inside it) store the same records and raise the same alert."""
+    (first, _), (second, _) = uploads("dev-0", 2, 4)
+    position = data.draw(st.integers(0, len(second) - 1))
+    flipped = bytearray(second)
+    flipped[position] ^= data.draw(st.integers(1, 255))
+    verdicts = []
+    for split in (True, False):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "fleet.db"
+            create_db(db)
+            store = FleetStore.open(db)
+            try:
+                assert ingest_batch(store, "dev-0", first, now=1.0).stored == 4
+                if split:
+                    prepared = prepare_upload(store, "dev-0", bytes(flipped), now=1.0)
+                    result = ingest_upload(store, topic("dev-0"), "dev-0", prepared, now=1.0)
+                else:
+                    result = ingest_batch(store, "dev-0", bytes(flipped), now=1.0)
+            finally:
+                store.close()
+            rows = query(db, "SELECT seq, hash, data FROM audit_records ORDER BY seq")
+            verdicts.append(
+                (result.head, result.stored, result.alert, rows, query(db, "SELECT kind FROM audit_alerts"))
+            )
+    assert verdicts[0] == verdicts[1]
+
+
+SERVE_STAND_IN = """
+import asyncio, sys
+from pathlib import Path
+from controller.audit_shards import AuditShards
+
+async def main() -> None:
+    async with AuditShards(Path(sys.argv[1]), 2) as shards:
+        print("PIDS", *shards.pids, flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_exit_when_their_serve_is_killed(tmp_path: Path) -> None:
+    """SIGKILL the process that owns the shards (serve): its workers notice and exit instead of lingering."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVE_STAND_IN, str(db), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    pids: list[int] = []
+    try:
+        line = b""
+        while not line.startswith(b"PIDS "):  # after serve's log lines
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            assert line, "the stand-in exited"
+        pids = [int(pid) for pid in line.split()[1:]]
+        assert len(pids) == 2
+        assert all(_alive(pid) for pid in pids)
+    finally:
+        proc.kill()
+        await proc.wait()
+    for _ in range(100):
+        if not any(_alive(pid) for pid in pids):
+            break
+        await asyncio.sleep(0.1)
+    lingering = [pid for pid in pids if _alive(pid)]
+    for pid in lingering:  # do not leave them behind (they ignore SIGTERM)
+        os.kill(pid, signal.SIGKILL)
+    assert not lingering
