@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_uploads import signed_uploads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,9 +30,8 @@ from controller.audit_shards import AuditShards, shard_of
 from controller.config import ConfigError, ControllerConfig, FleetConfig, validate
 from controller.errors import AuditShardError
 from controller.store import FleetStore
-from protocols.audit import AuditRecord, CheckedUpload, Checkpoint, make_record, sign_checkpoint, start_epoch
+from protocols.audit import CheckedUpload
 from protocols.keys import Ed25519PrivateKey, keyid, public_key_to_pem
-from protocols.messages import AuditBatch
 
 pytestmark = [pytest.mark.component, pytest.mark.timeout(120)]
 
@@ -45,16 +45,7 @@ def topic(device: str) -> str:
 
 def uploads(device: str, count: int, size: int) -> list[tuple[bytes, int]]:
     """``count`` consecutive signed uploads of ``size`` records of ``device``: ``(payload, last seq)``."""
-    records: list[AuditRecord] = [start_epoch(device, 1, previous=None, reason="t", actor="agent", ts_ms=1000)]
-    while len(records) < count * size:
-        records.append(make_record(records[-1], "test.event", "agent", {"i": len(records)}, 1000 + len(records)))
-    out = []
-    for start in range(0, len(records), size):
-        part = records[start : start + size]
-        head = part[-1]
-        checkpoint = sign_checkpoint(Checkpoint(device, 1, head.seq, head.hash, head.ts_ms), KEYS[device])
-        out.append((AuditBatch(device, 1, tuple(part), checkpoint).encode(), head.seq))
-    return out
+    return signed_uploads(device, KEYS[device], count, size)
 
 
 def create_db(path: Path, devices: list[str] = DEVICES) -> None:

@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_uploads import signed_uploads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.audit_ingest import IngestResult, ingest_batch
 from controller.ingest import WriteBatcher, run_group
 from controller.store import FleetStore
-from protocols.audit import AuditRecord, Checkpoint, make_record, sign_checkpoint, start_epoch
 from protocols.keys import Ed25519PrivateKey, keyid, public_key_to_pem
-from protocols.messages import AuditBatch
 
 pytestmark = pytest.mark.component
 
@@ -39,16 +38,7 @@ def open_store(directory: Path) -> FleetStore:
 
 def batches(count: int, size: int) -> list[bytes]:
     """``count`` consecutive signed uploads of ``size`` records of device dev-1."""
-    records: list[AuditRecord] = [start_epoch("dev-1", 1, previous=None, reason="t", actor="agent", ts_ms=1000)]
-    while len(records) < count * size:
-        records.append(make_record(records[-1], "test.event", "agent", {"i": len(records)}, 1000 + len(records)))
-    out = []
-    for start in range(0, len(records), size):
-        part = records[start : start + size]
-        head = part[-1]
-        checkpoint = sign_checkpoint(Checkpoint("dev-1", 1, head.seq, head.hash, head.ts_ms), KEY)
-        out.append(AuditBatch("dev-1", 1, tuple(part), checkpoint).encode())
-    return out
+    return [payload for payload, _ in signed_uploads("dev-1", KEY, count, size)]
 
 
 def job(payload: bytes) -> Any:
