@@ -62,20 +62,21 @@ class ControllerProcess:
     peak_rss: int = 0
     _ps: psutil.Process | None = None
 
+    def _family(self) -> list[psutil.Process]:
+        """``serve`` and its children (the audit shards' worker processes, controller.audit_shards)."""
+        if self._ps is None:
+            self._ps = psutil.Process(self.process.pid)
+        return [self._ps, *self._ps.children(recursive=True)]
+
     def sample(self) -> None:
-        """Update the peak resident memory."""
+        """Update the peak resident memory of ``serve`` and its workers, summed."""
         with contextlib.suppress(psutil.Error):
-            if self._ps is None:
-                self._ps = psutil.Process(self.process.pid)
-            self.peak_rss = max(self.peak_rss, self._ps.memory_info().rss)
+            self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in self._family()))
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time so far."""
+        """User + system CPU time so far, ``serve``'s and its live workers'."""
         with contextlib.suppress(psutil.Error):
-            if self._ps is None:
-                self._ps = psutil.Process(self.process.pid)
-            times = self._ps.cpu_times()
-            return float(times.user + times.system)
+            return float(sum(t.user + t.system for t in (p.cpu_times() for p in self._family())))
         return 0.0
 
     def kill(self) -> None:
