@@ -209,6 +209,8 @@ def store_batch(
     message = prepared.decoded
     key_current = prepared.key_pem == row[0]  # checked with the key still enrolled; else verify from scratch
     checked = prepared.checked if key_current else None
+    # a bad enrolled key raises here (the device is not to blame: no alert), as in prepare_upload
+    public_key = public_key_from_pem(row[0].encode()) if checked is None else None
     with store.transaction():
         head = _head(db, device)
         verifier = ChainVerifier({device: head} if head is not None else {})
@@ -225,7 +227,7 @@ def store_batch(
             if checked is not None:
                 verified = verifier.verify_checked(checked, known=known)
             else:
-                public_key = public_key_from_pem(row[0].encode())
+                assert public_key is not None
                 verified = verifier.verify_batch(
                     device, message.records, message.checkpoint, public_key, known=known, limits=limits
                 )

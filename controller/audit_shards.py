@@ -56,8 +56,10 @@ import multiprocessing.connection
 import multiprocessing.util
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -75,7 +77,16 @@ from controller.ingest import GroupCommitter, Job, run_group
 from controller.store import FleetStore
 from protocols.limits import DEFAULT_LIMITS, Limits
 
-__all__ = ["MAX_RESTARTS", "RESTART_WINDOW_S", "AuditShards", "Upload", "default_workers", "ingest_group"]
+__all__ = [
+    "GROUP_TIMEOUT_S",
+    "MAX_RESTARTS",
+    "RESTART_WINDOW_S",
+    "STOP_TIMEOUT_S",
+    "AuditShards",
+    "Upload",
+    "default_workers",
+    "ingest_group",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +96,15 @@ Upload = tuple[str, str, bytes, float]
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 """More than :data:`MAX_RESTARTS` worker restarts of one shard within this many seconds end ``serve``."""
+
+GROUP_TIMEOUT_S = 120.0
+"""A worker that has not finished a group after this long is killed (nothing of the group is acked; SQLite
+rolls back what it had not committed) and restarted: a hung worker (stopped, stuck in a native call, waiting for
+another process's hung writer) must not stop its shard, and with it serve's message loop, for good. Twice
+SQLite's 30 s busy timeout plus a full group's CPU time on a slow box."""
+
+STOP_TIMEOUT_S = 30.0
+"""How long a stop waits for a worker to finish its group before killing it (bounds serve's stop)."""
 
 
 def default_workers() -> int:
@@ -173,6 +193,9 @@ def ingest_group(uploads: list[Upload]) -> list[tuple[bool, IngestResult | str]]
         jobs.append(_storing(topic, device, prepared, now, limits))
     with _write_turn(worker.lock_path):
         outcomes = run_group(worker.store, jobs)
+    for ok, value in outcomes:
+        if not ok:  # serve gets the text only: the traceback goes to the worker's stderr (serve's, the journal)
+            traceback.print_exception(value, file=sys.stderr)
     return [(True, value) if ok else (False, f"{type(value).__name__}: {value}") for ok, value in outcomes]
 
 
@@ -197,9 +220,16 @@ class _Shard:
     """One worker process and the group committer in front of it."""
 
     def __init__(
-        self, index: int, new_pool: Callable[[], ProcessPoolExecutor], *, max_group: int, max_pending: int
+        self,
+        index: int,
+        new_pool: Callable[[], ProcessPoolExecutor],
+        *,
+        max_group: int,
+        max_pending: int,
+        group_timeout: float = GROUP_TIMEOUT_S,
     ) -> None:
         self.index = index
+        self.group_timeout = group_timeout
         self._new_pool = new_pool
         self._pool: ProcessPoolExecutor | None = None
         self.pid: int | None = None
@@ -218,10 +248,23 @@ class _Shard:
             raise AuditShardError(f"audit shard {self.index}: its worker did not start (see its stderr)") from exc
 
     async def stop(self) -> None:
-        """Let the worker finish the group it runs, then end it (queued calls are cancelled)."""
+        """Let the worker finish the group it runs, then end it (queued calls are cancelled); a worker still busy
+        after :data:`STOP_TIMEOUT_S` is killed."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        if pool is None:
+            return
+        shutdown = asyncio.ensure_future(asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True))
+        try:
+            await asyncio.wait_for(asyncio.shield(shutdown), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error("audit.shard_stop_timeout", shard=self.index, pid=self.pid, timeout_s=STOP_TIMEOUT_S)
+            self._kill()
+            await shutdown
+
+    def _kill(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
     async def _run(self, uploads: list[Upload]) -> list[tuple[bool, Any]]:
         loop = asyncio.get_running_loop()
@@ -236,7 +279,17 @@ class _Shard:
             assert self._pool is not None
             running = loop.run_in_executor(self._pool, ingest_group, uploads)
         try:
-            outcomes = await running
+            outcomes = await asyncio.wait_for(asyncio.shield(running), self.group_timeout)
+        except TimeoutError:  # hung: killed, so that the pool breaks and the shard starts a new worker
+            log.error("audit.shard_hung", shard=self.index, pid=self.pid, timeout_s=self.group_timeout)
+            self._kill()
+            with contextlib.suppress(BrokenProcessPool):
+                await running
+            with contextlib.suppress(AuditShardError):  # counted; the next group tries again
+                await self._restart()
+            raise AuditShardError(
+                f"audit shard {self.index}: its worker did not finish the group in {self.group_timeout:.0f} s: killed"
+            ) from None
         except BrokenProcessPool as exc:  # died during the group: it may or may not have committed it
             log.error("audit.shard_died", shard=self.index, pid=self.pid, uploads=len(uploads))
             with contextlib.suppress(AuditShardError):  # counted; the next group tries again
@@ -273,13 +326,16 @@ class AuditShards:
         limits: Limits = DEFAULT_LIMITS,
         max_group: int = 64,
         max_pending: int = 1024,
+        group_timeout: float = GROUP_TIMEOUT_S,
     ) -> None:
         """Args:
         db_path: The fleet DB, already created and migrated (serve opened it).
         workers: Number of shards (worker processes), at least 1.
         limits: Bounds for decoding uploads.
         max_group: Most uploads in one transaction of one worker.
-        max_pending: Most uploads queued or running per shard (:meth:`submit` waits beyond that).
+        max_pending: Most uploads queued or running over all shards, split evenly (:meth:`submit` waits
+            beyond a shard's share): at most ``max_pending`` × ``limits.max_message_bytes`` held in memory.
+        group_timeout: A worker busy with one group longer than this is killed and restarted.
         """
         if workers < 1:
             raise ValueError("AuditShards needs at least one worker (0 = verify on serve's writer thread)")
@@ -289,7 +345,11 @@ class AuditShards:
         def new_pool() -> ProcessPoolExecutor:
             return ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=initargs)
 
-        self.shards = [_Shard(i, new_pool, max_group=max_group, max_pending=max_pending) for i in range(workers)]
+        share = max(1, max_pending // workers)
+        self.shards = [
+            _Shard(i, new_pool, max_group=max_group, max_pending=share, group_timeout=group_timeout)
+            for i in range(workers)
+        ]
 
     async def __aenter__(self) -> Self:
         try:

@@ -374,7 +374,16 @@ class FleetStore:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("COMMIT")
+        except BaseException:
+            # SQLite can leave the transaction open after a failed COMMIT (SQLITE_FULL, an I/O error): the next
+            # transaction() would then nest in it as a savepoint, "commit" nothing, and its caller would ack work
+            # that is rolled back later. End it here; the error goes to the caller (nothing of it is durable).
+            if self.db.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            raise
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return list(self.db.query(sql, list(params)))

@@ -416,3 +416,49 @@ async def test_workers_exit_when_their_serve_is_killed(tmp_path: Path) -> None:
     for pid in lingering:  # do not leave them behind (they ignore SIGTERM)
         os.kill(pid, signal.SIGKILL)
     assert not lingering
+
+
+async def test_a_hung_worker_is_killed_after_the_group_timeout_and_its_shard_goes_on(tmp_path: Path) -> None:
+    """A worker that stops answering (SIGSTOP: a native call that never returns, a wait on another process's
+    hung writer) fails its group after the timeout, unacked; it is killed and replaced, and the device's re-sent
+    upload is stored: serve's message loop is never held up for good."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    device = next(d for d in DEVICES if shard_of(d, 2) == 0)
+    (payload, seq), *_ = uploads(device, 1, 10)
+    async with running(db, group_timeout=2.0) as shards:
+        hung = shards.shards[0].pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(AuditShardError, match="did not finish the group in 2 s"):
+                await (await shards.submit(topic(device), device, payload, now=1.0))
+            assert asyncio.get_running_loop().time() - started < 30
+            assert shards.shards[0].pid not in (None, hung)
+            assert query(db, "SELECT count(*) FROM audit_records") == [(0,)]  # nothing of it was committed
+            result = await upload_until_stored(shards, device, payload)  # the device re-sends
+            assert result.head is not None
+            assert result.head.seq == seq
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)
+
+
+async def test_stop_kills_a_worker_that_does_not_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve's stop is bounded: a worker that does not end within STOP_TIMEOUT_S is killed."""
+    monkeypatch.setattr(audit_shards, "STOP_TIMEOUT_S", 1.0)
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    shards = AuditShards(db, 2)
+    await shards.__aenter__()
+    hung = shards.shards[0].pid
+    assert hung is not None
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        await asyncio.wait_for(shards.__aexit__(None, None, None), 20)
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGKILL)

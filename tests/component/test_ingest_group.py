@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -134,4 +135,35 @@ async def test_batcher_groups_queued_jobs_and_resolves_after_commit(tmp_path: Pa
         runner.cancel()
         with pytest.raises(asyncio.CancelledError):
             await runner
+        store.close()
+
+
+def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite can keep a transaction open after a failed COMMIT (disk full, I/O error). Left open, the next
+    transaction() would nest in it as a savepoint and "commit" nothing — and its caller would ack work that is
+    rolled back later. The failed transaction is ended; the next one commits for real."""
+    store = open_store(tmp_path)
+    try:
+        real_execute = store.db.execute
+        failures = [sqlite3.OperationalError("database or disk is full")]
+
+        def execute(sql: str, *args: Any) -> Any:
+            if sql == "COMMIT" and failures:
+                raise failures.pop()  # the COMMIT did not happen: the transaction is still open
+            return real_execute(sql, *args)
+
+        monkeypatch.setattr(store.db, "execute", execute)
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"), store.transaction():
+            store.db.conn.execute("INSERT INTO meta (key, value) VALUES ('lost', '1')")
+        assert not store.db.conn.in_transaction
+        with store.transaction():
+            store.db.conn.execute("INSERT INTO meta (key, value) VALUES ('kept', '1')")
+        assert not store.db.conn.in_transaction  # committed, not a savepoint of a transaction left open
+        other = sqlite3.connect(tmp_path / "fleet.db")
+        try:
+            keys = {row[0] for row in other.execute("SELECT key FROM meta WHERE key IN ('lost', 'kept')")}
+        finally:
+            other.close()
+        assert keys == {"kept"}
+    finally:
         store.close()
