@@ -196,7 +196,7 @@ def write_chart(rows: list[dict[str, Any]], out: Path) -> Path:
                 left.plot(*zip(*points, strict=True), style, label=f"{label}, {controllers} ctl")
         right.plot(ns, [max(r["controller_peak_rss_mb"]) for r in mine], style, label=f"{controllers} controller(s)")
     left.set(xscale="log", xlabel="simulated devices", ylabel="seconds", title="time")
-    right.set(xscale="log", xlabel="simulated devices", ylabel="MiB", title="peak controller RSS (serve + its audit workers)")
+    right.set(xscale="log", xlabel="simulated devices", ylabel="MiB", title="peak controller RSS (serve + workers)")
     left.set_ylim(bottom=0)
     right.set_ylim(bottom=0)
     left.legend(fontsize=7)
