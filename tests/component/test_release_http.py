@@ -61,6 +61,24 @@ async def _mirror(handler: Callable[[web.Request], Awaitable[web.StreamResponse]
     return runner, f"http://127.0.0.1:{port}/blob"
 
 
+async def _fetch_from_tampered_mirror(
+    repo: ReleaseRepository, target: VerifiedTarget, tmp_path: Path, *, chunk: int
+) -> None:
+    """Fetch ``target`` from a mirror serving it with one bit flipped in ``chunk``: refused at that chunk."""
+    data = bytearray(repo.blob_path(target.sha256).read_bytes())
+    data[chunk * CHUNK + 1] ^= 0x80
+
+    async def tampered(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=bytes(data))
+
+    runner, url = await _mirror(tampered)
+    try:
+        with pytest.raises(FetchRefusedError, match=f"chunk {chunk} failed verification"):
+            await HttpBlobFetcher().fetch(target, tmp_path / "out", url)
+    finally:
+        await runner.cleanup()
+
+
 async def test_metadata_and_blob_over_http(repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path) -> None:
     """TUF metadata and the blob come from the artifact server; the file has the signed sha256."""
     target = await _lookup(repo, artifacts, tmp_path)
@@ -105,18 +123,7 @@ async def test_dropped_connection_resumes_with_range(
 async def test_tampered_mirror_is_refused(repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path) -> None:
     """A mirror serving changed bytes of the right length is refused at the first bad chunk."""
     target = await _lookup(repo, artifacts, tmp_path)
-    data = bytearray(repo.blob_path(target.sha256).read_bytes())
-    data[5 * CHUNK + 1] ^= 0x80
-
-    async def tampered(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=bytes(data))
-
-    runner, url = await _mirror(tampered)
-    try:
-        with pytest.raises(FetchRefusedError, match="chunk 5 failed verification"):
-            await HttpBlobFetcher().fetch(target, tmp_path / "out", url)
-    finally:
-        await runner.cleanup()
+    await _fetch_from_tampered_mirror(repo, target, tmp_path, chunk=5)
 
 
 async def test_endless_data_is_refused(repo: ReleaseRepository, artifacts: ArtifactServer, tmp_path: Path) -> None:
@@ -191,16 +198,5 @@ async def test_a_refused_source_is_reported_as_refused_even_if_a_flush_failed(
     """The tampered chunk decides what the caller does (drop this source, try the next): a flush failure on the
     way out must not replace it."""
     target = await _lookup(repo, artifacts, tmp_path)
-    data = bytearray(repo.blob_path(target.sha256).read_bytes())
-    data[9 * CHUNK + 1] ^= 0x80
     _failing_flushes(monkeypatch)
-
-    async def tampered(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=bytes(data))
-
-    runner, url = await _mirror(tampered)
-    try:
-        with pytest.raises(FetchRefusedError, match="chunk 9 failed verification"):
-            await HttpBlobFetcher().fetch(target, tmp_path / "out", url)
-    finally:
-        await runner.cleanup()
+    await _fetch_from_tampered_mirror(repo, target, tmp_path, chunk=9)
