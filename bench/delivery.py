@@ -71,16 +71,21 @@ def _tls(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def release_file(directory: Path, version: int) -> Path:
-    """SmolLM2 with one byte of its last quantized tensor changed for ``version`` (1-255): two 4-bit weights
-    differ, the header does not (a valid GGUF of the same length)."""
-    if not 1 <= version <= 255:
-        raise ValueError(f"version {version}: 1-255 distinct releases only")
+def last_quantized_byte() -> int:
+    """The offset in :data:`MODEL` of the last byte of its last quantized tensor (two 4-bit weights)."""
     with MODEL.open("rb") as f:
         info = parse_gguf(f)
     last = max((t for t in info.tensors if t.ggml_type.name.startswith("Q")), key=lambda t: t.offset)
-    data = bytearray(MODEL.read_bytes())
-    data[info.data_offset + last.offset + last.n_bytes - 1] ^= version
+    return info.data_offset + last.offset + last.n_bytes - 1
+
+
+def release_file(directory: Path, version: int, model: bytes, position: int) -> Path:
+    """``model`` (SmolLM2's bytes) with the byte at ``position`` (:func:`last_quantized_byte`) changed for
+    ``version`` (1-255): two 4-bit weights differ, the header does not (a valid GGUF of the same length)."""
+    if not 1 <= version <= 255:
+        raise ValueError(f"version {version}: 1-255 distinct releases only")
+    data = bytearray(model)
+    data[position] ^= version
     path = directory / f"release-{version}.gguf"
     path.write_bytes(data)
     return path
@@ -203,8 +208,9 @@ async def run(rounds: int, only: str | None = None) -> dict[str, Any]:
         async with running_fleet(Path(tmp)) as fleet:
             repo = ReleaseRepository(fleet.home.repo_dir)
             versions = range(1, 2 * rounds + 1)
+            position = last_quantized_byte()
             for version in versions:
-                release = release_file(Path(tmp), version)
+                release = release_file(Path(tmp), version, data, position)
                 fleet.cli(
                     "model", "add", str(release), "--name", NAME, "--variant", VARIANT,
                     "--version", str(version), "--chunk-size", str(CHUNK),
