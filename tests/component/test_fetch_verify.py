@@ -1,25 +1,28 @@
 """The fetchers' stream verifier, the verified-prefix reader and write faults, against real files.
 
-Real parts: :class:`agent.link.fetch._ChunkWriter` writing a real file (the stream is cut into blocks at
-arbitrary points, as a socket delivers it), :class:`agent.link.fetch.VerifiedPrefix` read by the real GGUF
-validator (``agent.registry.formats.inspect_gguf_file``) on another thread while chunks are reported.
+Real parts: :class:`agent.link.fetch._ChunkReceiver` writing a real file (the stream is cut into blocks at
+arbitrary points, as a socket delivers it, and received through buffers of any size),
+:class:`agent.link.fetch.VerifiedPrefix` read by the real GGUF validator
+(``agent.registry.formats.inspect_gguf_file``) on another thread while chunks are reported; a real HTTP server
+for a stop mid-transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import hashlib
 import itertools
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from unittest import mock
 
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,10 +32,13 @@ from agent.link.fetch import (
     FetchError,
     FetchPolicy,
     FetchRefusedError,
+    HttpBlobFetcher,
     MqttBlobFetcher,
     VerifiedPrefix,
-    _ChunkWriter,
+    _ChunkReceiver,
+    _ConnectionLostError,
     finish_file,
+    verified_chunks,
 )
 from agent.link.updater import VerifiedTarget
 from agent.registry.formats import inspect_gguf_file, inspect_model
@@ -54,19 +60,48 @@ def _blocks(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
-async def _stream(path: Path, target: VerifiedTarget, blocks: list[bytes], batch: int) -> list[int]:
+class _Body:
+    """A response body delivering ``blocks`` (each in as many reads as the reader's buffer needs), then ``error``
+    (raised) or the end."""
+
+    def __init__(self, blocks: list[bytes], error: Exception | None = None) -> None:
+        self.blocks = deque(b for b in blocks if b)
+        self.error = error
+
+    def readinto(self, buffer: memoryview) -> int:
+        if not self.blocks:
+            if self.error is not None:
+                raise self.error
+            return 0
+        block = self.blocks[0]
+        n = min(len(buffer), len(block))
+        buffer[:n] = block[:n]
+        if n == len(block):
+            self.blocks.popleft()
+        else:
+            self.blocks[0] = block[n:]
+        return n
+
+
+def _receive(
+    path: Path,
+    target: VerifiedTarget,
+    blocks: list[bytes],
+    *,
+    buffer: int = 1 << 20,
+    skip: Collection[int] = (),
+    error: Exception | None = None,
+) -> list[int]:
+    """Receive ``blocks`` into ``path`` through a buffer of about ``buffer`` bytes; the chunks written, in order."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    writer = _ChunkWriter(fd, target, 0, "test", None, depth=2)
+    with mock.patch.object(fetch_module, "_BATCH_BYTES", buffer):
+        receiver = _ChunkReceiver(fd, target, 0, "test", None)  # it owns fd
     written: list[int] = []
-    writer.on_written = written.append
+    receiver.on_written = written.extend
     try:
-        for i in range(0, len(blocks), batch):
-            await writer.submit(blocks[i : i + batch], skip=())
+        receiver.receive(_Body(blocks, error), skip)
     finally:
-        try:
-            await writer.drain()
-        finally:
-            writer.close()  # closes fd
+        receiver.close()
     return written
 
 
@@ -74,23 +109,34 @@ blobs = st.binary(min_size=1, max_size=3000)
 cut_lists = st.lists(st.integers(0, 10_000), max_size=12)
 
 
+buffers = st.integers(1, 3000)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=blobs, chunk_size=st.integers(1, 700), cuts=cut_lists, batch=st.integers(1, 4))
-def test_stream_cut_anywhere_is_written_exactly(data: bytes, chunk_size: int, cuts: list[int], batch: int) -> None:
-    """Whatever the block boundaries, every chunk is verified and the file is the blob, each chunk written once."""
+@given(data=blobs, chunk_size=st.integers(1, 700), cuts=cut_lists, buffer=buffers)
+def test_stream_cut_anywhere_is_written_exactly(data: bytes, chunk_size: int, cuts: list[int], buffer: int) -> None:
+    """Whatever the block boundaries and the buffer size, every chunk is verified and the file is the blob, each
+    chunk written once."""
     target = _target(data, chunk_size)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "out"
-        written = asyncio.run(_stream(path, target, _blocks(data, cuts), batch))
+        written = _receive(path, target, _blocks(data, cuts), buffer=buffer)
         assert path.read_bytes() == data
         assert written == list(range(chunk_count(len(data), chunk_size)))
         finish_file(path, target, written)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=blobs, chunk_size=st.integers(1, 700), cuts=cut_lists, where=st.integers(0), bit=st.integers(0, 7))
+@given(
+    data=blobs,
+    chunk_size=st.integers(1, 700),
+    cuts=cut_lists,
+    buffer=buffers,
+    where=st.integers(0),
+    bit=st.integers(0, 7),
+)
 def test_flipping_any_byte_is_refused_before_the_chunk_is_written(
-    data: bytes, chunk_size: int, cuts: list[int], where: int, bit: int
+    data: bytes, chunk_size: int, cuts: list[int], buffer: int, where: int, bit: int
 ) -> None:
     """Flip any bit of the stream: that chunk is refused, and neither it nor any later chunk reaches the file."""
     target = _target(data, chunk_size)
@@ -101,19 +147,48 @@ def test_flipping_any_byte_is_refused_before_the_chunk_is_written(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "out"
         with pytest.raises(FetchRefusedError, match=f"chunk {bad} failed verification"):
-            asyncio.run(_stream(path, target, _blocks(bytes(tampered), cuts), 2))
+            _receive(path, target, _blocks(bytes(tampered), cuts), buffer=buffer)
         assert path.read_bytes() == data[: bad * chunk_size]  # the verified chunks before it, nothing else
         with pytest.raises(FetchRefusedError, match="unverified chunks"):
             finish_file(path, target, range(bad))
 
 
-def test_more_bytes_than_signed_are_refused_by_the_writer(tmp_path: Path) -> None:
+def test_more_bytes_than_signed_are_refused_by_the_receiver(tmp_path: Path) -> None:
     """A stream running past the last signed chunk is refused; the file never exceeds the signed length."""
     data = os.urandom(5000)
     target = _target(data, 1024)
     with pytest.raises(FetchRefusedError, match="more bytes than the signed length"):
-        asyncio.run(_stream(tmp_path / "out", target, [data + b"x"], 1))
+        _receive(tmp_path / "out", target, [data + b"x"])
     assert (tmp_path / "out").stat().st_size <= len(data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=blobs, chunk_size=st.integers(1, 700), cuts=cut_lists, buffer=buffers, end=st.integers(0))
+def test_a_body_failing_midway_keeps_exactly_the_whole_chunks_received(
+    data: bytes, chunk_size: int, cuts: list[int], buffer: int, end: int
+) -> None:
+    """The connection drops after any byte: the whole chunks before it are verified and written (a resume starts
+    after them), the partial one is not, and the drop is raised as a lost connection (retried), not a refusal."""
+    target = _target(data, chunk_size)
+    end %= len(data)  # at least the last byte is missing
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out"
+        with pytest.raises(_ConnectionLostError, match="reset"):
+            _receive(path, target, _blocks(data[:end], cuts), buffer=buffer, error=ConnectionResetError("reset"))
+        whole = end // chunk_size
+        assert path.read_bytes() == data[: whole * chunk_size]
+        assert verified_chunks(path, target) == set(range(whole))
+
+
+def test_chunks_already_on_disk_are_checked_not_rewritten(tmp_path: Path) -> None:
+    """Resumed from a gap: chunks in ``skip`` are verified in the stream but only the missing ones are written."""
+    data = os.urandom(5 * 1024)
+    target = _target(data, 1024)
+    path = tmp_path / "out"
+    path.write_bytes(data[:1024] + bytes(1024) + data[2048:])  # chunk 1 missing
+    written = _receive(path, target, [data], buffer=2048, skip={0, 2, 3, 4})
+    assert written == [1]
+    assert path.read_bytes() == data
 
 
 def test_finish_file_refuses_a_wrong_length(tmp_path: Path) -> None:
@@ -246,89 +321,94 @@ async def test_mqtt_short_pwrite_is_not_counted_as_a_verified_chunk(
     assert out.read_bytes() == data, "fetch succeeded although chunk 1 on disk does not match the signed chunk"
 
 
-class _HeldExecutor(concurrent.futures.Executor):
-    """Runs nothing until :meth:`run_all`: every submitted batch waits, not started, like one the worker has not
-    picked up yet."""
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.queue.append((future, fn, args))
-        return future
-
-    def run_all(self) -> None:
-        while self.queue:
-            future, fn, args = self.queue.pop(0)
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled before it started: never runs
-            try:
-                future.set_result(fn(*args))
-            except Exception as exc:
-                future.set_exception(exc)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self.run_all()
-
-
-async def test_a_stop_while_batches_wait_for_the_worker_loses_none_and_raises_no_refusal(tmp_path: Path) -> None:
-    """The HTTP writer: cancelled while waiting for a batch the worker has not started, it must not cancel that
-    batch (the worker would take the next one as its continuation: every later chunk misaligned, refused)."""
-    data = os.urandom(4 * CHUNK)
+async def test_a_stop_mid_transfer_ends_the_receiving_thread_and_keeps_the_verified_chunks(tmp_path: Path) -> None:
+    """HTTP: a stop (the fetch task cancelled) while the body stalls half-way: the receiving thread's connection is
+    closed, the stop propagates (not an error of the transfer, which would read as a failed source), the thread
+    has let the file go, and the chunks verified before the stop stay for a resume."""
+    data = os.urandom(8 * CHUNK)
     target = _target(data, CHUNK)
-    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
-    writer = _ChunkWriter(fd, target, 0, "test", None, depth=2)
-    writer._executor.shutdown()
-    held = _HeldExecutor()
-    writer._executor = held  # type: ignore[assignment]
+    stalled, released = asyncio.Event(), asyncio.Event()
+
+    async def half(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[: 3 * CHUNK + 100])
+        stalled.set()
+        await released.wait()  # sends nothing more until the test ends
+        return response
+
+    app = web.Application()
+    app.router.add_get("/blob", half)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    out = tmp_path / "out"
     try:
-        await writer.submit([data[:CHUNK]], skip=())
-        await writer.submit([data[CHUNK : 2 * CHUNK]], skip=())
-        third = asyncio.create_task(writer.submit([data[2 * CHUNK :]], skip=()))  # waits: two batches queued
-        for _ in range(3):
-            await asyncio.sleep(0)
-        third.cancel()  # the stop
-        with pytest.raises(asyncio.CancelledError):
-            await third
-        held.run_all()  # the worker gets to the queued batches only now
-        await writer.drain()  # no refusal: nothing was misaligned
+        with mock.patch.object(fetch_module, "_BATCH_BYTES", CHUNK):  # every chunk written as it arrives
+            task = asyncio.create_task(HttpBlobFetcher().fetch(target, out, f"http://127.0.0.1:{port}/blob"))
+            await asyncio.wait_for(stalled.wait(), 10)
+            await wait_until(lambda: verified_chunks(out, target) == {0, 1, 2})
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
     finally:
-        writer.close()
-    assert (tmp_path / "out").read_bytes()[: 2 * CHUNK] == data[: 2 * CHUNK], "a queued batch was lost"
+        released.set()
+        await runner.cleanup()
+    await wait_until(lambda: not [t for t in threading.enumerate() if t.name == "fetch-http"])  # it has ended
+    assert verified_chunks(out, target) == {0, 1, 2}
+    assert out.read_bytes() == data[: 3 * CHUNK]
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``predicate`` off the event loop's critical path until it holds (fail after ``within`` s)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await asyncio.to_thread(predicate):
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 async def test_the_download_is_flushed_to_disk_in_steps_while_it_arrives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HTTP: the writer's flusher makes the file durable every few MiB (here: every 4 chunks) on its own thread,
+    """HTTP: the receiver's flusher makes the file durable every few MiB (here: every 4 chunks) on its own thread,
     so the final fsync has only the tail left; the bytes are exactly the stream's."""
     flushed_at: list[int] = []
+    flushed = threading.Event()
 
     def datasync(fd: int) -> None:
         flushed_at.append(os.fstat(fd).st_size)
         os.fdatasync(fd)
+        flushed.set()
 
     monkeypatch.setattr(fetch_module, "_datasync", datasync)
+    monkeypatch.setattr(fetch_module, "_BATCH_BYTES", CHUNK)
     data = os.urandom(40 * CHUNK + 7)
     target = _target(data, CHUNK)
     fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
-    writer = _ChunkWriter(fd, target, 0, "test", None, depth=2)
-    writer.flusher.every = 4 * CHUNK
+    receiver = _ChunkReceiver(fd, target, 0, "test", None)
+    receiver.flusher.every = 4 * CHUNK
+
+    class Paced(_Body):  # waits for the first flush before sending the second half
+        def readinto(self, buffer: memoryview) -> int:
+            if sum(map(len, self.blocks)) <= len(data) // 2:
+                flushed.wait(10)
+            return super().readinto(buffer)
+
     try:
-        for block in _blocks(data, list(range(0, len(data), CHUNK // 2))):
-            await writer.submit([block], skip=())
-            await writer.drain()  # one batch at a time: the flusher sees the file grow
+        receiver.receive(Paced(_blocks(data, list(range(0, len(data), CHUNK // 2)))), ())
     finally:
-        writer.close()
+        receiver.close()
     assert (tmp_path / "out").read_bytes() == data
-    assert writer.flusher.flushes == len(flushed_at) >= 2, flushed_at
+    assert receiver.flusher.flushes == len(flushed_at) >= 2, flushed_at
     assert flushed_at[0] < len(data), "the first flush ran while the blob was still arriving"
 
 
 async def test_a_failed_flush_fails_the_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An I/O error of a background flush is reported to its descriptor only (the final fsync runs on another
-    one and may not see it): the writer raises it when it closes, so the download is not taken as durable, and
+    one and may not see it): the receiver raises it when it closes, so the download is not taken as durable, and
     empties the file, so that no resume trusts pages that read back fine but may not be on disk."""
 
     def failing(fd: int) -> None:
@@ -338,13 +418,12 @@ async def test_a_failed_flush_fails_the_download(tmp_path: Path, monkeypatch: py
     data = os.urandom(12 * CHUNK)
     target = _target(data, CHUNK)
     fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
-    writer = _ChunkWriter(fd, target, 0, "test", None, depth=2)
-    writer.flusher.every = 4 * CHUNK
+    receiver = _ChunkReceiver(fd, target, 0, "test", None)
+    receiver.flusher.every = 4 * CHUNK
     try:
-        await writer.submit([data], skip=())
-        await writer.drain()
+        receiver.receive(_Body([data]), ())
     finally:
         with pytest.raises(OSError, match="Input/output error"):
-            writer.close()
-    assert writer.fd == -1, "the descriptor was closed all the same"
+            receiver.close()
+    assert receiver.fd == -1, "the descriptor was closed all the same"
     assert (tmp_path / "out").stat().st_size == 0, "nothing of it is kept for a resume"
