@@ -359,6 +359,7 @@ _BATCH_BYTES = 1 << 20
 """HTTP: the body is received into a buffer of about this many bytes (whole chunks), then verified and written."""
 _MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_USER_AGENT = "edgefleet-agent"
 
 
 class _ConnectionLostError(FetchError):
@@ -802,18 +803,21 @@ class HttpBlobFetcher:
         before = stats.bytes_received
         request.check = lambda received: self._check_time(target, started, before + received)
         result: Future[None] = Future()
+        result.set_running_or_notify_cancel()  # from now on only the thread settles it (a cancel cannot)
         thread = threading.Thread(target=request.run, args=(done, result), name="fetch-http", daemon=True)
         thread.start()
         outcome = asyncio.wrap_future(result)
+        outcome.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # retrieved: not logged
         try:
             await asyncio.shield(outcome)
         except asyncio.CancelledError:
             # a stop: end the thread's transfer now; if it holds the file, wait until it has let it go (its
-            # verified chunks stay for a resume); the stop is what propagates, never the transfer's error
-            outcome.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: not logged
+            # verified chunks stay for a resume), through further cancels too: two writers must never share the
+            # file; the stop is what propagates, never the transfer's error
             if request.abort():
-                with contextlib.suppress(Exception):
-                    await outcome
+                while not result.done():
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await asyncio.shield(outcome)
             raise
 
     def _check_time(self, target: VerifiedTarget, started: float, new_bytes: int) -> None:
@@ -854,15 +858,18 @@ class _RangeRequest:
         self._stopped = False
         self._holds_file = False
         self._connection: http.client.HTTPConnection | None = None
+        self._response: http.client.HTTPResponse | None = None
+        self._socket: socket.socket | None = None
+        """The connection's socket, kept: ``http.client`` drops ``connection.sock`` for a response that closes
+        the connection (HTTP/1.0, ``Connection: close``), while its body is still read from that socket."""
 
     def abort(self) -> bool:
         """Stop the transfer (its connection is shut down); True if the thread holds the file (wait for it)."""
         with self._lock:
             self._stopped = True
-            connection = self._connection
-            if connection is not None and connection.sock is not None:
+            if self._socket is not None:
                 with contextlib.suppress(OSError):  # the plain socket's shutdown: the TLS layer sees the end
-                    socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+                    socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
             return self._holds_file
 
     def _stop_check(self, received: int) -> None:
@@ -871,15 +878,20 @@ class _RangeRequest:
         self.check(received)
 
     def run(self, done: Collection[int], result: Future[None]) -> None:
-        """The transfer (blocking); its outcome goes to ``result``."""
+        """The transfer (blocking); its outcome goes to ``result`` once the file and the connection are closed."""
         error: BaseException | None = None
         try:
             self._run(done)
+        except ValueError as exc:  # a server's malformed URL, header or redirect, found by the standard library
+            error = FetchError(f"{self.url}: {exc}")
         except BaseException as exc:  # handed to the waiter
             error = exc
         finally:
             with self._lock:
-                connection, self._connection = self._connection, None
+                connection, response = self._connection, self._response
+                self._connection = self._response = self._socket = None
+            if response is not None:
+                response.close()
             if connection is not None:
                 connection.close()
         if error is not None:
@@ -898,40 +910,54 @@ class _RangeRequest:
         else:
             raise FetchError(f"{self.url}: HTTP {response.status}")
         declared = response.getheader("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) - skip > self.target.length - offset:
-            raise FetchRefusedError(f"{self.url}: {declared} bytes announced, more than the signed length allows")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                raise FetchError(f"{self.url}: bad Content-Length {declared[:40]!r}")
+            if int(declared) - skip > self.target.length - offset:
+                raise FetchRefusedError(f"{self.url}: {declared} bytes announced, more than the signed length allows")
+        body = _ResponseBody(response)
         scratch = memoryview(bytearray(min(max(skip, 1), _BATCH_BYTES)))
-        while skip:
-            n = _read_body(response, scratch[: min(skip, len(scratch))], self.url)
+        dropped = 0
+        while dropped < skip:
+            n = _read_body(body, scratch[: min(skip - dropped, len(scratch))], self.url)
             if not n:
                 raise _ConnectionLostError(f"{self.url}: the body ended before byte {offset}")
-            skip -= n
+            dropped += n
+            self._stop_check(dropped)
         with self._lock:
             if self._stopped:
                 raise _ConnectionLostError(f"{self.url}: stopped")
             fd = os.open(self.dest, os.O_RDWR | os.O_CREAT, 0o600)
             self._holds_file = True
-        receiver = _ChunkReceiver(fd, self.target, self.first, self.url, self.prefix)  # owns fd from here on
-        completed = False
+        try:
+            receiver = _ChunkReceiver(fd, self.target, self.first, self.url, self.prefix)  # owns fd from here on
+        except BaseException:
+            os.close(fd)
+            raise
+        refused = False
         try:
             _cut_to(fd, self.target.length)
             receiver.on_written = self.on_written
-            receiver.check = self._stop_check
-            receiver.receive(response, done)
-            completed = True
+            receiver.check = lambda received: self._stop_check(dropped + received)
+            receiver.receive(body, done)
+        except FetchRefusedError:
+            refused = True
+            raise
         finally:
             try:
                 receiver.close()
-            except OSError as exc:  # a failed flush (the file was emptied: nothing of it is trusted)
-                if completed:
+            except OSError as exc:  # a failed flush: the file was emptied, nothing of it is trusted
+                if not refused:
+                    # over a dropped link too: its retry would count the emptied chunks as verified
                     raise
-                # another error (a refused source, a dropped link) or a stop is on its way: it decides
-                log.warning("fetch.flush_failed", url=self.url, error=str(exc))
+                log.warning("fetch.flush_failed", url=self.url, error=str(exc))  # the refusal decides
 
     def _open(self, offset: int) -> http.client.HTTPResponse:
         """The response to the GET (redirects followed), its body not read yet."""
         url = self.url
-        headers = {"Range": f"bytes={offset}-{self.target.length - 1}"} if offset else {}
+        headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-{self.target.length - 1}"
         for _ in range(_MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -946,20 +972,63 @@ class _RangeRequest:
             with self._lock:
                 if self._stopped:
                     raise _ConnectionLostError(f"{self.url}: stopped")
-                previous, self._connection = self._connection, connection
+                previous, self._connection, self._socket = self._connection, connection, None
             if previous is not None:
                 previous.close()
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+            path += f"?{parts.query}" if parts.query else ""
             try:
                 connection.connect()
                 assert connection.sock is not None
                 connection.sock.settimeout(self.read_timeout_s)
+                with self._lock:
+                    self._socket = connection.sock
+                    if self._stopped:  # the stop came while connecting: there was nothing to shut down then
+                        raise _ConnectionLostError(f"{self.url}: stopped")
                 connection.request("GET", path, headers=headers)
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 raise _ConnectionLostError(f"{url}: {exc or type(exc).__name__}") from exc
+            self._response = response
             location = response.getheader("Location")
             if response.status not in _REDIRECTS or not location:
                 return response
             url = urllib.parse.urljoin(url, location)
         raise FetchError(f"{self.url}: more than {_MAX_REDIRECTS} redirects")
+
+
+class _ResponseBody:
+    """An ``http.client`` response's body, read with at most one socket read per call.
+
+    Why: ``HTTPResponse.readinto`` fills the whole buffer (about 1 MiB) before it returns, so a slow or trickling
+    server would be checked against the deadline and the minimum throughput only once per buffer, and a read
+    failing part-way would lose the count of what it had stored already (the whole chunks before the failure
+    would be dropped instead of kept for the resume). Bodies with a length (what the artifact server and any
+    static mirror send) and bodies ending with the connection are read with ``readinto1``; chunked ones through
+    ``read1``.
+    """
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.response = response
+        self.remaining = response.length
+        """Bytes announced and not received yet (None: the body ends with the connection, or is chunked)."""
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill the start of ``buffer`` with what one read gives (0: the body has ended)."""
+        if self.response.chunked:
+            data = self.response.read1(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+        if self.remaining == 0:
+            return 0
+        if self.remaining is not None:
+            buffer = buffer[: self.remaining]
+        fp = self.response.fp
+        if fp is None:  # closed under us (a stop)
+            raise http.client.IncompleteRead(b"", self.remaining)
+        n = fp.readinto1(buffer)
+        if self.remaining is not None:
+            if not n:
+                raise http.client.IncompleteRead(b"", self.remaining)
+            self.remaining -= n
+        return n
