@@ -116,10 +116,18 @@ def run(ctx: AgentContext) -> None:
     """Run the agent daemon in the foreground (systemd runs exactly this)."""
     import asyncio
 
+    from agent.imports import import_without
+
+    config = ctx.config
+    # Before anything imports them: without numpy and rich, which they would load for features the daemon does
+    # not use and keep resident for its whole life (agent/imports.py). The console renderer keeps rich.
+    import_without("sqlite_utils", "numpy")
+    if config.log.json:
+        import_without("structlog", "rich")
+
     from agent import daemon
     from agent.logs import configure_logging
 
-    config = ctx.config
     configure_logging(config.log.level, json=config.log.json)
     try:
         status = asyncio.run(daemon.run(config, freeze_gc=True))

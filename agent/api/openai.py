@@ -35,9 +35,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import structlog
 from aiohttp import web
 
@@ -68,6 +67,9 @@ from agent.inference import (
     resolve_threads,
 )
 from agent.registry import ModelRecord
+
+if TYPE_CHECKING:  # imported where used: a daemon serving only chat and completions does not carry numpy (~20 MiB)
+    import numpy as np
 
 __all__ = ["add_routes", "model_spec", "resolve_model"]
 
@@ -621,6 +623,8 @@ async def embeddings(request: web.Request) -> web.Response:
     for index, vector in enumerate(result.vectors):
         embedding: list[float] | str
         if encoding == "base64":
+            import numpy as np
+
             embedding = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
         else:
             embedding = [float(v) for v in vector]
@@ -640,6 +644,8 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 def _tensor(name: str, value: object, default_dtype: str) -> np.ndarray:
+    import numpy as np
+
     where = f"inputs[{name!r}]"
     if not isinstance(value, dict) or "data" not in value:
         raise bad_request(f"{where} must be an object with 'data' (and optional 'shape', 'dtype')", "inputs")
@@ -669,6 +675,8 @@ def _default_dtype(declared: str | None) -> str:
 
 
 def _output(array: np.ndarray) -> dict[str, Any]:
+    import numpy as np
+
     data: object
     if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
         as_object = array.astype(object)
@@ -711,6 +719,8 @@ async def infer(request: web.Request) -> web.Response:
     finally:
         gauge.dec()
     log.info("api.infer", model=record.name, duration_ms=round((time.perf_counter() - started) * 1000, 1))
+    import numpy as np  # loaded with the ONNX engine already
+
     return web.json_response(
         {"model": str(ref), "outputs": {name: _output(np.asarray(value)) for name, value in outputs.items()}}
     )

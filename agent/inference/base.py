@@ -40,12 +40,14 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
-import numpy as np
 import psutil
 
 from agent.errors import BadRequestError, EngineLoadError
+
+if TYPE_CHECKING:  # only tensor models' engine (ONNX) imports numpy: ~20 MiB the daemon otherwise does not carry
+    import numpy as np
 
 __all__ = [
     "CAPABILITIES",
@@ -93,9 +95,9 @@ _SEED_LIMIT: Final = 2**63
 
 native_load_lock: Final = threading.Lock()
 """Held by every engine while it opens a model and measures the memory it took, process-wide: two loads never
-disturb each other's measurement, and llama-cpp-python's redirection of file descriptors 1 and 2 during a
-load (its ``verbose=False``) never interleaves with another one (which could leave stdout pointing at
-``/dev/null`` for good)."""
+disturb each other's measurement, and the llama engine's redirection of file descriptors 1 and 2 during a
+load (as llama-cpp-python's ``verbose=False``) never interleaves with another one (which could leave stdout
+pointing at ``/dev/null`` for good)."""
 
 
 def resident_bytes() -> int:

@@ -58,10 +58,13 @@ Invariants:
   deadline passes marks its request cancelled: a waiting request leaves the queue at once, a running one frees
   its slot at the next step. A passed deadline ends the stream with
   :class:`~agent.errors.DeadlineExceededError` saying whether the request was waiting or generating.
-* **Chat template** from the GGUF metadata (``tokenizer.chat_template``) rendered by llama-cpp-python's
-  sandboxed Jinja2 formatter; a model without one has no ``chat`` capability.
+* **Chat template** from the GGUF metadata (``tokenizer.chat_template``) rendered in jinja2's sandbox exactly as
+  llama-cpp-python's ``Jinja2ChatFormatter`` does (:class:`_ChatTemplate`); a model without one has no ``chat``
+  capability.
 * **Embeddings** by a second llama context on the same weights (mean pooling, L2-normalised), created on first
   use; embedding jobs run on the decode thread between steps.
+* **Lean.** Only llama-cpp-python's ctypes bindings are imported, not its high-level package (which imports
+  numpy, ~20 MiB resident): a daemon serving GGUF models does not carry numpy unless it computes embeddings.
 * **One module.** Everything that touches ``llama_cpp`` lives here (one module per foreign library), which is
   why it is long; the engine-agnostic parts are :mod:`~agent.inference.scheduler` (who waits, who goes next)
   and :mod:`~agent.inference.streams` (thread → event-loop hand-off, stop strings).
@@ -77,19 +80,27 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
+import functools
+import importlib
+import importlib.util
+import json
 import math
+import os
 import secrets
+import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any, Final
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
-import llama_cpp
-import numpy as np
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import structlog
-from llama_cpp._utils import suppress_stdout_stderr
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from agent.errors import AgentError, BadRequestError, DeadlineExceededError, EngineLoadError, InferenceError
 from agent.inference.base import (
@@ -112,6 +123,36 @@ from agent.inference.base import (
 )
 from agent.inference.scheduler import AdmissionQueue, Ticket
 from agent.inference.streams import Inbox, StopScanner, WakeBatch
+
+
+def _import_bindings() -> ModuleType:
+    """llama-cpp-python's ctypes bindings, ``llama_cpp.llama_cpp``, without running the package's ``__init__``.
+
+    The package's ``__init__`` also imports its high-level ``Llama`` class and with it numpy (~20 MiB resident
+    for the life of the daemon), none of which this engine uses. While the bindings are imported, ``llama_cpp``
+    in :data:`sys.modules` is the package *not executed* (its spec and ``__path__`` only); it is removed
+    afterwards, so a later ``import llama_cpp`` (the controller's tools, tests) runs the real ``__init__``,
+    which finds these same bindings in :data:`sys.modules` and reuses them.
+    """
+    name = "llama_cpp.llama_cpp"
+    if name in sys.modules or "llama_cpp" in sys.modules:
+        return importlib.import_module(name)
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ModuleNotFoundError("llama-cpp-python is not installed", name="llama_cpp")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["llama_cpp"] = package
+    try:
+        return importlib.import_module(name)
+    finally:
+        if sys.modules.get("llama_cpp") is package:
+            del sys.modules["llama_cpp"]
+
+
+if TYPE_CHECKING:
+    import llama_cpp.llama_cpp as llama_cpp
+else:
+    llama_cpp = _import_bindings()
 
 __all__ = ["EMBEDDING_MAX_TOKENS", "LlamaModel"]
 
@@ -184,29 +225,84 @@ def _kv_cache_bytes(model: Any, n_ctx: int, *, v_q8_0: bool = False) -> int:
     return 2 * values * _F16_BYTES
 
 
+@functools.cache
+def _devnull() -> TextIO:
+    """``/dev/null`` opened once and never closed: another thread may still hold it as ``sys.stdout`` after a load."""
+    return open(os.devnull, "w")  # kept open for the life of the process, as upstream's
+
+
+@contextlib.contextmanager
+def _quiet_stdio() -> Iterator[None]:
+    """Point file descriptors 1 and 2, and ``sys.stdout``/``sys.stderr``, at ``/dev/null`` meanwhile.
+
+    What llama-cpp-python's ``suppress_stdout_stderr(disable=False)`` (its ``verbose=False``) does, without its
+    high-level package: llama.cpp prints to the process's stdout and stderr while it opens a model. Called under
+    :data:`~agent.inference.base.native_load_lock`, so two redirections never interleave.
+    """
+    null = _devnull()
+    saved = os.dup(1), os.dup(2)
+    stdout, stderr = sys.stdout, sys.stderr
+    try:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        sys.stdout = sys.stderr = null
+        yield
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def _c_array(pointer: Any, length: int) -> Any:
+    """The ``length`` elements at ``pointer`` as a ctypes array: slice assignments run in C."""
+    return ctypes.cast(pointer, ctypes.POINTER(pointer._type_ * length)).contents
+
+
 class _Batch:
-    """One ``llama_batch`` and numpy views over its arrays, rewritten in place every step (no allocation).
+    """One ``llama_batch`` and ctypes arrays over its fields, rewritten in place every step (no allocation).
 
     Every token belongs to exactly one sequence: ``n_seq_id`` is 1 throughout, and ``seq_id[i]`` points into
-    a small constant array holding 0…n_seq-1, so assigning a sequence is one pointer store (vectorised for a
-    prompt chunk). The original pointers are restored before the batch is freed.
+    a small constant array holding 0…n_seq-1, so assigning a sequence is one pointer store. A prompt chunk's
+    positions, sequence pointers and logit flags are block copies from constant arrays (:meth:`put_prompt`).
+    The original pointers are restored before the batch is freed.
     """
 
     def __init__(self, capacity: int, n_seq: int, max_pos: int) -> None:
         self.capacity = capacity
         self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
-        self.token = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
-        self.pos = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
-        self.logits = np.ctypeslib.as_array(self.raw.logits, shape=(capacity,))
-        np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))[:] = 1
+        self.token = _c_array(self.raw.token, capacity)
+        self.pos = _c_array(self.raw.pos, capacity)
+        self.logits = _c_array(self.raw.logits, capacity)
+        _c_array(self.raw.n_seq_id, capacity)[:] = [1] * capacity
         address = ctypes.cast(self.raw.seq_id, ctypes.c_void_p).value
         assert address is not None
-        self.seq = np.ctypeslib.as_array((ctypes.c_size_t * capacity).from_address(address))
-        self._original_seq = self.seq.copy()
+        self.seq: Any = (ctypes.c_size_t * capacity).from_address(address)  # the seq_id pointers, as addresses
+        self._original_seq = self.seq[:]
         self._seq_values = (ctypes.c_int32 * n_seq)(*range(n_seq))
         base = ctypes.addressof(self._seq_values)
         self.seq_address = [base + i * ctypes.sizeof(ctypes.c_int32) for i in range(n_seq)]
-        self.positions = np.arange(max_pos, dtype=np.int32)
+        # Sources of put_prompt's block copies: 0…max_pos-1, and per sequence its pointer repeated.
+        self._positions = (self.pos._type_ * max_pos)(*range(max_pos))
+        self._seq_runs = [(ctypes.c_size_t * capacity)(*[a] * capacity) for a in self.seq_address]
+        self._pos_size = ctypes.sizeof(self.pos._type_)
+        self._seq_size = ctypes.sizeof(ctypes.c_size_t)
+        self._logit_size = ctypes.sizeof(self.logits._type_)
+
+    def put_prompt(self, n: int, tokens: list[int], start: int, seq: int) -> None:
+        """Write prompt ``tokens`` (at positions ``start``… of sequence ``seq``) to entries ``n``…, no logits."""
+        count = len(tokens)
+        if n + count > self.capacity or start + count > len(self._positions):  # the copies below are unchecked
+            raise IndexError(f"prompt chunk [{start}, {start + count}) at entry {n} does not fit the batch")
+        self.token[n : n + count] = tokens
+        ctypes.memmove(
+            ctypes.addressof(self.pos) + n * self._pos_size,
+            ctypes.addressof(self._positions) + start * self._pos_size,
+            count * self._pos_size,
+        )
+        ctypes.memmove(ctypes.addressof(self.seq) + n * self._seq_size, self._seq_runs[seq], count * self._seq_size)
+        ctypes.memset(ctypes.addressof(self.logits) + n * self._logit_size, 0, count * self._logit_size)
 
     def free(self) -> None:
         self.seq[:] = self._original_seq
@@ -221,7 +317,7 @@ class _Native:
         threads = spec.threads
         params = llama_cpp.llama_model_default_params()
         params.use_mmap = True
-        with suppress_stdout_stderr(disable=False):
+        with _quiet_stdio():
             model = llama_cpp.llama_model_load_from_file(str(spec.path).encode(), params)
         if not model:
             raise EngineLoadError(f"model {spec.name!r}: llama.cpp cannot load it: failed to load{_native_detail()}")
@@ -246,7 +342,7 @@ class _Native:
         cparams.type_k = _GGML_TYPE_F16
         cparams.type_v = _GGML_TYPE_Q8_0
         cparams.no_perf = True
-        with suppress_stdout_stderr(disable=False):
+        with _quiet_stdio():
             ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             llama_cpp.llama_model_free(model)
@@ -345,6 +441,8 @@ class _EmbeddingContext:
         pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, 0)
         if not pointer:
             raise InferenceError(f"no pooled embedding was produced{_native_detail()}")
+        import numpy as np  # only here: a daemon that serves no embeddings does not carry numpy (~20 MiB)
+
         vector = np.ctypeslib.as_array(pointer, shape=(self._n_embd,)).astype(np.float64)
         norm = float(np.linalg.norm(vector))
         if not math.isfinite(norm) or norm == 0.0:
@@ -354,6 +452,87 @@ class _EmbeddingContext:
     def close(self) -> None:
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
+
+
+# --- the chat template ---------------------------------------------------------------------------------------
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Pass-through for Hugging Face's ``{% generation %}…{% endgeneration %}`` chat-template tag."""
+
+    tags = {"generation"}  # noqa: RUF012 - jinja2's Extension API: a class attribute
+
+    def parse(self, parser: Any) -> Any:
+        parser.stream.skip(1)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _raise_exception(message: str) -> None:
+    raise ValueError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """Transformers' chat-template ``tojson`` (jinja2's own escapes HTML and sorts keys)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _ChatTemplate:
+    """A GGUF's chat template (``tokenizer.chat_template``), rendered exactly as llama-cpp-python's
+    ``Jinja2ChatFormatter`` renders it — which follows Transformers' chat templates — without importing its
+    high-level package (numpy).
+
+    Same environment: jinja2's immutable sandbox, ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols``
+    extension and a pass-through ``{% generation %}`` tag, Transformers' ``tojson`` filter. Same variables:
+    ``messages``, ``bos_token``, ``eos_token``, ``add_generation_prompt`` (true: the prompt ends where the
+    assistant's turn starts), ``raise_exception``, ``strftime_now``, and ``tools``, ``tool_choice``,
+    ``functions``, ``function_call`` (all ``None``: a template may test whether they are defined). The prompt
+    holds its own special tokens (none is added when it is tokenized) and the EOS text is a stop string.
+    ``tests/component/test_chat_template.py`` checks the prompts against upstream's formatter.
+    """
+
+    def __init__(self, template: str, *, bos_token: str, eos_token: str) -> None:
+        """Compile ``template``; raises jinja2's ``TemplateSyntaxError`` (and friends) when it does not compile."""
+        environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            loader=jinja2.BaseLoader(),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+        )
+        environment.filters["tojson"] = _tojson
+        self._template = environment.from_string(template)
+        self._bos_token = bos_token
+        self._eos_token = eos_token
+        self.stop: tuple[str, ...] = (eos_token,)
+        """Stop strings the template implies: the EOS token's text."""
+
+    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt for ``messages`` (OpenAI-style ``role``/``content`` dicts), up to the assistant's turn.
+
+        Raises:
+            Exception: whatever the template raises (``raise_exception`` raises ``ValueError``; jinja2's errors).
+        """
+        return self._template.render(
+            messages=messages,
+            eos_token=self._eos_token,
+            bos_token=self._bos_token,
+            raise_exception=_raise_exception,
+            add_generation_prompt=True,
+            functions=None,
+            function_call=None,
+            tools=None,
+            tool_choice=None,
+            strftime_now=_strftime_now,
+        )
 
 
 def _make_sampler(params: SamplingParams, prompt: Sequence[int], n_vocab: int) -> Any:
@@ -704,10 +883,7 @@ class _DecodeLoop:
             start = running.fed
             end = start + count
             chunk = running.tokens[start:end]
-            token[n : n + count] = chunk
-            pos[n : n + count] = batch.positions[start:end]
-            seq[n : n + count] = running.seq_address
-            logits[n : n + count] = 0
+            batch.put_prompt(n, chunk, start, slot.seq)
             slot.history.extend(chunk)
             running.fed = end
             n += count
@@ -899,17 +1075,16 @@ class LlamaModel(LoadedModel):
             measured = resident_bytes() - before
         return native, max(measured, spec.size + native.kv_bytes)
 
-    def _make_chat_formatter(self) -> Jinja2ChatFormatter | None:
+    def _make_chat_formatter(self) -> _ChatTemplate | None:
         template = llama_cpp.llama_model_chat_template(self._native.model, None)
         if not template:
             return None
         native = self._native
         try:
-            return Jinja2ChatFormatter(
-                template=template.decode("utf-8", "replace"),
+            return _ChatTemplate(
+                template.decode("utf-8", "replace"),
                 eos_token=native.token_text(native.eos),
                 bos_token=native.token_text(native.bos),
-                stop_token_ids=[native.eos],
             )
         except Exception as exc:  # jinja2's TemplateSyntaxError and friends: a broken release
             raise EngineLoadError(f"model {self._spec.name!r}: its chat template does not compile: {exc}") from exc
@@ -1015,12 +1190,12 @@ class LlamaModel(LoadedModel):
     def _prepare_chat(self, turns: list[dict[str, str]]) -> tuple[list[int], list[str]]:
         assert self._formatter is not None
         try:
-            result = self._formatter(messages=turns)  # type: ignore[arg-type]
+            prompt = self._formatter.render(turns)
         except Exception as exc:  # the template may raise anything (raise_exception, jinja2 errors)
             raise BadRequestError(f"the model's chat template rejected the messages: {exc}") from exc
-        tokens = self._tokenize(result.prompt, add_special=not result.added_special, special=True)
-        stop = result.stop or []
-        return tokens, [stop] if isinstance(stop, str) else list(stop)
+        # the template writes the special tokens itself (bos_token...): none is added
+        tokens = self._tokenize(prompt, add_special=False, special=True)
+        return tokens, list(self._formatter.stop)
 
     def _prepare_completion(self, prompt: str) -> tuple[list[int], list[str]]:
         tokens = self._tokenize(prompt, add_special=True, special=True)

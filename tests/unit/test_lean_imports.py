@@ -1,17 +1,28 @@
-"""The daemon of a device that is not enrolled does not import the link's stack (memory, start-up time).
+"""The daemon imports only what it uses (memory, start-up time): not the link's stack on a device that is not
+enrolled, not numpy while it serves GGUF models, not rich while it logs JSON.
 
 Each check runs in a fresh interpreter: this test process has imported everything already.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 LINK_STACK = ("aiomqtt", "paho", "tuf", "cryptography", "agent.link.mqtt", "agent.audit")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _imported_after(code: str) -> set[str]:
@@ -23,6 +34,103 @@ def _imported_after(code: str) -> set[str]:
 def test_the_daemon_and_its_engine_do_not_import_the_link_stack() -> None:
     modules = _imported_after("import agent.cli, agent.daemon, agent.inference.llama")
     assert not [name for name in LINK_STACK if name in modules]
+
+
+def test_edge_agent_run_imports_neither_numpy_nor_rich(tmp_path: Path) -> None:
+    """`edge-agent run` (its command up to the event loop, then the llama engine) imports neither numpy, which
+    sqlite-utils and llama-cpp-python's high-level package would load, nor rich, which structlog would load."""
+    code = (
+        "import asyncio\n"
+        "from click.testing import CliRunner\n"
+        "from agent.cli import main\n"
+        "asyncio.run = lambda coroutine: coroutine.close()  # the one seam faked: the daemon is not started\n"
+        f"result = CliRunner().invoke(main, ['--state-dir', {str(tmp_path)!r}, 'run'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "import agent.inference.llama"
+    )
+    modules = _imported_after(code)
+    assert {"agent.daemon", "agent.inference.llama", "sqlite_utils", "structlog"} <= modules
+    assert not [name for name in modules if name.split(".")[0] in ("numpy", "rich", "pygments")]
+
+
+def test_import_without_hides_optional_packages_only_meanwhile() -> None:
+    """A library imported with import_without sees its optional package as missing; the package still imports."""
+    code = (
+        "import sys\n"
+        "from agent.imports import import_without\n"
+        "import_without('sqlite_utils', 'numpy')\n"
+        "import sqlite_utils.db\n"
+        "assert sqlite_utils.db.np is None and 'numpy' not in sys.modules\n"
+        "import numpy\n"
+        "assert numpy.zeros(1).sum() == 0"
+    )
+    modules = _imported_after(code)
+    assert {"sqlite_utils", "numpy"} <= modules
+
+
+@pytest.fixture
+def daemon_serving_smollm2(smollm2_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`edge-agent run` (a real process) with SmolLM2 imported, and its API socket (short path: sun_path)."""
+    work = Path(tempfile.mkdtemp(prefix="efl-"))
+    agent = [sys.executable, "-m", "agent", "--state-dir", str(work / "state"), "--socket", str(work / "api.sock")]
+    subprocess.run(
+        [*agent, "models", "import", str(smollm2_path), "--name", "smollm2-135m-instruct", "--variant", "q4_1"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    process = subprocess.Popen([*agent, "run"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (work / "api.sock").exists():
+            assert process.poll() is None, "the daemon exited during start-up"
+            assert time.monotonic() < deadline, "the daemon's socket did not appear within 60 s"
+            time.sleep(0.05)
+        yield process, str(work / "api.sock")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            if process.stderr:
+                process.stderr.close()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=120)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self._path)
+
+
+@pytest.mark.component
+def test_a_daemon_serving_a_gguf_model_does_not_load_numpy(
+    daemon_serving_smollm2: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    """The real daemon answers a chat request with a GGUF model and has no numpy extension mapped (~20 MiB)."""
+    process, api_socket = daemon_serving_smollm2
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    connection = _UnixConnection(api_socket)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200, reply.read()
+    assert json.loads(reply.read())["usage"]["completion_tokens"] >= 1
+    connection.close()
+    maps = Path(f"/proc/{process.pid}/maps").read_text()
+    assert "libllama" in maps  # the engine is loaded...
+    assert f"{os.sep}numpy{os.sep}" not in maps  # ...and numpy's native core is not
 
 
 @pytest.mark.parametrize("command", ["models", "token", "link", "audit"])
