@@ -751,24 +751,35 @@ class AuditBatch(Message):
         if read is None:
             return None
         records, records_text = read
-        parts = []
+        before: list[str] = []  # the members before "records" and after it, in canonical (sorted) order
+        after: list[str] = []
+        members = before
         try:
             for key in sorted(obj):
                 if key == "records":
-                    parts.append(f'"records":[{records_text}]')
+                    members = after
                     continue
                 value = canonical_text(obj[key])
                 # A value with n containers nests at most n deep below the top level: bounded without a walk.
                 if value.count("{") + value.count("[") > MAX_DEPTH - 1:
                     return None
-                parts.append(f"{canonical_text(key)}:{value}")
+                members.append(f"{canonical_text(key)}:{value}")
         except (
             ValueError,
             TypeError,
             RecursionError,
         ):  # the encoder's recursion can run out where the parser's did not
             return None
-        if "{" + ",".join(parts) + "}" != text:
+        # text == "{" + ",".join([*before, f'"records":[{records_text}]', *after]) + "}", compared in place: the
+        # records are nearly all of an upload, and building that text would copy them four times.
+        head = "{" + "".join(member + "," for member in before) + '"records":['
+        tail = "]" + "".join("," + member for member in after) + "}"
+        if not (
+            len(text) == len(head) + len(records_text) + len(tail)
+            and text.startswith(head)
+            and text.startswith(records_text, len(head))
+            and text.endswith(tail)
+        ):
             return None
         return cls(device=device, epoch=epoch, records=tuple(records), checkpoint=checkpoint)
 
