@@ -12,9 +12,14 @@ How (``[controller] audit_workers`` > 0, see :mod:`controller.config`):
   ``crc32(device) % N``: one device always to the same worker, so its batches are applied in arrival order.
 - In front of each worker is a :class:`controller.ingest.GroupCommitter`: while the worker is busy, uploads for
   it queue, and the next call hands it all of them (up to ``max_group``) as one list of picklable
-  ``(topic, device, payload, now)``. The worker (:func:`ingest_group`) first prepares every upload of the group
-  with no lock held (:func:`controller.audit_ingest.prepare_upload`: parse, every record hashed, the checkpoint
-  signature with the device's enrolled key, the chain within the batch, the rows to insert: all of the CPU work
+  ``(topic, device, payload, now)``. Two groups are in flight per worker (``max_in_flight=2``): the next group
+  is handed over while one runs and waits in the worker's call queue, whose pipe is widened
+  (:func:`_widen_call_pipe`), so the worker starts it the instant it committed the previous one instead of
+  idling through a round trip to ``serve``'s loop (≈ 2 ms per group, 10-15 % of a worker's time at one upload
+  per commit). The worker runs its groups one after the other, in the order handed over. The worker
+  (:func:`ingest_group`) first prepares every upload of the group with no lock held
+  (:func:`controller.audit_ingest.prepare_upload`: parse, every record hashed, the checkpoint signature with the
+  device's enrolled key, the chain within the batch, the rows to insert: all of the CPU work
   that does not depend on the device's accepted head), then runs them with :func:`controller.ingest.run_group`
   semantics — one ``BEGIN IMMEDIATE`` … ``COMMIT`` on its own connection to the fleet DB, a savepoint per upload,
   a failed upload undone alone — relating each to the device's head read inside that transaction and storing it
@@ -37,13 +42,15 @@ Failures:
   :class:`~controller.errors.AuditShardError` (not acked: the devices re-send; what the worker had committed is
   stored once, by the primary key), and the shard starts a new worker for its next group. Other shards go on.
   A worker found dead when a group is handed to it (it died while idle) is replaced first, and the group goes
-  to the new one: nothing of it had reached the dead one.
+  to the new one: nothing of it had reached the dead one. A worker that dies (or is killed for hanging) with
+  two groups handed to it fails both, and is replaced once, by whichever of the two notices first.
   More than ``MAX_RESTARTS`` restarts of one shard within ``RESTART_WINDOW_S`` raise from :meth:`AuditShards.run`
   and end ``serve`` with an error (systemd restarts it): a worker that cannot stay up is not retried forever.
 - Workers ignore SIGINT and SIGTERM (a terminal's Ctrl-C and systemd's stop reach the whole process group):
-  ``serve`` stops them itself. On exit, :meth:`AuditShards.__aexit__` lets every worker finish the group it is
-  running (committed, but not acked: re-sent and counted as duplicates) and stops it; queued uploads are
-  cancelled, never acked. A worker whose ``serve`` died (SIGKILL) exits by itself.
+  ``serve`` stops them itself. On exit, :meth:`AuditShards.__aexit__` lets every worker finish the groups
+  handed to it (the one running and the one behind it; committed, but not acked: re-sent and counted as
+  duplicates) and stops it; queued uploads are cancelled, never acked. A worker whose ``serve`` died (SIGKILL)
+  exits by itself.
 """
 
 from __future__ import annotations
@@ -101,7 +108,8 @@ GROUP_TIMEOUT_S = 120.0
 """A worker that has not finished a group after this long is killed (nothing of the group is acked; SQLite
 rolls back what it had not committed) and restarted: a hung worker (stopped, stuck in a native call, waiting for
 another process's hung writer) must not stop its shard, and with it serve's message loop, for good. Twice
-SQLite's 30 s busy timeout plus a full group's CPU time on a slow box."""
+SQLite's 30 s busy timeout plus a full group's CPU time on a slow box. Counted for the group handed over behind
+a running one from the moment that one ended."""
 
 STOP_TIMEOUT_S = 30.0
 """How long a stop waits for a worker to finish its group before killing it (bounds serve's stop)."""
@@ -215,6 +223,29 @@ def _raising(exc: Exception) -> Job:
 
 # --- serve's side -------------------------------------------------------------------------------------------
 
+CALL_PIPE_BYTES = 1 << 20
+"""Capacity asked for the pipe that carries groups to a worker: Linux's default ceiling for an unprivileged
+process (``/proc/sys/fs/pipe-max-size``; ``serve`` runs as ``edge-fleet``), four full uploads. Not more when
+running as root, so that ``bench/audit.py`` measures what ``serve`` gets."""
+
+
+def _widen_call_pipe(pool: ProcessPoolExecutor) -> None:
+    """Best effort: let the pipe to ``pool``'s worker hold :data:`CALL_PIPE_BYTES` instead of 64 KiB.
+
+    An upload is up to 256 KiB, a group megabytes. Through a 64 KiB pipe the worker and serve's feeder thread take
+    turns, one wake-up per 64 KiB, and with both cores busy each turn waits for a time slice: part of the ≈ 2 ms a
+    worker idled between groups of one upload, and of the 10-60 ms between groups of 16. With a wider pipe the
+    group that waits behind the running one (two in flight, :meth:`_run`) is in the pipe already (one upload) or
+    a quarter of it (16) when the worker reads it. Reaches into the pool's call queue (CPython's
+    ``concurrent.futures.process``); without it (another Python, a refused size) everything works as before, only
+    slower.
+    """
+    try:
+        writer = pool._call_queue._writer  # type: ignore[attr-defined]
+        fcntl.fcntl(writer.fileno(), fcntl.F_SETPIPE_SZ, CALL_PIPE_BYTES)
+    except (AttributeError, OSError):
+        pass
+
 
 class _Shard:
     """One worker process and the group committer in front of it."""
@@ -236,11 +267,17 @@ class _Shard:
         """The worker's process id (None until started)."""
         self.restarts: list[float] = []
         """When the worker was restarted (monotonic clock)."""
-        self.committer: GroupCommitter[Upload] = GroupCommitter(self._run, max_group=max_group, max_pending=max_pending)
+        # Two groups in flight: the next group waits in the worker's call queue while one runs (see _run).
+        self.committer: GroupCommitter[Upload] = GroupCommitter(
+            self._run, max_group=max_group, max_pending=max_pending, max_in_flight=2
+        )
+        self._pool_lock = asyncio.Lock()  # one coroutine at a time hands groups over or replaces the worker
+        self._last_handed: asyncio.Future[Any] | None = None
 
     async def start(self) -> None:
         """Start the worker and wait until it runs (its initializer opened the DB)."""
         self._pool = self._new_pool()
+        _widen_call_pipe(self._pool)
         try:
             self.pid = await asyncio.get_running_loop().run_in_executor(self._pool, os.getpid)
         except BrokenProcessPool as exc:
@@ -268,32 +305,40 @@ class _Shard:
 
     async def _run(self, uploads: list[Upload]) -> list[tuple[bool, Any]]:
         loop = asyncio.get_running_loop()
-        if self._pool is None:  # the last start failed: try again for this group
-            await self._restart()
-        assert self._pool is not None
-        try:
-            running = loop.run_in_executor(self._pool, ingest_group, uploads)
-        except BrokenProcessPool:  # the worker died while idle: nothing of this group reached it
-            log.error("audit.shard_died", shard=self.index, pid=self.pid, uploads=0)
-            await self._restart()
+        async with self._pool_lock:
+            if self._pool is None:  # the last start failed: try again for this group
+                await self._restart()
             assert self._pool is not None
-            running = loop.run_in_executor(self._pool, ingest_group, uploads)
+            try:
+                running = loop.run_in_executor(self._pool, ingest_group, uploads)
+            except BrokenProcessPool:  # the worker died while idle: nothing of this group reached it
+                log.error("audit.shard_died", shard=self.index, pid=self.pid, uploads=0)
+                await self._restart()
+                assert self._pool is not None
+                running = loop.run_in_executor(self._pool, ingest_group, uploads)
+            pool, ahead, self._last_handed = self._pool, self._last_handed, running
+        if ahead is not None:  # the worker runs its groups in order: this one's time starts when the one ahead ends
+            await asyncio.wait([ahead])
         try:
             outcomes = await asyncio.wait_for(asyncio.shield(running), self.group_timeout)
         except TimeoutError:  # hung: killed, so that the pool breaks and the shard starts a new worker
             log.error("audit.shard_hung", shard=self.index, pid=self.pid, timeout_s=self.group_timeout)
-            self._kill()
-            with contextlib.suppress(BrokenProcessPool):
-                await running
-            with contextlib.suppress(AuditShardError):  # counted; the next group tries again
-                await self._restart()
+            async with self._pool_lock:
+                if self._pool is pool:  # not replaced yet (by the group behind or ahead of this one)
+                    self._kill()
+                    with contextlib.suppress(BrokenProcessPool):
+                        await running
+                    with contextlib.suppress(AuditShardError):  # counted; the next group tries again
+                        await self._restart()
             raise AuditShardError(
                 f"audit shard {self.index}: its worker did not finish the group in {self.group_timeout:.0f} s: killed"
             ) from None
         except BrokenProcessPool as exc:  # died during the group: it may or may not have committed it
             log.error("audit.shard_died", shard=self.index, pid=self.pid, uploads=len(uploads))
-            with contextlib.suppress(AuditShardError):  # counted; the next group tries again
-                await self._restart()
+            async with self._pool_lock:
+                if self._pool is pool:  # the other group in flight may have replaced the worker already
+                    with contextlib.suppress(AuditShardError):  # counted; the next group tries again
+                        await self._restart()
             raise AuditShardError(f"audit shard {self.index}: its worker died during the group") from exc
         return [(True, value) if ok else (False, AuditShardError(value)) for ok, value in outcomes]
 

@@ -27,7 +27,8 @@ Invariants:
 The queue and its loop are :class:`GroupCommitter`, generic over what a group is made of and where it runs:
 :class:`WriteBatcher` runs jobs on the writer thread; :class:`controller.audit_shards.AuditShards` puts one
 committer per shard in front of a worker process (audit uploads, ``audit_workers`` > 0). The invariants above
-hold per committer.
+hold per committer. A committer may hand over the next group while one runs (``max_in_flight``, 2 for the audit
+shards), for a ``run_group`` that runs the groups in the order handed over (one worker process does).
 """
 
 from __future__ import annotations
@@ -85,14 +86,22 @@ class GroupCommitter(Generic[Item]):
         *,
         max_group: int = 512,
         max_pending: int = 4096,
+        max_in_flight: int = 1,
     ) -> None:
         """Args:
         run_group: Runs one group (awaited on the loop; it must not block it).
         max_group: Most items in one transaction (bounds the time the write lock is held).
         max_pending: Most items queued or running; :meth:`submit` waits beyond that.
+        max_in_flight: Most groups handed to ``run_group`` and not finished. 1: the next group is formed when the
+            previous one finished. 2 (:class:`controller.audit_shards.AuditShards`): the next group is handed over
+            while one runs, so that a worker that runs them in order starts it without a round trip to the loop;
+            ``run_group`` must then run the groups in the order it was called, one after the other.
         """
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self._run_group = run_group
         self.max_group = max_group
+        self.max_in_flight = max_in_flight
         self._queue: collections.deque[tuple[Item, asyncio.Future[Any]]] = collections.deque()
         self._wake = asyncio.Event()
         self._room = asyncio.Semaphore(max_pending)
@@ -122,14 +131,30 @@ class GroupCommitter(Generic[Item]):
 
     async def run(self) -> NoReturn:
         """Run groups forever (a named task of ``serve``); cancelled, it cancels every future it has not resolved."""
+        in_flight: set[asyncio.Task[None]] = set()
         try:
             while True:
+                for task in [task for task in in_flight if task.done()]:
+                    in_flight.discard(task)
+                    task.result()  # an unexpected error ends run(), as it does with one group in flight
+                if len(in_flight) >= self.max_in_flight:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 if not self._queue:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                await self._run_one([self._queue.popleft() for _ in range(min(self.max_group, len(self._queue)))])
+                group = [self._queue.popleft() for _ in range(min(self.max_group, len(self._queue)))]
+                if self.max_in_flight == 1:
+                    await self._run_one(group)
+                    continue
+                task = asyncio.create_task(self._run_one(group))
+                in_flight.add(task)
+                task.add_done_callback(lambda _: self._wake.set())  # the loop above collects it
         except asyncio.CancelledError:  # stopping: nothing queued is acked
+            for task in in_flight:
+                task.cancel()  # _run_one cancels its group's futures
+            await asyncio.gather(*in_flight, return_exceptions=True)
             for _, future in self._queue:
                 future.cancel()
             self._queue.clear()

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.audit_ingest import IngestResult, ingest_batch
-from controller.ingest import WriteBatcher, run_group
+from controller.ingest import GroupCommitter, WriteBatcher, run_group
 from controller.store import FleetStore
 from protocols.keys import Ed25519PrivateKey, keyid, public_key_to_pem
 
@@ -136,6 +136,62 @@ async def test_batcher_groups_queued_jobs_and_resolves_after_commit(tmp_path: Pa
         with pytest.raises(asyncio.CancelledError):
             await runner
         store.close()
+
+
+async def test_two_groups_in_flight_are_handed_over_in_order_and_resolve_with_their_own_group() -> None:
+    """max_in_flight=2: the next group is handed over while one runs (never a third), groups start in
+    submission order, and each future resolves with its own group's result."""
+    started: list[list[int]] = []
+    gates = [asyncio.Event() for _ in range(4)]
+    running = 0
+    most_running = 0
+
+    async def run_group_in_order(items: list[int]) -> list[tuple[bool, Any]]:
+        nonlocal running, most_running
+        started.append(items)
+        running += 1
+        most_running = max(most_running, running)
+        await gates[len(started) - 1].wait()
+        running -= 1
+        return [(True, item * 10) for item in items]
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    committer: GroupCommitter[int] = GroupCommitter(run_group_in_order, max_group=2, max_in_flight=2)
+    runner = asyncio.create_task(committer.run())
+    try:
+        futures = [await committer.submit(i) for i in range(7)]
+        await settle()
+        assert started == [[0, 1], [2, 3]]  # two handed over, the rest waits for room
+        gates[0].set()
+        await settle()
+        assert started == [[0, 1], [2, 3], [4, 5]]
+        assert futures[0].done()
+        assert not futures[2].done()
+        for gate in gates[1:]:
+            gate.set()
+        assert await asyncio.gather(*futures) == [i * 10 for i in range(7)]
+        assert started == [[0, 1], [2, 3], [4, 5], [6]]
+        assert most_running == 2
+    finally:
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+
+
+async def test_two_groups_in_flight_an_unexpected_error_still_ends_run() -> None:
+    """max_in_flight=2: a group whose results do not match it (a bug) ends run() as with one group in flight."""
+
+    async def wrong_count(items: list[int]) -> list[tuple[bool, Any]]:
+        return []
+
+    committer: GroupCommitter[int] = GroupCommitter(wrong_count, max_in_flight=2)
+    runner = asyncio.create_task(committer.run())
+    await committer.submit(1)
+    with pytest.raises(ValueError, match="zip"):
+        await asyncio.wait_for(runner, 5)
 
 
 def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
