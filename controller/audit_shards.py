@@ -112,7 +112,8 @@ SQLite's 30 s busy timeout plus a full group's CPU time on a slow box. Counted f
 a running one from the moment that one ended."""
 
 STOP_TIMEOUT_S = 30.0
-"""How long a stop waits for a worker to finish its group before killing it (bounds serve's stop)."""
+"""How long a stop waits for a worker to finish the groups handed to it (at most two) before killing it (bounds
+serve's stop)."""
 
 
 def default_workers() -> int:
@@ -333,6 +334,12 @@ class _Shard:
             raise AuditShardError(
                 f"audit shard {self.index}: its worker did not finish the group in {self.group_timeout:.0f} s: killed"
             ) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if running.cancelled() and task is not None and not task.cancelling():
+                # the pool cancelled the call (shut down before the call reached the worker), not a stop of ours
+                raise AuditShardError(f"audit shard {self.index}: its group was cancelled by the pool") from None
+            raise
         except BrokenProcessPool as exc:  # died during the group: it may or may not have committed it
             log.error("audit.shard_died", shard=self.index, pid=self.pid, uploads=len(uploads))
             async with self._pool_lock:

@@ -136,6 +136,8 @@ class GroupCommitter(Generic[Item]):
             while True:
                 for task in [task for task in in_flight if task.done()]:
                     in_flight.discard(task)
+                    if task.cancelled():  # its group was cancelled from outside: failed (futures cancelled), go on
+                        continue
                     task.result()  # an unexpected error ends run(), as it does with one group in flight
                 if len(in_flight) >= self.max_in_flight:
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
@@ -151,7 +153,7 @@ class GroupCommitter(Generic[Item]):
                 task = asyncio.create_task(self._run_one(group))
                 in_flight.add(task)
                 task.add_done_callback(lambda _: self._wake.set())  # the loop above collects it
-        except asyncio.CancelledError:  # stopping: nothing queued is acked
+        except BaseException:  # stopping (or an unexpected error): nothing queued is acked, nothing left running
             for task in in_flight:
                 task.cancel()  # _run_one cancels its group's futures
             await asyncio.gather(*in_flight, return_exceptions=True)

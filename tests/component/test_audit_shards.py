@@ -462,3 +462,66 @@ async def test_stop_kills_a_worker_that_does_not_finish(tmp_path: Path, monkeypa
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung, signal.SIGKILL)
+
+
+# --- two groups in flight per worker (found missing by a review of the change) ---------------------------------
+
+
+async def _two_groups(shards: AuditShards, device: str, payloads: list[bytes]) -> list[asyncio.Future[Any]]:
+    """Submit ``payloads`` so that each is its own group: the shard's loop hands one over between two submits."""
+    futures = []
+    for payload in payloads:
+        futures.append(await shards.submit(topic(device), device, payload, now=1.0))
+        for _ in range(50):
+            await asyncio.sleep(0)
+    return futures
+
+
+async def test_a_hung_worker_with_two_groups_fails_both_and_is_replaced_once(tmp_path: Path) -> None:
+    """Both groups handed to a hung worker fail (not acked, nothing committed); one kill, one restart; re-sent,
+    both are stored in order, with no alert."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    device = next(d for d in DEVICES if shard_of(d, 2) == 0)
+    batches = uploads(device, 2, 10)
+    async with running(db, group_timeout=2.0) as shards:
+        shard = shards.shards[0]
+        pid = shard.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            futures = await _two_groups(shards, device, [payload for payload, _ in batches])
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert all(isinstance(outcome, AuditShardError) for outcome in outcomes), outcomes
+        assert len(shard.restarts) == 1
+        assert shard.pid not in (None, pid)
+        assert query(db, "SELECT count(*) FROM audit_records") == [(0,)]
+        for payload, seq in batches:
+            result = await (await shards.submit(topic(device), device, payload, now=1.0))
+            assert result.head.seq == seq
+        assert len(shard.restarts) == 1
+    assert query(db, "SELECT count(*) FROM audit_alerts") == [(0,)]
+
+
+async def test_a_worker_killed_with_two_groups_fails_both_and_is_replaced_once(tmp_path: Path) -> None:
+    """SIGKILL of a worker holding two groups: both fail (not acked), one restart, and the shard goes on."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    device = next(d for d in DEVICES if shard_of(d, 2) == 0)
+    batches = uploads(device, 2, 10)
+    async with running(db) as shards:
+        shard = shards.shards[0]
+        pid = shard.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        futures = await _two_groups(shards, device, [payload for payload, _ in batches])
+        os.kill(pid, signal.SIGKILL)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(outcome, AuditShardError) for outcome in outcomes), outcomes
+        await asyncio.sleep(0.5)
+        assert len(shard.restarts) == 1, shard.restarts
+        result = await (await shards.submit(topic(device), device, batches[0][0], now=1.0))
+        assert result.head.seq == batches[0][1]

@@ -223,3 +223,32 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path, monkeypatch:
         assert keys == {"kept"}
     finally:
         store.close()
+
+
+async def test_a_group_cancelled_from_outside_fails_alone_and_the_loop_goes_on() -> None:
+    """With two groups in flight, a group whose call ends cancelled though run() was not (the pool cancelled it)
+    fails its items (cancelled, never acked) and the loop runs the next group: it must not end as if stopped,
+    which a TaskGroup would not notice (every later submit would wait forever)."""
+    calls = 0
+
+    async def run_group(items: list[int]) -> list[tuple[bool, Any]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            cancelled = asyncio.get_running_loop().create_future()
+            cancelled.cancel()
+            await cancelled  # a cancelled call, not a cancellation of this task
+        return [(True, item) for item in items]
+
+    committer: GroupCommitter[int] = GroupCommitter(run_group, max_in_flight=2)
+    runner = asyncio.create_task(committer.run())
+    try:
+        first = await committer.submit(1)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = await committer.submit(2)
+        assert await asyncio.wait_for(second, 5) == 2
+        assert not runner.done()
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
