@@ -3,8 +3,8 @@
 Real parts: :class:`agent.link.fetch._ChunkReceiver` writing a real file (the stream is cut into blocks at
 arbitrary points, as a socket delivers it, and received through buffers of any size),
 :class:`agent.link.fetch.VerifiedPrefix` read by the real GGUF validator
-(``agent.registry.formats.inspect_gguf_file``) on another thread while chunks are reported; a real HTTP server
-for a stop mid-transfer.
+(``agent.registry.formats.inspect_gguf_file``) on another thread while chunks are reported. A stop mid-transfer
+against a real server is in ``test_http_fetch_faults.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +31,6 @@ from agent.link.fetch import (
     FetchError,
     FetchPolicy,
     FetchRefusedError,
-    HttpBlobFetcher,
     MqttBlobFetcher,
     VerifiedPrefix,
     _ChunkReceiver,
@@ -319,55 +317,6 @@ async def test_mqtt_short_pwrite_is_not_counted_as_a_verified_chunk(
     except (FetchError, OSError):
         return  # refusing (or failing) the transfer is correct
     assert out.read_bytes() == data, "fetch succeeded although chunk 1 on disk does not match the signed chunk"
-
-
-async def test_a_stop_mid_transfer_ends_the_receiving_thread_and_keeps_the_verified_chunks(tmp_path: Path) -> None:
-    """HTTP: a stop (the fetch task cancelled) while the body stalls half-way: the receiving thread's connection is
-    closed, the stop propagates (not an error of the transfer, which would read as a failed source), the thread
-    has let the file go, and the chunks verified before the stop stay for a resume."""
-    data = os.urandom(8 * CHUNK)
-    target = _target(data, CHUNK)
-    stalled, released = asyncio.Event(), asyncio.Event()
-
-    async def half(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Length": str(len(data))})
-        await response.prepare(request)
-        await response.write(data[: 3 * CHUNK + 100])
-        stalled.set()
-        await released.wait()  # sends nothing more until the test ends
-        return response
-
-    app = web.Application()
-    app.router.add_get("/blob", half)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    out = tmp_path / "out"
-    try:
-        with mock.patch.object(fetch_module, "_BATCH_BYTES", CHUNK):  # every chunk written as it arrives
-            task = asyncio.create_task(HttpBlobFetcher().fetch(target, out, f"http://127.0.0.1:{port}/blob"))
-            await asyncio.wait_for(stalled.wait(), 10)
-            await wait_until(lambda: verified_chunks(out, target) == {0, 1, 2})
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(task, 10)
-    finally:
-        released.set()
-        await runner.cleanup()
-    await wait_until(lambda: not [t for t in threading.enumerate() if t.name == "fetch-http"])  # it has ended
-    assert verified_chunks(out, target) == {0, 1, 2}
-    assert out.read_bytes() == data[: 3 * CHUNK]
-
-
-async def wait_until(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    """Poll ``predicate`` off the event loop's critical path until it holds (fail after ``within`` s)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await asyncio.to_thread(predicate):
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_the_download_is_flushed_to_disk_in_steps_while_it_arrives(

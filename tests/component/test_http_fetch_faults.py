@@ -90,19 +90,21 @@ async def test_a_trickling_server_is_abandoned_for_its_throughput(tmp_path: Path
             await asyncio.wait_for(HttpBlobFetcher(policy).fetch(_target(data), tmp_path / "out", url), 8)
 
 
-async def test_a_stop_is_prompt_against_a_server_closing_the_connection(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+async def test_a_stop_mid_transfer_is_prompt_and_keeps_the_verified_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connection: str
 ) -> None:
-    """A ``Connection: close`` answer (HTTP/1.0 servers alike) stalling half-way: ``http.client`` drops the
-    connection's socket reference for such a response; the stop must still shut the socket down at once instead
-    of waiting for the read timeout."""
+    """A stop (the fetch task cancelled) while the body stalls half-way: the receiving thread's connection is shut
+    down at once, also for a ``Connection: close`` answer (``http.client`` drops the connection's socket reference
+    for those, HTTP/1.0 servers alike) instead of waiting for the read timeout; the stop propagates (not an error
+    of the transfer, which would read as a failed source); and the chunks verified before it stay for a resume."""
     data = os.urandom(8 * CHUNK)
     target = _target(data)
     release = asyncio.Event()
-    monkeypatch.setattr(fetch_module, "_BATCH_BYTES", CHUNK)
+    monkeypatch.setattr(fetch_module, "_BATCH_BYTES", CHUNK)  # every chunk written as it arrives
 
     async def stall(head: str, writer: asyncio.StreamWriter, n: int) -> None:
-        writer.write(_head("200 OK", len(data), "Connection: close") + data[: 3 * CHUNK + 100])
+        writer.write(_head("200 OK", len(data), f"Connection: {connection}") + data[: 3 * CHUNK + 100])
         await writer.drain()
         await release.wait()
 
@@ -118,6 +120,9 @@ async def test_a_stop_is_prompt_against_a_server_closing_the_connection(
             assert time.monotonic() - started < 2, "the stop waited for the socket's read timeout"
     finally:
         release.set()
+    await _until(lambda: not [t for t in threading.enumerate() if t.name == "fetch-http"])  # the thread has ended
+    assert verified_chunks(out, target) == {0, 1, 2}
+    assert out.read_bytes() == data[: 3 * CHUNK]
 
 
 @pytest.mark.parametrize("how", ["read timeout", "reset"])
