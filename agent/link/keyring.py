@@ -15,7 +15,9 @@ Invariants:
 - :meth:`run` refreshes the list when the link (re)connects, hourly, and when an assignment failed
   verification (:meth:`unverified`): a controller that rotated its key signs the next assignment with the new
   key, the device learns the new list, then verifies that assignment again — in its own task, never in the
-  MQTT reader (the refresh itself needs the reader to deliver the metadata).
+  MQTT reader (the refresh itself needs the reader to deliver the metadata). An assignment refused while a
+  refresh runs is answered by the next refresh, not by that one: its lookup may have read the repository before
+  the new keys were published.
 - A refresh that fails (link down, expired timestamp) keeps the current keys: serving and reconciling go on;
   a frozen repository cannot *add* a key.
 """
@@ -144,15 +146,21 @@ class ControllerKeyring:
                     await self.stale.wait()
             await connected.wait()
             self.stale.clear()
+            answered = self._retry  # the refused assignment this refresh answers (not one refused meanwhile)
             changed = await self.refresh(lookup)
             if changed is None:
                 if self._retry is not None:  # keep the refused assignment and try the refresh again soon
                     await asyncio.sleep(RETRY_AFTER_FAILED_REFRESH_S)
                     self.stale.set()
                 continue
-            data, self._retry = self._retry, None
-            if data is not None and changed:
-                await retry(data)
+            if changed:  # verify the latest refused assignment again, with the new keys
+                data, self._retry = self._retry, None
+                if data is not None:
+                    await retry(data)
+            elif self._retry is answered:
+                self._retry = None  # refused with the keys still in force: for good
+            # else: refused while this refresh ran (its lookup may predate the new keys): the next refresh, which
+            # its stale flag asks for, answers it
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -157,6 +157,49 @@ async def test_a_refused_assignment_is_verified_again_after_the_keys_refresh(set
             await task
 
 
+async def test_an_assignment_refused_during_a_refresh_is_answered_by_the_next_one(setup: Setup) -> None:
+    """A refresh (the link's connect) is running, its lookup already past the repository, when the controller
+    publishes the rotated key and the re-signed assignment is refused: that refresh finds no change, and must not
+    drop the assignment; the next refresh (asked for by the refusal) learns the key and verifies it again. Seen
+    in CI under load: the device never accepted the re-signed assignment."""
+    looked_up = asyncio.Event()
+    resume = asyncio.Event()
+    lookups = 0
+
+    async def lookup() -> object:
+        nonlocal lookups
+        lookups += 1
+        listing = await setup.updater.assignment_keys()
+        if lookups == 1:  # the connect's refresh: read before the rotation, returns after the refusal
+            looked_up.set()
+            await resume.wait()
+        return listing
+
+    retried: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def retry(data: bytes) -> None:
+        setup.verifier.verify(data)
+        await retried.put(data)
+
+    connected = asyncio.Event()
+    connected.set()
+    setup.keyring.stale.set()  # the connect
+    task = asyncio.create_task(setup.keyring.run(lookup, retry, connected=connected))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(looked_up.wait(), 30)
+        setup.fleet("keys", "rotate", "assignments")
+        fresh = assignment(setup.home.assignment_key(), 2)
+        with pytest.raises(VerificationError):
+            setup.verifier.verify(fresh)  # refused with the enrollment key, while the first refresh runs
+        resume.set()
+        assert await asyncio.wait_for(retried.get(), 30) == fresh
+        assert lookups == 2
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def test_a_frozen_repository_keeps_the_current_keys(setup: Setup) -> None:
     """When TUF refuses the metadata (expired timestamp), the refresh fails and the keys stay as they were."""
     setup.fleet("keys", "rotate", "assignments")
