@@ -9,7 +9,9 @@ the CLI, the agent's real :class:`ReleaseUpdater` reading the repository's metad
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -134,12 +136,12 @@ async def test_rotation_re_signs_the_newest_assignment_of_every_device(setup: Se
     assert message.message.models == ()
 
 
-async def test_a_refused_assignment_is_verified_again_after_the_keys_refresh(setup: Setup) -> None:
-    """The keyring's task refreshes on demand and hands the refused assignment back for a second verification."""
-    setup.fleet("keys", "rotate", "assignments")
-    fresh = assignment(setup.home.assignment_key(), 2)
-    with pytest.raises(VerificationError):
-        setup.verifier.verify(fresh)
+@contextlib.asynccontextmanager
+async def _keyring_running(
+    setup: Setup, lookup: Callable[[], Awaitable[object]]
+) -> AsyncIterator[asyncio.Queue[bytes]]:
+    """The keyring's task, connected, with ``lookup``; yields the queue of assignments it handed back and that
+    verified."""
     retried: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def retry(data: bytes) -> None:
@@ -148,13 +150,23 @@ async def test_a_refused_assignment_is_verified_again_after_the_keys_refresh(set
 
     connected = asyncio.Event()
     connected.set()
-    task = asyncio.create_task(setup.keyring.run(setup.updater.assignment_keys, retry, connected=connected))
+    task = asyncio.create_task(setup.keyring.run(lookup, retry, connected=connected))  # type: ignore[arg-type]
     try:
-        assert await asyncio.wait_for(retried.get(), 30) == fresh
+        yield retried
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_refused_assignment_is_verified_again_after_the_keys_refresh(setup: Setup) -> None:
+    """The keyring's task refreshes on demand and hands the refused assignment back for a second verification."""
+    setup.fleet("keys", "rotate", "assignments")
+    fresh = assignment(setup.home.assignment_key(), 2)
+    with pytest.raises(VerificationError):
+        setup.verifier.verify(fresh)
+    async with _keyring_running(setup, setup.updater.assignment_keys) as retried:
+        assert await asyncio.wait_for(retried.get(), 30) == fresh
 
 
 async def test_an_assignment_refused_during_a_refresh_is_answered_by_the_next_one(setup: Setup) -> None:
@@ -175,17 +187,8 @@ async def test_an_assignment_refused_during_a_refresh_is_answered_by_the_next_on
             await resume.wait()
         return listing
 
-    retried: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def retry(data: bytes) -> None:
-        setup.verifier.verify(data)
-        await retried.put(data)
-
-    connected = asyncio.Event()
-    connected.set()
     setup.keyring.stale.set()  # the connect
-    task = asyncio.create_task(setup.keyring.run(lookup, retry, connected=connected))  # type: ignore[arg-type]
-    try:
+    async with _keyring_running(setup, lookup) as retried:
         await asyncio.wait_for(looked_up.wait(), 30)
         setup.fleet("keys", "rotate", "assignments")
         fresh = assignment(setup.home.assignment_key(), 2)
@@ -194,10 +197,6 @@ async def test_an_assignment_refused_during_a_refresh_is_answered_by_the_next_on
         resume.set()
         assert await asyncio.wait_for(retried.get(), 30) == fresh
         assert lookups == 2
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 async def test_a_frozen_repository_keeps_the_current_keys(setup: Setup) -> None:
@@ -263,22 +262,9 @@ async def test_a_failed_refresh_keeps_the_refused_assignment_for_the_next_try(
             raise OSError("metadata not reachable yet")
         return await setup.updater.assignment_keys()
 
-    retried: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def retry(data: bytes) -> None:
-        setup.verifier.verify(data)
-        await retried.put(data)
-
-    connected = asyncio.Event()
-    connected.set()
-    task = asyncio.create_task(setup.keyring.run(flaky_lookup, retry, connected=connected))  # type: ignore[arg-type]
-    try:
+    async with _keyring_running(setup, flaky_lookup) as retried:
         assert await asyncio.wait_for(retried.get(), 30) == fresh
         assert lookups == 2
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 async def test_serve_signs_with_the_rotated_key_without_a_restart(setup: Setup) -> None:
