@@ -872,9 +872,12 @@ class _RangeRequest:
                     socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
             return self._holds_file
 
-    def _stop_check(self, received: int) -> None:
+    def _raise_if_stopped(self) -> None:
         if self._stopped:
             raise _ConnectionLostError(f"{self.url}: stopped")
+
+    def _stop_check(self, received: int) -> None:
+        self._raise_if_stopped()
         self.check(received)
 
     def run(self, done: Collection[int], result: Future[None]) -> None:
@@ -925,8 +928,7 @@ class _RangeRequest:
             dropped += n
             self._stop_check(dropped)
         with self._lock:
-            if self._stopped:
-                raise _ConnectionLostError(f"{self.url}: stopped")
+            self._raise_if_stopped()
             fd = os.open(self.dest, os.O_RDWR | os.O_CREAT, 0o600)
             self._holds_file = True
         try:
@@ -970,8 +972,7 @@ class _RangeRequest:
             else:
                 connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.connect_timeout_s)
             with self._lock:
-                if self._stopped:
-                    raise _ConnectionLostError(f"{self.url}: stopped")
+                self._raise_if_stopped()
                 previous, self._connection, self._socket = self._connection, connection, None
             if previous is not None:
                 previous.close()
@@ -983,8 +984,7 @@ class _RangeRequest:
                 connection.sock.settimeout(self.read_timeout_s)
                 with self._lock:
                     self._socket = connection.sock
-                    if self._stopped:  # the stop came while connecting: there was nothing to shut down then
-                        raise _ConnectionLostError(f"{self.url}: stopped")
+                    self._raise_if_stopped()  # the stop came while connecting: there was nothing to shut down
                 connection.request("GET", path, headers=headers)
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
