@@ -286,8 +286,8 @@ class _Shard:
             raise AuditShardError(f"audit shard {self.index}: its worker did not start (see its stderr)") from exc
 
     async def stop(self) -> None:
-        """Let the worker finish the group it runs, then end it (queued calls are cancelled); a worker still busy
-        after :data:`STOP_TIMEOUT_S` is killed."""
+        """Let the worker finish the groups handed to it (at most two), then end it (queued calls are cancelled);
+        a worker still busy after :data:`STOP_TIMEOUT_S` is killed."""
         pool, self._pool = self._pool, None
         if pool is None:
             return

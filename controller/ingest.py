@@ -147,9 +147,6 @@ class GroupCommitter(Generic[Item]):
                     await self._wake.wait()
                     continue
                 group = [self._queue.popleft() for _ in range(min(self.max_group, len(self._queue)))]
-                if self.max_in_flight == 1:
-                    await self._run_one(group)
-                    continue
                 task = asyncio.create_task(self._run_one(group))
                 in_flight.add(task)
                 task.add_done_callback(lambda _: self._wake.set())  # the loop above collects it
