@@ -31,6 +31,7 @@ import base64
 import contextlib
 import json
 import math
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -68,7 +69,7 @@ from agent.inference import (
 )
 from agent.registry import ModelRecord
 
-if TYPE_CHECKING:  # imported where used: a daemon serving only chat and completions does not carry numpy (~20 MiB)
+if TYPE_CHECKING:  # imported where used: only tensor (ONNX) models bring numpy (~20 MiB) into the daemon
     import numpy as np
 
 __all__ = ["add_routes", "model_spec", "resolve_model"]
@@ -622,10 +623,8 @@ async def embeddings(request: web.Request) -> web.Response:
     data = []
     for index, vector in enumerate(result.vectors):
         embedding: list[float] | str
-        if encoding == "base64":
-            import numpy as np
-
-            embedding = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        if encoding == "base64":  # little-endian float32, as OpenAI's API sends them
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
         else:
             embedding = [float(v) for v in vector]
         data.append({"object": "embedding", "index": index, "embedding": embedding})

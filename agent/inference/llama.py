@@ -64,7 +64,7 @@ Invariants:
 * **Embeddings** by a second llama context on the same weights (mean pooling, L2-normalised), created on first
   use; embedding jobs run on the decode thread between steps.
 * **Lean.** Only llama-cpp-python's ctypes bindings are imported, not its high-level package (which imports
-  numpy, ~20 MiB resident): a daemon serving GGUF models does not carry numpy unless it computes embeddings.
+  numpy, ~20 MiB resident): a daemon serving GGUF models, embeddings included, does not carry numpy.
 * **One module.** Everything that touches ``llama_cpp`` lives here (one module per foreign library), which is
   why it is long; the engine-agnostic parts are :mod:`~agent.inference.scheduler` (who waits, who goes next)
   and :mod:`~agent.inference.streams` (thread → event-loop hand-off, stop strings).
@@ -441,13 +441,11 @@ class _EmbeddingContext:
         pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, 0)
         if not pointer:
             raise InferenceError(f"no pooled embedding was produced{_native_detail()}")
-        import numpy as np  # only here: a daemon that serves no embeddings does not carry numpy (~20 MiB)
-
-        vector = np.ctypeslib.as_array(pointer, shape=(self._n_embd,)).astype(np.float64)
-        norm = float(np.linalg.norm(vector))
+        vector = pointer[: self._n_embd]  # llama.cpp's float32 values, as Python floats
+        norm = math.hypot(*vector)
         if not math.isfinite(norm) or norm == 0.0:
             raise InferenceError("the embedding has no direction (zero or non-finite norm)")
-        return [float(v) for v in vector / norm]
+        return [v / norm for v in vector]
 
     def close(self) -> None:
         llama_cpp.llama_batch_free(self._batch)

@@ -6,18 +6,22 @@ Each check runs in a fresh interpreter: this test process has imported everythin
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
+import math
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,24 +114,41 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
+def _post(api_socket: str, path: str, body: dict[str, object]) -> dict[str, Any]:
+    connection = _UnixConnection(api_socket)
+    try:
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        text = reply.read()
+        assert reply.status == 200, text
+        answer: dict[str, Any] = json.loads(text)
+        return answer
+    finally:
+        connection.close()
+
+
 @pytest.mark.component
 def test_a_daemon_serving_a_gguf_model_does_not_load_numpy(
     daemon_serving_smollm2: tuple[subprocess.Popen[bytes], str],
 ) -> None:
-    """The real daemon answers a chat request with a GGUF model and has no numpy extension mapped (~20 MiB)."""
+    """The real daemon answers chat and embedding requests with a GGUF model and has no numpy extension mapped."""
     process, api_socket = daemon_serving_smollm2
-    body = {
+    chat = {
         "model": "smollm2-135m-instruct",
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
         "max_tokens": 4,
         "temperature": 0,
     }
-    connection = _UnixConnection(api_socket)
-    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    reply = connection.getresponse()
-    assert reply.status == 200, reply.read()
-    assert json.loads(reply.read())["usage"]["completion_tokens"] >= 1
-    connection.close()
+    assert _post(api_socket, "/v1/chat/completions", chat)["usage"]["completion_tokens"] >= 1
+    texts = {"model": "smollm2-135m-instruct", "input": ["a cat sat on the mat", "taxes"]}
+    floats = [item["embedding"] for item in _post(api_socket, "/v1/embeddings", texts)["data"]]
+    packed = [
+        item["embedding"]
+        for item in _post(api_socket, "/v1/embeddings", {**texts, "encoding_format": "base64"})["data"]
+    ]
+    for vector, text in zip(floats, packed, strict=True):
+        assert math.isclose(math.hypot(*vector), 1.0, rel_tol=1e-9)
+        assert base64.b64decode(text) == struct.pack(f"<{len(vector)}f", *vector)  # the same, as float32 LE
     maps = Path(f"/proc/{process.pid}/maps").read_text()
     assert "libllama" in maps  # the engine is loaded...
     assert f"{os.sep}numpy{os.sep}" not in maps  # ...and numpy's native core is not
