@@ -60,6 +60,7 @@ bench: setup
 	bench/build-llama-tools.sh
 	$(PY) bench/models.py
 	$(PY) bench/inference.py
+	$(PY) bench/memory.py --embeddings
 	$(PY) bench/delivery.py
 	$(PY) bench/audit.py
 	$(PY) bench/fleet.py
