@@ -181,24 +181,37 @@ request takes the free slot sharing the longest prefix with it, however short.""
 
 # --- llama.cpp's log -----------------------------------------------------------------------------------------
 
-_GGML_LOG_LEVEL_WARN: Final = 2
-_GGML_LOG_LEVEL_ERROR: Final = 3
+# ggml.h's enum ggml_log_level (llama-cpp-python's comment in llama_cpp.py still gives the older numbering)
+_GGML_LOG_LEVEL_WARN: Final = 3
+_GGML_LOG_LEVEL_ERROR: Final = 4
+_GGML_LOG_LEVEL_CONT: Final = 5  # the rest of the previous message
 _native_log: collections.deque[str] = collections.deque(maxlen=32)
+_native_keep = False  # whether the previous message was kept (its continuations are)
 _native_ready = False
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _on_native_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """Keep llama.cpp's warnings and errors in a small buffer (quoted in our errors); drop the rest."""
-    if level in (_GGML_LOG_LEVEL_WARN, _GGML_LOG_LEVEL_ERROR) and text:
+    global _native_keep
+    if level == _GGML_LOG_LEVEL_CONT:
+        if _native_keep and text and _native_log:
+            _native_log[-1] = (_native_log[-1] + " " + text.decode("utf-8", "replace").strip()).strip()
+        return
+    _native_keep = level in (_GGML_LOG_LEVEL_WARN, _GGML_LOG_LEVEL_ERROR)
+    if _native_keep and text:
         _native_log.append(text.decode("utf-8", "replace").strip())
 
 
 def _init_native() -> None:
-    """Install the log callback and initialise llama.cpp's backends once per process (under the load lock)."""
+    """Install the log callback, and initialise llama.cpp's backends once per process (under the load lock).
+
+    The callback is installed again before every load: importing llama-cpp-python's package (a tool or test in
+    the same process) sets its own, and llama.cpp keeps only the last one.
+    """
     global _native_ready
+    llama_cpp.llama_log_set(_on_native_log, ctypes.c_void_p(0))
     if not _native_ready:
-        llama_cpp.llama_log_set(_on_native_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _native_ready = True
 
@@ -355,10 +368,19 @@ class _Native:
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
         self.kv_bytes = _kv_cache_bytes(model, n_ctx, v_q8_0=True)
+        self.embedder: _EmbeddingContext | None = None
+        """The embedding context, made on first use (decode thread)."""
 
     def tokenize(self, text: str, add_special: bool, special: bool) -> list[int]:
-        """Tokens of ``text`` (any thread: a read-only vocabulary call)."""
-        data = text.encode("utf-8")
+        """Tokens of ``text`` (any thread: a read-only vocabulary call).
+
+        Raises:
+            BadRequestError: ``text`` holds a lone UTF-16 surrogate (not Unicode text: UTF-8 cannot encode it).
+        """
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRequestError("the text holds a lone UTF-16 surrogate; it must be valid Unicode") from exc
         size = len(data) + 8
         while True:
             buffer = (llama_cpp.llama_token * size)()
@@ -396,6 +418,9 @@ class _Native:
             raise EngineLoadError(f"warm-up decode failed with status {status}{_native_detail()}")
 
     def close(self) -> None:
+        if self.embedder is not None:  # built on this model: freed before it
+            self.embedder.close()
+            self.embedder = None
         self.batch.free()
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
@@ -420,7 +445,7 @@ class _EmbeddingContext:
             raise InferenceError(f"cannot create the embedding context{_native_detail()}")
         self._ctx = ctx
         self._batch = llama_cpp.llama_batch_init(EMBEDDING_MAX_TOKENS, 0, 1)
-        self._n_embd = int(llama_cpp.llama_model_n_embd(model))
+        self._n_embd = int(llama_cpp.llama_model_n_embd_out(model))  # the pooled vector's length (a head may resize)
 
     def embed(self, tokens: Sequence[int]) -> list[float]:
         """Mean-pooled, L2-normalised embedding of one token sequence (at most EMBEDDING_MAX_TOKENS)."""
@@ -790,6 +815,7 @@ class _DecodeLoop:
                         self._step()
                     except Exception as exc:  # a bug or a native failure: fail what runs, keep serving
                         _log.exception("llama_step_failed", model=self._name)
+                        self._outputs.clear()  # the step's sampling list: its requests are failed just below
                         self._fail(list(self._active), InferenceError(f"model {self._name!r}: {exc}"))
                     self._wakes.flush()
                 elif not self._jobs:
@@ -1028,7 +1054,6 @@ class LlamaModel(LoadedModel):
         self._spec = spec
         self._state_lock = threading.Lock()  # guards _closed; held while tokenizing off the decode thread
         self._closed = False
-        self._embedder: _EmbeddingContext | None = None
         self._queue: AdmissionQueue[_Request] = AdmissionQueue(
             spec.name, spec.n_parallel, spec.max_queue, spec.max_queue_tokens
         )
@@ -1206,17 +1231,18 @@ class LlamaModel(LoadedModel):
     def _embed_sync(self, batches: list[list[int]]) -> EmbeddingResult:
         """Embed tokenized texts (decode thread, between two steps)."""
         try:
-            if self._embedder is None:
+            native = self._native
+            if native.embedder is None:
                 with native_load_lock:
                     trim_heap()
                     before = resident_bytes()
-                    self._embedder = _EmbeddingContext(self._native.model, self._spec.threads)
+                    native.embedder = _EmbeddingContext(native.model, self._spec.threads)
                     trim_heap()
                     measured = resident_bytes() - before
-                self._memory_bytes += max(measured, _kv_cache_bytes(self._native.model, EMBEDDING_MAX_TOKENS))
+                self._memory_bytes += max(measured, _kv_cache_bytes(native.model, EMBEDDING_MAX_TOKENS))
             vectors = []
             for tokens in batches:
-                vectors.append(self._embedder.embed(tokens))
+                vectors.append(native.embedder.embed(tokens))
                 self._loop.beat()  # a long list of texts is progress, not a wedged thread
         except AgentError:
             raise
@@ -1234,6 +1260,8 @@ class LlamaModel(LoadedModel):
         loop = asyncio.get_running_loop()
         started = loop.time()
         tokens, template_stops = await asyncio.to_thread(prepare) if size > _INLINE_PREPARE_CHARS else prepare()
+        if not tokens:  # e.g. a chat template that renders empty content to nothing: there is nothing to continue
+            raise BadRequestError("the prompt is empty once templated and tokenized")
         slot_ctx = self._native.slot_ctx
         if len(tokens) >= slot_ctx:
             raise BadRequestError(f"the prompt is {len(tokens)} tokens; the model's context holds {slot_ctx}")

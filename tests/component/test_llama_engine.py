@@ -276,3 +276,89 @@ def test_a_file_llama_cpp_refuses_is_an_engine_load_error(tmp_path: Path) -> Non
     junk.write_bytes(b"GGUF" + bytes(range(256)) * 8)
     with pytest.raises(EngineLoadError, match=r"llama\.cpp cannot load it"):
         load_model(_spec(junk, size=junk.stat().st_size, sha256=_sha256(junk)))
+
+
+def test_a_load_failure_quotes_llama_cpp_s_error(smollm2_path: Path, tmp_path: Path) -> None:
+    """llama.cpp's own error line reaches the message, also after llama-cpp-python's package (which installs its own
+    log callback at import) was imported in the same process."""
+    import llama_cpp  # noqa: F401 - the side effect under test: the package's log callback
+
+    truncated = tmp_path / "truncated.gguf"
+    with smollm2_path.open("rb") as f:
+        truncated.write_bytes(f.read(4 << 20))  # the header and metadata, not the tensors
+    with pytest.raises(EngineLoadError, match=r"llama\.cpp: .*not within the file bounds"):
+        load_model(_spec(truncated, size=truncated.stat().st_size, sha256=_sha256(truncated)))
+
+
+async def test_a_failed_step_fails_its_requests_and_the_model_goes_on_serving(
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception inside a decode step ends the requests it was serving with an error; the next request is served
+    (the requests the failed step meant to sample are not sampled again with freed samplers)."""
+    from agent.inference import llama
+
+    original = llama._DecodeLoop._emit_token
+    armed = [True]
+
+    def emit_once_failing(self: llama._DecodeLoop, request: object, token: int) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise RuntimeError("injected failure")
+        original(self, request, token)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(llama._DecodeLoop, "_emit_token", emit_once_failing)
+    with pytest.raises(InferenceError, match="injected failure"):
+        await _collect(smollm2.chat(CAPITAL, GREEDY))
+    deltas, finished = await _collect(smollm2.chat(CAPITAL, GREEDY))
+    assert "Paris" in "".join(deltas)
+    assert finished.finish_reason == "stop"
+
+
+async def test_a_chat_prompt_of_no_tokens_is_refused_and_spares_the_others(smollm2_path: Path) -> None:
+    """A template that renders an empty message to nothing gives no prompt: 400, and a request decoding next to it
+    finishes as it would alone."""
+    from agent.inference.llama import _ChatTemplate
+
+    model = load_model(_spec(smollm2_path, n_parallel=2, n_ctx=512))
+    try:
+        alone, _ = await _collect(model.complete(ENDLESS, SamplingParams(temperature=0.0, max_tokens=24)))
+        # as in base models' GGUFs: the messages' text and nothing else
+        model._formatter = _ChatTemplate(  # type: ignore[attr-defined]
+            "{% for m in messages %}{{ m.content }}{% endfor %}", bos_token="", eos_token=""
+        )
+        bystander = asyncio.create_task(
+            _collect(model.complete(ENDLESS, SamplingParams(temperature=0.0, max_tokens=24)))
+        )
+        await asyncio.sleep(0.1)
+        with pytest.raises(BadRequestError, match="empty"):
+            await _collect(model.chat([ChatMessage("user", "")], GREEDY))
+        deltas, finished = await bystander
+        assert deltas == alone
+        assert finished.finish_reason == "length"
+    finally:
+        await model.aclose()
+
+
+async def test_closing_a_model_frees_its_embedding_context(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedding context made on first use is freed with the model (not left behind by every unload)."""
+    from agent.inference import llama
+
+    closed: list[object] = []
+    original = llama._EmbeddingContext.close
+
+    def close(self: llama._EmbeddingContext) -> None:
+        closed.append(self)
+        original(self)
+
+    monkeypatch.setattr(llama._EmbeddingContext, "close", close)
+    model = load_model(_spec(smollm2_path, n_ctx=256))
+    result = await model.embed(["a cat sat on the mat"])
+    assert len(result.vectors[0]) == result.dimensions > 0
+    await model.aclose()
+    assert len(closed) == 1
+
+
+def test_text_with_a_lone_surrogate_is_a_bad_request(smollm2: LoadedModel) -> None:
+    """A lone UTF-16 surrogate cannot be encoded to UTF-8, so it cannot be tokenized: a 400, not an internal error."""
+    with pytest.raises(BadRequestError, match="surrogate"):
+        smollm2.count_tokens("abc \ud800")
