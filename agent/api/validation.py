@@ -43,6 +43,8 @@ __all__ = [
 
 MAX_NAME_LENGTH = 128
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate: paired ones decode to one character, a lone one to a string no text holds."""
 """Generic names (tensor-free identifiers); models and variants use the registry's stricter patterns."""
 
 
@@ -64,7 +66,8 @@ async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
 
     Raises:
         PayloadTooLargeError: declared or actual body longer than ``max_bytes``.
-        BadRequestError: empty body, not UTF-8, not JSON, nested too deeply, or not an object.
+        BadRequestError: empty body, not UTF-8, not JSON, nested too deeply, not an object, or text holding a lone
+            UTF-16 surrogate (which no tokenizer or UTF-8 encoder takes).
     """
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLargeError(f"request body is larger than the limit of {max_bytes} bytes")
@@ -90,6 +93,14 @@ async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
         raise bad_request("request body is nested too deeply") from exc
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) is not None:  # JSON may escape half a UTF-16 pair: no text can hold that
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad_request(
+                "request body holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair); "
+                "text must be valid Unicode"
+            ) from exc
     return data
 
 

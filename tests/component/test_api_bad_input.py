@@ -609,3 +609,26 @@ def test_bad_embedding_inputs_are_400(agent: Agent) -> None:
             assert _error(response, 400, "invalid_request_error")["param"] == "input"
         bad_format = client.post("/v1/embeddings", json={"model": LLM, "input": "Hi", "encoding_format": "hex"})
         _error(bad_format, 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+        ("/v1/completions", b'{"model": "%s", "prompt": "\\udfff"}'),
+        ("/v1/embeddings", b'{"model": "%s", "input": ["fine", "\\uD83D"]}'),
+    ],
+    ids=["chat", "completion", "embeddings"],
+)
+@pytest.mark.usefixtures("unchanged")
+def test_a_lone_surrogate_escape_is_400(agent: Agent, route: str, body: bytes) -> None:
+    """JSON can escape half a UTF-16 pair; such a string is no text, and is refused with 400, not a 500."""
+    with agent.client() as client:
+        response = client.post(route, content=body % LLM.encode(), headers={"Content-Type": "application/json"})
+        assert "surrogate" in _error(response, 400, "invalid_request_error", "invalid_request")["message"]
+        paired = client.post(  # a pair is one character: accepted
+            "/v1/embeddings",
+            content=b'{"model": "%s", "input": "smile \\ud83d\\ude00"}' % LLM.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert paired.status_code == 200, paired.text
