@@ -7,8 +7,11 @@ Context such as ``request_id``, ``model`` and ``device_id`` is bound with contex
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -38,7 +41,34 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout if json else sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_own_stream(sys.stdout if json else sys.stderr)),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING), stream=_own_stream(sys.stderr), format="%(name)s: %(message)s"
+    )
+
+
+def _own_stream(stream: TextIO) -> TextIO:
+    """A line-buffered stream on a duplicate of ``stream``'s file descriptor, or ``stream`` if it has none.
+
+    While llama.cpp opens a model the engine points descriptors 1 and 2 at ``/dev/null`` to silence what the
+    library prints (``agent.inference.llama._quiet_stdio``); lines logged meanwhile by other threads must still
+    reach the journal, so the logs do not write through descriptors 1 and 2 themselves.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):  # a test's capture object, say
+        return stream
+    target = os.fstat(fd)
+    kept = _duplicates.get(fd)
+    if kept is not None and kept[0] == (target.st_dev, target.st_ino):
+        return kept[1]
+    duplicate = open(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    _duplicates[fd] = ((target.st_dev, target.st_ino), duplicate)  # kept open: loggers made before hold it
+    return duplicate
+
+
+_duplicates: dict[int, tuple[tuple[int, int], TextIO]] = {}
+"""Per descriptor: the file it pointed at and our duplicate of it (made again if the descriptor now points
+elsewhere, as a test's output capture does)."""
