@@ -10,7 +10,9 @@ DESIGN.md §4: the keys that sign assignments (and acks) are published as the TU
 2. publishes ``{new key}`` as the target (new targets, snapshot, timestamp);
 3. retires the old private key to ``keys/retired/`` and installs the new one as the controller's assignment key
    (a running ``serve`` notices the file changed and signs with the new key from then on);
-4. re-signs every device's newest assignment with the new key under a new generation (``serve`` publishes it):
+4. re-signs every device's newest assignment with the new key under a new generation (``serve`` publishes it),
+   each read inside the transaction that re-signs it, so an assignment inserted meanwhile (a rollout's next
+   wave or rollback) is the one re-signed, never undone; one already signed with the new key is left as it is:
    devices that moved to the new list refuse anything signed by the old key, the retained old assignment
    included.
 
@@ -20,6 +22,7 @@ assignment that fails to verify makes them refresh at once); their outbox re-sen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -73,16 +76,25 @@ def rotate_assignment_key(home: FleetHome, repo: ReleaseRepository) -> Rotation:
     store = home.open_store()
     resigned = 0
     try:
-        for row in store.latest_assignments():
-            topic = device_topic(row.device, TopicKind.ASSIGN)
-            try:  # the stored envelope, as devices verify it: the same desired state (rollout id included)
-                previous = open_sealed(topic, row.envelope, {keyid(old): old.public_key()}).message
-            except ProtocolError:
-                previous = Assignment(
-                    row.device, row.generation, 0, tuple(DesiredModel.from_dict(m) for m in row.models)
-                )
-            assert isinstance(previous, Assignment)
+        for device in [row.device for row in store.latest_assignments()]:
             with store.transaction():
+                # The newest assignment as of this transaction, not of a snapshot taken before it: serve may have
+                # inserted one since (a rollback, a wave), and re-signing an older one would undo it.
+                newest = store.latest_assignments(devices=[device])
+                if not newest:
+                    continue  # revoked meanwhile
+                row = newest[0]
+                topic = device_topic(row.device, TopicKind.ASSIGN)
+                with contextlib.suppress(ProtocolError):
+                    open_sealed(topic, row.envelope, {keyid(key): key.public_key()})
+                    continue  # already signed with the new key (by serve, which reloaded it)
+                try:  # the stored envelope, as devices verify it: the same desired state (rollout id included)
+                    previous = open_sealed(topic, row.envelope, {keyid(old): old.public_key()}).message
+                except ProtocolError:
+                    previous = Assignment(
+                        row.device, row.generation, 0, tuple(DesiredModel.from_dict(m) for m in row.models)
+                    )
+                assert isinstance(previous, Assignment)
                 generation = store.next_generation(row.device)
                 assignment = dataclasses.replace(previous, generation=generation, issued_ts_ms=int(time.time() * 1000))
                 store.add_assignment(row.device, generation, seal(assignment, TopicKind.ASSIGN, [key]), row.models)

@@ -23,6 +23,7 @@ from controller.cli_common import reports_errors
 from controller.config import BrokerConfig, ControllerConfig, FleetConfig
 from controller.errors import EnrollmentError
 from controller.home import FleetHome
+from controller.rollout import current_models, refuse_while_rolling_out_on
 from controller.store import DeviceRow, is_online
 from protocols.limits import MODEL_NAME_RE, VARIANT_RE
 from protocols.link import seal
@@ -227,12 +228,22 @@ def _desired(row: DeviceRow, spec: str, sha256: str | None, length: int | None, 
 @click.option("--sha256", default=None, help="The blob's sha256 (if the device has not reported the model).")
 @click.option("--length", type=click.IntRange(1), default=None, help="The blob's length in bytes (likewise).")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default=None, help="Target file format.")
+@click.option("--force", is_flag=True, help="Assign even while a rollout of one of these models includes the device.")
 @pass_context
 @reports_errors
 def device_assign(
-    ctx: FleetContext, device_id: str, models: tuple[str, ...], sha256: str | None, length: int | None, fmt: str | None
+    ctx: FleetContext,
+    device_id: str,
+    models: tuple[str, ...],
+    sha256: str | None,
+    length: int | None,
+    fmt: str | None,
+    force: bool,
 ) -> None:
-    """Set DEVICE_ID's desired models: a new signed assignment, published (retained) by `serve`."""
+    """Set DEVICE_ID's desired models: a new signed assignment, published (retained) by `serve`.
+
+    Refused while a running or paused rollout of a model it names (or drops) includes the device, unless --force.
+    """
     if (sha256 is not None or length is not None) and len(models) != 1:
         raise click.UsageError("--sha256/--length describe one --model")
     home = _open_home(ctx)
@@ -244,6 +255,9 @@ def device_assign(
             raise EnrollmentError(f"no enrolled device {device_id!r}")
         desired = tuple(_desired(row, spec, sha256, length, fmt) for spec in models)
         with store.transaction():
+            if not force:  # in the transaction: a rollout started concurrently sees this assignment or refuses it
+                current = [m["name"] for m in current_models(store, device_id)]
+                refuse_while_rolling_out_on(store, device_id, [*current, *(m.name for m in desired)])
             generation = store.next_generation(device_id)
             assignment = Assignment(
                 device=device_id, generation=generation, issued_ts_ms=int(time.time() * 1000), models=desired

@@ -224,21 +224,26 @@ def _deploy_now(
     store: FleetStore, key: Any, devices: list[DeviceFacts], choices: list[Choice], candidates: list[Candidate]
 ) -> None:
     """Assign at once. One published variant (or VARIANT named): assigned even where fit is unknown or bad —
-    the device checks the signed constraints itself and reports a refusal."""
-    for name in sorted({c.name for c in candidates}):
-        refuse_while_rolling_out(store, name)
-    assigned = 0
-    for facts, choice in zip(devices, choices, strict=True):
-        candidate = choice.candidate or (candidates[0] if len(candidates) == 1 else None)
-        if candidate is None:
-            continue
-        with store.transaction():
+    the device checks the signed constraints itself and reports a refusal.
+
+    One transaction: the check that no rollout of the model runs and every assignment, so a `deploy --waves`
+    started concurrently either sees these assignments or makes this deploy refuse.
+    """
+    lines = []
+    with store.transaction():
+        for name in sorted({c.name for c in candidates}):
+            refuse_while_rolling_out(store, name)
+        for facts, choice in zip(devices, choices, strict=True):
+            candidate = choice.candidate or (candidates[0] if len(candidates) == 1 else None)
+            if candidate is None:
+                continue
             models = with_model(current_models(store, facts.id), candidate.desired)
             generation = issue_assignment(store, key, facts.id, models)
-        click.echo(f"{facts.id}: assignment generation {generation} -> {candidate.entry.path}")
-        assigned += 1
-    if not assigned:
-        raise RolloutError("nothing fits any selected device: nothing assigned")
+            lines.append(f"{facts.id}: assignment generation {generation} -> {candidate.entry.path}")
+        if not lines:
+            raise RolloutError("nothing fits any selected device: nothing assigned")
+    for line in lines:
+        click.echo(line)
 
 
 # --- rollout list / show / pause / resume / abort ---------------------------------------------------------
@@ -428,7 +433,12 @@ def rollout_resume(ctx: FleetContext, rollout_id: str) -> None:
             raise RolloutError(f"rollout {rollout_id} is {rollout['status']}, not paused")
         now = time.time()
         remaining = rollout["paused_remaining_s"]
-        deadline = None if remaining is None else now + remaining
+        if rollout["wave_started_ts"] is None:
+            deadline = None  # paused between waves: the next wave starts with its own deadline
+        elif remaining is None:  # a wave that started without a deadline (paused just as it started): a whole one
+            deadline = now + float(rollout["wave_timeout_s"])
+        else:
+            deadline = now + float(remaining)
         store.update_rollout(rollout_id, status="running", wave_deadline_ts=deadline, updated_ts=now)
     click.echo(f"rollout {rollout_id} resumed")
 

@@ -13,7 +13,9 @@ What it does (DESIGN.md §5, docs/protocol.md):
   (the device may have missed the first ack) and counted as a duplicate. Every handler is idempotent.
 - Publishes each device's newest signed assignment as a retained message: the ones the CLI added since
   (polling the DB), and all of them again on every (re)connect, so a broker that lost its retained store
-  gets the desired state back.
+  gets the desired state back. One task publishes them, reading the newest generation at publish time and
+  again after the PUBACK, so a retained assignment is never left older than the fleet DB's newest (not by a
+  reconnect, nor by another ``serve`` publishing concurrently).
 
 The DB is used from one writer thread (SQLite from asyncio). ``state``, ``report`` and ``audit`` messages become
 jobs of :class:`controller.ingest.WriteBatcher`: verified and stored on that thread in arrival order, whatever has
@@ -94,9 +96,15 @@ class FleetServer:
         self._key = home.assignment_key()
         self._key_stamp = _file_stamp(home.assignment_key_path)
         self.rollouts = RolloutDriver(
-            self._key, heartbeat_timeout=self.config.controller.heartbeat_timeout_s, clock=clock
+            self._key,
+            heartbeat_timeout=self.config.controller.heartbeat_timeout_s,
+            clock=clock,
+            link_up_since=lambda: self.link.up_since,
         )
-        """Advances rollouts (controller.rollout); its state is the fleet DB, so a restart resumes it."""
+        """Advances rollouts (controller.rollout); its state is the fleet DB, so a restart resumes it. It judges a
+        device offline only after this link has been up for a heartbeat window (docs/rollouts.md, Restarts)."""
+        self._republish = asyncio.Event()
+        """Set on every (re)connect: the assignment publisher re-publishes every device's newest assignment."""
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-db")
         self._store: FleetStore | None = None
         self.ingest = WriteBatcher(self.db, lambda: self.store)
@@ -117,6 +125,7 @@ class FleetServer:
             keepalive=ctl.keepalive_s,
             session_expiry=ctl.session_expiry_s,
             backoff=backoff,
+            clock=clock,
         )
         self.acks_sent = 0
         self.rejected = 0
@@ -173,29 +182,49 @@ class FleetServer:
     # --- handlers -----------------------------------------------------------------------------------------
 
     async def _on_connect(self, link: ControllerLink) -> None:
-        if self.releases is not None:  # metadata first: an assignment may name a target devices then look up
-            await self.releases.publish_all(link)
-        rows = await self.db(self.store.latest_assignments)
-        for row in rows:
-            await link.publish(device_topic(row.device, TopicKind.ASSIGN), row.envelope, retain=True)
-            if row.published_ts is None:
-                await self.db(self.store.mark_published, row.device, row.generation, now=self.clock())
-        log.info("serve.connected", republished_assignments=len(rows))
+        # Only mark what must be re-published. The one publisher (_assignment_loop) reads each device's newest
+        # generation when it publishes: a snapshot published from here, concurrently with it, could put an older
+        # retained assignment over a newer one.
+        self._republish.set()
+        log.info("serve.connected", connects=link.connects)
 
     async def _assignment_loop(self) -> None:
+        """The only publisher of assignments (and of release metadata): what the CLI and the rollout driver
+        inserted since the last poll, and after every (re)connect everything, each device's newest generation
+        as read at publish time. One process never publishes a device's generation N after its N+1."""
         interval = self.config.controller.assignment_poll_s
         while True:
             raise_if_cancelled()  # a publish's wait_for may have swallowed a stop (protocols/backoff.py)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._republish.wait()  # a (re)connect does not wait for the next poll
             if not self.link.connected.is_set():
+                self._republish.clear()  # the next connect sets it again
                 continue
-            if self.releases is not None:  # new metadata before the assignments that may name it
+            everything = self._republish.is_set()
+            self._republish.clear()
+            if self.releases is not None:  # metadata before the assignments that may name a target in it
                 with contextlib.suppress(NotConnectedError):  # the next connect publishes everything
-                    await self.releases.publish_new(self.link)
-            published: list[AssignmentRow] = []
-            rows = await self.db(self.store.latest_assignments, unpublished_only=True)
+                    if everything:
+                        await self.releases.publish_all(self.link)
+                    else:
+                        await self.releases.publish_new(self.link)
+            rows = await self.db(self.store.latest_assignments, unpublished_only=not everything)
+            published = await self._publish_assignments(rows)
+            if everything:
+                log.info("serve.republished", assignments=len(published))
+            if published:  # one commit for all of them
+                await (await self.ingest.submit(_mark_published_job(published, self.clock())))
+
+    async def _publish_assignments(self, rows: list[AssignmentRow]) -> list[AssignmentRow]:
+        """Publish ``rows`` (retained), then re-read each device's newest generation after its PUBACK and publish
+        again any that is newer than what was published: if another ``serve`` (ADR 0012) published a newer one
+        before this older one reached the broker, the broker ends with the newest all the same."""
+        published: list[AssignmentRow] = []
+        while rows:
+            acked: list[AssignmentRow] = []
             # Concurrently, in windows: one PUBACK round trip per window, not per device (a deploy to a
-            # thousand devices is one poll).
+            # thousand devices is one poll). Each device appears at most once in ``rows``.
             for start in range(0, len(rows), PUBLISH_WINDOW):
                 window = rows[start : start + PUBLISH_WINDOW]
                 outcomes = await asyncio.gather(
@@ -210,10 +239,15 @@ class FleetServer:
                         continue  # the next connect re-publishes every assignment
                     if isinstance(outcome, BaseException):
                         raise outcome
-                    published.append(row)
+                    acked.append(row)
                     log.info("assignment.published", device_id=row.device, generation=row.generation)
-            if published:  # one commit for all of them
-                await (await self.ingest.submit(_mark_published_job(published, self.clock())))
+            published.extend(acked)
+            if not acked:
+                break
+            generation = {row.device: row.generation for row in acked}
+            newest = await self.db(self.store.latest_assignments, devices=sorted(generation))
+            rows = [row for row in newest if row.generation > generation[row.device]]
+        return published
 
     async def _rollout_loop(self) -> None:
         """Advance rollouts (waves, gates, rollback, catch-up); new assignments go out with the publisher."""

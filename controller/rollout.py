@@ -21,8 +21,11 @@ Three parts, the python-tuf habit of pure rules apart from the driver that does 
 Wave lifecycle: every device of the current wave gets a signed assignment (its previous desired models with this
 family replaced by the chosen variant). Assignments are retained, so a device that is offline gets it when it
 reconnects. A wave is evaluated when every assigned device reported on its generation — a device that is offline
-stops blocking once the wave has been running for a whole heartbeat window — or at the wave deadline (an online
-device that did not report by then is a ``timeout`` failure; an offline one is ``offline``, not counted).
+stops blocking once the wave has been running, and this controller's link has been up, for a whole heartbeat window
+(never on a ``last_seen`` that went stale while the controller could not see the devices) — or at the wave deadline
+(an online device that did not report by then is a ``timeout`` failure; an offline one is ``offline``, not
+counted; neither is judged before the link has been up for a heartbeat window). A paused rollout is not stepped,
+even if the pause landed while a tick was under way; one rollout whose step raises does not stop the others.
 Gates: install success rate, health-check pass rate, tokens/s and time to first token relative to the previous
 model on the same device (from the device's earlier report on that model, else its bench results). A failing gate
 halts the rollout and rolls back every device the release reached, offline ones included (a new assignment with
@@ -81,6 +84,7 @@ __all__ = [
     "parse_selector",
     "parse_waves",
     "refuse_while_rolling_out",
+    "refuse_while_rolling_out_on",
     "start_rollout",
     "wave_plan",
     "choose_variant",
@@ -102,6 +106,8 @@ TERMINAL: Final = frozenset({"halted", "completed", "aborted"})
 REACHED: Final = frozenset({"assigned", "ok", "failed", "timeout"})
 UNSETTLED: Final = ("assigned", "offline", "pending")
 """Device statuses an ended rollout still has work for (reports to collect, devices to skip)."""
+DRIVEN: Final = frozenset({"running", "completed", "halted", "aborted"})
+"""Rollout statuses a tick steps (``paused`` is not one of them)."""
 
 
 class RolloutError(ControllerError):
@@ -647,6 +653,25 @@ def refuse_while_rolling_out(store: FleetStore, name: str) -> None:
         raise RolloutError(f"rollout {busy[0]} of {name} is still running or paused: wait for it or abort it first")
 
 
+def refuse_while_rolling_out_on(store: FleetStore, device: str, names: Iterable[str]) -> None:
+    """Refuse to replace ``device``'s desired models while a running or paused rollout of one of ``names`` (the
+    models the new assignment names or drops) includes the device: its waves, gates and rollback would race it.
+
+    Raises:
+        RolloutError: naming the rollout to wait for or abort.
+    """
+    wanted = set(names)
+    for r in store.rollouts(status=("running", "paused")):
+        if r["model"] not in wanted:
+            continue
+        mine = [d for d in store.rollout_devices(r["id"]) if d["device"] == device and d["status"] != "unfit"]
+        if mine:
+            raise RolloutError(
+                f"rollout {r['id']} of {r['model']} includes {device} ({mine[0]['status']}): wait for it, abort "
+                "it, or pass --force"
+            )
+
+
 def current_models(store: FleetStore, device: str) -> list[dict[str, Any]]:
     """The device's newest desired models (as stored), or none."""
     rows = store.assignments(device, limit=1)
@@ -737,32 +762,69 @@ class RolloutDriver:
     """
 
     def __init__(
-        self, key: Ed25519PrivateKey, *, heartbeat_timeout: float, clock: Callable[[], float] = time.time
+        self,
+        key: Ed25519PrivateKey,
+        *,
+        heartbeat_timeout: float,
+        clock: Callable[[], float] = time.time,
+        link_up_since: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.key = key
         self.heartbeat_timeout = heartbeat_timeout
         self.clock = clock
+        self.link_up_since = link_up_since
+        """Since when (``clock`` time) this controller's link to the broker has been up; None while it is down.
+
+        The default (always down) never judges a device offline: only a driver that is told about a link can.
+        """
 
     def tick(self, store: FleetStore) -> int:
-        """One step for every running (or completed, for catch-up) rollout; returns how many changed."""
+        """One step for every running (or ended, for catch-up) rollout; returns how many changed.
+
+        Each rollout is its own transaction; one that raises is logged and rolled back, and the others still
+        get their step (a bad row must not stop every rollout listed after it).
+        """
         changed = 0
         for rollout in store.rollouts(status=("running", "completed", "halted", "aborted")):
-            if rollout["status"] != "running" and not store.rollout_devices(rollout["id"], status=UNSETTLED):
-                continue  # an ended rollout with nothing left to collect, catch up or skip
-            with store.transaction():
-                current = store.rollout(rollout["id"])  # re-read inside the transaction (CLI may have changed it)
-                if current is not None and self._step(store, current):
-                    changed += 1
+            if rollout["status"] != "running" and not self._ended_has_work(store, rollout):
+                continue  # an ended rollout with nothing to collect, catch up or skip: no write transaction
+            try:
+                with store.transaction():
+                    current = store.rollout(rollout["id"])  # re-read inside the transaction (CLI may change it)
+                    if current is None or current["status"] not in DRIVEN:
+                        continue  # paused (or gone) since the list was read: the CLI's change wins
+                    if self._step(store, current):
+                        changed += 1
+            except Exception:
+                log.exception("rollout.step_failed", rollout=rollout["id"])
         return changed
 
-    def _online(self, store: FleetStore, now: float) -> dict[str, bool]:
+    @staticmethod
+    def _ended_has_work(store: FleetStore, rollout: dict[str, Any]) -> bool:
+        """Whether an ended rollout needs a step: devices to skip, or a report that settles a device.
+
+        Read only: an ``offline`` device that never returns costs one query per tick, not a write transaction.
+        """
+        for d in store.rollout_devices(rollout["id"], status=UNSETTLED):
+            if d["status"] == "pending" or _settling_report(store, d) is not None:
+                return True
+        return False
+
+    def _judged_offline(self, store: FleetStore, now: float, since: float) -> dict[str, bool] | None:
+        """Which devices this controller has itself seen to be offline for a whole heartbeat window since
+        ``since``; None (no judgement at all) while its link is down or has been up for less than
+        ``heartbeat_timeout``: a restarted controller, or one back from a broker outage, first reads the retained
+        states and the queued reports in, and until then a stale ``last_seen`` is no evidence."""
+        up = self.link_up_since()
+        if up is None or now - max(up, since) <= self.heartbeat_timeout:
+            return None
         return {
-            row.id: is_online(row, now=now, heartbeat_timeout=self.heartbeat_timeout) for row in store.list_devices()
+            row.id: not is_online(row, now=now, heartbeat_timeout=self.heartbeat_timeout)
+            for row in store.list_devices()
         }
 
     def _step(self, store: FleetStore, rollout: dict[str, Any]) -> bool:
         now = self.clock()
-        online = self._online(store, now)
         devices = store.rollout_devices(rollout["id"])
         changed = self._collect(store, rollout, devices)
         devices = store.rollout_devices(rollout["id"]) if changed else devices
@@ -781,20 +843,35 @@ class RolloutDriver:
             store.update_rollout(rollout["id"], wave_started_ts=now, wave_deadline_ts=deadline, updated_ts=now)
             log.info("rollout.wave_started", rollout=rollout["id"], wave=wave, devices=len(in_wave))
             return True
-        # An offline device stops blocking the wave once it has had a whole heartbeat window to show up.
-        grace_over = now - float(rollout["wave_started_ts"]) > self.heartbeat_timeout
+        if rollout["wave_deadline_ts"] is None:  # a wave started while paused by an older serve: give it time
+            deadline = now + float(rollout["wave_timeout_s"])
+            store.update_rollout(rollout["id"], wave_deadline_ts=deadline, updated_ts=now)
+            log.warning("rollout.deadline_restored", rollout=rollout["id"], wave=wave)
+            return True
+        # An offline device stops blocking the wave once this controller has watched it for a whole heartbeat
+        # window, with its link up, since the wave started (a device that only looked stale at the start, or
+        # after a controller restart or a broker outage, still gets counted).
+        offline = self._judged_offline(store, now, since=float(rollout["wave_started_ts"]))
         waiting = [d for d in in_wave if d["status"] == "assigned"]
-        blocking = [d for d in waiting if online.get(d["device"], False) or not grace_over]
+        blocking = [d for d in waiting if offline is None or not offline.get(d["device"], False)]
         if blocking and now < float(rollout["wave_deadline_ts"]):
             return changed
-        for d in waiting:  # offline is not a failure; silence from an online device at the deadline is
-            if online.get(d["device"], False):
+        # At the deadline: silence from a device seen online is a failure, a device not seen for a heartbeat window
+        # is not counted. Neither is judged before the link has been up for a heartbeat window (the device's report
+        # may still be queued for us): the wave waits until then, at most a heartbeat window of link time past its
+        # deadline. (The wave's own grace window does not apply here: a deadline shorter than it stays in force.)
+        if waiting:
+            offline = self._judged_offline(store, now, since=0.0)
+            if offline is None:
+                return changed
+        for d in waiting:
+            if offline is not None and offline.get(d["device"], False):
                 store.update_rollout_device(
-                    rollout["id"], d["device"], status="timeout", result_ts=now, reason="no report by the deadline"
+                    rollout["id"], d["device"], status="offline", reason="offline: catches up when it returns"
                 )
             else:
                 store.update_rollout_device(
-                    rollout["id"], d["device"], status="offline", reason="offline: catches up when it returns"
+                    rollout["id"], d["device"], status="timeout", result_ts=now, reason="no report by the deadline"
                 )
         in_wave = [d for d in store.rollout_devices(rollout["id"]) if d["wave"] == wave]
         result = evaluate_gates(in_wave, Gates(**json.loads(rollout["gates_json"])))
@@ -864,23 +941,7 @@ class RolloutDriver:
         """Turn the reports on assigned generations into outcomes."""
         changed = False
         for d in devices:
-            if d["status"] not in ("assigned", "offline") or d["generation"] is None:
-                continue  # an "offline" device reporting late is one catching up
-            target = json.loads(d["target_json"])
-            outcome = None
-            # a newer assignment (a key rotation re-signs, another deploy) may replace ours before the device
-            # applies it: a report on a later generation counts when it is about this very release
-            for report in store.reports_since(d["device"], int(d["generation"])):
-                model = json.loads(report["model"]) if report["model"] else {}
-                if model.get("name") != target["name"]:
-                    continue
-                if report["generation"] != d["generation"] and (
-                    model.get("version") != target["version"] or model.get("variant") != target["variant"]
-                ):
-                    continue
-                outcome = report
-                if report["outcome"] != "ok" or report["kind"] in ("install", "health"):
-                    break
+            outcome = _settling_report(store, d)
             if outcome is None:
                 continue
             ok = outcome["outcome"] == "ok"
@@ -928,6 +989,28 @@ class RolloutDriver:
             rolled.append(d["device"])
         log.info("rollout.rolled_back", rollout=rollout_id, devices=rolled)
         return rolled
+
+
+def _settling_report(store: FleetStore, d: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The report that gives an ``assigned`` or ``offline`` rollout device its outcome, if one arrived."""
+    if d["status"] not in ("assigned", "offline") or d["generation"] is None:
+        return None  # an "offline" device reporting late is one catching up
+    target = json.loads(d["target_json"])
+    outcome = None
+    # a newer assignment (a key rotation re-signs, another deploy) may replace ours before the device applies
+    # it: a report on a later generation counts when it is about this very release
+    for report in store.reports_since(d["device"], int(d["generation"])):
+        model = json.loads(report["model"]) if report["model"] else {}
+        if model.get("name") != target["name"]:
+            continue
+        if report["generation"] != d["generation"] and (
+            model.get("version") != target["version"] or model.get("variant") != target["variant"]
+        ):
+            continue
+        outcome = report
+        if report["outcome"] != "ok" or report["kind"] in ("install", "health"):
+            break
+    return outcome
 
 
 def check_variant(variant: str) -> str:

@@ -580,16 +580,22 @@ class FleetStore:
             [device, generation, envelope, json.dumps(models, sort_keys=True), time.time()],
         )
 
-    def latest_assignments(self, *, unpublished_only: bool = False) -> list[AssignmentRow]:
-        """The newest assignment of every device (of non-revoked devices)."""
+    def latest_assignments(
+        self, *, unpublished_only: bool = False, devices: Sequence[str] | None = None
+    ) -> list[AssignmentRow]:
+        """The newest assignment of every device (of non-revoked devices; of ``devices`` only, if given)."""
         sql = (
             "SELECT a.* FROM assignments a JOIN devices d ON d.id = a.device "
             "WHERE d.revoked_ts IS NULL AND a.generation = "
             "(SELECT max(generation) FROM assignments b WHERE b.device = a.device)"
         )
+        params: list[Any] = []
         if unpublished_only:
             sql += " AND a.published_ts IS NULL"
-        return [_assignment_row(r) for r in self._rows(sql + " ORDER BY a.device")]
+        if devices is not None:
+            sql += " AND a.device IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(list(devices)))
+        return [_assignment_row(r) for r in self._rows(sql + " ORDER BY a.device", params)]
 
     def mark_published(self, device: str, generation: int, *, now: float) -> None:
         """Record that an assignment was published (its own transaction)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -95,6 +96,7 @@ class ControllerLink:
         backoff: Backoff | None = None,
         stable_after: float = 10.0,
         timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
         self.port = port
@@ -107,6 +109,9 @@ class ControllerLink:
         self.timeout = timeout
         self.connected = asyncio.Event()
         self.connects = 0
+        self.clock = clock
+        self.up_since: float | None = None
+        """When (``clock`` time) the current connection was made and subscribed; None while the link is down."""
         self._tls = tls
         self._client: aiomqtt.Client | None = None
 
@@ -167,6 +172,7 @@ class ControllerLink:
                 for topic_filter in self.subscriptions:
                     await client.subscribe(topic_filter, qos=1)
                 self._client = client
+                self.up_since = self.clock()
                 self.connected.set()
                 await on_connect(self)
                 async for message in client.messages:
@@ -176,6 +182,7 @@ class ControllerLink:
                     )
             finally:
                 self._client = None
+                self.up_since = None
                 self.connected.clear()
 
 

@@ -136,6 +136,56 @@ async def test_rotation_re_signs_the_newest_assignment_of_every_device(setup: Se
     assert message.message.models == ()
 
 
+@pytest.mark.parametrize("serve_signs_with", ["old key", "new key"])
+def test_rotation_re_signs_what_is_newest_when_it_re_signs_not_an_older_snapshot(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, serve_signs_with: str
+) -> None:
+    """A rollback inserted by serve after the rotation listed the devices is what gets re-signed: the rotation
+    never re-assigns the release that was just rolled back; one serve already signed with the new key (it reloaded
+    it) is left as it is."""
+    from controller.assignment_keys import rotate_assignment_key
+    from controller.store import FleetStore
+    from protocols.messages import DesiredModel
+
+    def model(version: int) -> DesiredModel:
+        return DesiredModel("m", version, "q4_0", f"models/m/{version}/q4_0.gguf", f"{version:064x}", 1000)
+
+    def insert(store: FleetStore, key: Ed25519PrivateKey, generation: int, version: int) -> None:
+        message = Assignment(DEVICE, generation, int(time.time() * 1000), (model(version),), rollout_id="r-m-1")
+        with store.transaction():
+            store.add_assignment(DEVICE, generation, seal(message, TopicKind.ASSIGN, [key]), [model(version).to_dict()])
+
+    old = setup.home.assignment_key()
+    serve_store = setup.home.open_store()  # serve's own connection
+    insert(serve_store, old, 1, 1)
+    insert(serve_store, old, 2, 2)  # a wave reached the device: m v2
+    listed = FleetStore.latest_assignments
+
+    def list_then_serve_rolls_back(self: FleetStore, **kw: object) -> object:
+        rows = listed(self, **kw)  # type: ignore[arg-type]
+        if not kw and self is not serve_store:  # the rotation's listing; serve halts the rollout right after it
+            monkeypatch.setattr(FleetStore, "latest_assignments", listed)
+            signer = old if serve_signs_with == "old key" else setup.home.assignment_key()  # installed by now
+            insert(serve_store, signer, 3, 1)  # the rollback: m v1 again
+        return rows
+
+    monkeypatch.setattr(FleetStore, "latest_assignments", list_then_serve_rolls_back)
+    rotation = rotate_assignment_key(setup.home, setup.repo)
+    new = setup.home.assignment_key()
+    try:
+        rows = serve_store.assignments(DEVICE)
+        resigned = serve_signs_with == "old key"
+        assert [row.generation for row in rows] == ([4, 3, 2, 1] if resigned else [3, 2, 1])
+        assert [m["version"] for m in rows[0].models] == [1]  # the rollback (re-signed or not); not v2 again
+        sealed = open_sealed(device_topic(DEVICE, TopicKind.ASSIGN), rows[0].envelope, {keyid(new): new.public_key()})
+        assert isinstance(sealed.message, Assignment)
+        assert [m.version for m in sealed.message.models] == [1]
+        assert sealed.message.rollout_id == "r-m-1"
+        assert rotation.resigned == (1 if resigned else 0)
+    finally:
+        serve_store.close()
+
+
 @contextlib.asynccontextmanager
 async def _keyring_running(
     setup: Setup, lookup: Callable[[], Awaitable[object]]

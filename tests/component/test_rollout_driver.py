@@ -51,11 +51,11 @@ class Clock:
         return self.now
 
 
-def _candidate(version: int) -> Candidate:
+def _candidate(version: int, name: str = "m") -> Candidate:
     length = 1000
     fields = ModelTargetFields("gguf", "q4_0", 0, 0, 0, (), (), "mit", length, ("0" * 64,))
-    entry = TargetEntry(f"models/m/{version}/q4_0.gguf", length, f"{version:064x}", fields, True)
-    return Candidate(entry, "m", version, "q4_0", None)
+    entry = TargetEntry(f"models/{name}/{version}/q4_0.gguf", length, f"{version:064x}", fields, True)
+    return Candidate(entry, name, version, "q4_0", None)
 
 
 @pytest.fixture
@@ -131,8 +131,13 @@ def _start(store: FleetStore, clock: Clock, waves: tuple[float, ...], timeout: f
     )
 
 
-def _tick(store: FleetStore, clock: Clock) -> None:
-    RolloutDriver(KEY, heartbeat_timeout=HEARTBEAT, clock=clock).tick(store)  # a new driver each time: no state
+LINK_UP = T0 - 3600
+"""The controller's link has been up since long before the tests' start (unless a test says otherwise)."""
+
+
+def _tick(store: FleetStore, clock: Clock, *, link_up_since: float | None = LINK_UP) -> int:
+    driver = RolloutDriver(KEY, heartbeat_timeout=HEARTBEAT, clock=clock, link_up_since=lambda: link_up_since)
+    return driver.tick(store)  # a new driver each time: no state
 
 
 def _devices(store: FleetStore, rollout_id: str) -> dict[str, dict[str, Any]]:
@@ -298,3 +303,177 @@ def test_a_report_on_a_newer_generation_about_the_same_release_counts(store: Fle
     _tick(store, clock)
     assert _devices(store, rollout_id)["a"]["status"] == "ok"
     assert store.rollout(rollout_id)["status"] == "completed"  # type: ignore[index]
+
+
+# --- offline only on this controller's own observation (docs/rollouts.md, Restarts) -----------------------
+
+
+def test_a_restarted_controller_does_not_pass_a_wave_on_stale_last_seen(store: FleetStore) -> None:
+    """After a downtime longer than the heartbeat window, a wave is not passed before the link is up and the
+    devices' states and queued reports are in: the canary's failure report, read in after the restart, halts."""
+    clock = Clock()
+    for device in ("d1", "d2", "d3"):
+        _add(store, device, online=True, now=clock.now)
+    rollout_id = _start(store, clock, (30.0, 100.0), timeout=900.0)
+    _tick(store, clock)
+    assert [d for d, row in _devices(store, rollout_id).items() if row["status"] == "assigned"] == ["d1"]
+    generation = _devices(store, rollout_id)["d1"]["generation"]
+    clock.now += HEARTBEAT + 5  # the controller was down; nobody touched last_seen
+    _tick(store, clock, link_up_since=None)  # the first tick after the restart: the link is not up yet
+    rollout = store.rollout(rollout_id)
+    assert rollout is not None
+    assert (rollout["status"], rollout["wave"]) == ("running", 0)
+    assert _devices(store, rollout_id)["d1"]["status"] == "assigned"
+    restarted = clock.now
+    _tick(store, clock, link_up_since=restarted)  # the link just came up: a stale last_seen is still no evidence
+    assert _devices(store, rollout_id)["d1"]["status"] == "assigned"
+    _keep_online(store, clock, "d1", "d2", "d3")  # retained state and the queued report arrive
+    _report(store, "d1", generation, outcome="failed", kind="health")
+    clock.now += 1
+    _tick(store, clock, link_up_since=restarted)
+    rollout = store.rollout(rollout_id)
+    assert rollout is not None
+    assert rollout["status"] == "halted"
+    assert "health_rate 0.00 < 1.00" in rollout["reason"]
+    assert _devices(store, rollout_id)["d2"]["status"] in ("pending", "skipped")  # wave 2 never started
+
+
+def test_a_device_is_judged_offline_only_after_a_heartbeat_window_of_link_up_time(store: FleetStore) -> None:
+    """A silent device holds its wave, even past the deadline, while the link is down or up for less than a
+    heartbeat window; after a whole window of link time it is `offline` and the wave passes (counted: 0)."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    rollout_id = _start(store, clock, (100.0,), timeout=30.0)
+    _tick(store, clock)
+    clock.now += 100  # past the wave's deadline and the heartbeat window: a stale last_seen
+    _tick(store, clock, link_up_since=None)  # a broker outage: the link is down
+    assert _devices(store, rollout_id)["a"]["status"] == "assigned"
+    up = clock.now
+    clock.now += HEARTBEAT / 2
+    _tick(store, clock, link_up_since=up)
+    assert _devices(store, rollout_id)["a"]["status"] == "assigned"
+    assert store.rollout(rollout_id)["status"] == "running"  # type: ignore[index]
+    clock.now += HEARTBEAT
+    _tick(store, clock, link_up_since=up)
+    rollout = store.rollout(rollout_id)
+    assert rollout is not None
+    assert (rollout["status"], _devices(store, rollout_id)["a"]["status"]) == ("completed", "offline")
+    assert json.loads(rollout["gate_log_json"])[-1]["counted"] == 0
+
+
+# --- pause, resume, and one bad rollout -------------------------------------------------------------------
+
+
+def test_a_pause_landing_mid_tick_is_obeyed(store: FleetStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rollout pause` committed after tick() listed the rollouts but before its step: no wave starts."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    _add(store, "b", online=True, now=clock.now)
+    rollout_id = _start(store, clock, (50.0, 100.0))
+    _tick(store, clock)
+    _report(store, "a", _devices(store, rollout_id)["a"]["generation"])
+    _tick(store, clock)  # wave 1 passed; wave 2 not started yet
+    assert store.rollout(rollout_id)["wave_started_ts"] is None  # type: ignore[index]
+    listed = store.rollouts
+
+    def rollouts_then_pause(**kw: Any) -> list[dict[str, Any]]:  # the operator's pause, between list and step
+        rows = listed(**kw)
+        with store.transaction():
+            store.update_rollout(rollout_id, status="paused", paused_remaining_s=None)
+        monkeypatch.setattr(store, "rollouts", listed)
+        return rows
+
+    monkeypatch.setattr(store, "rollouts", rollouts_then_pause)
+    _tick(store, clock)
+    rollout = store.rollout(rollout_id)
+    assert rollout is not None
+    assert (rollout["status"], rollout["wave_started_ts"]) == ("paused", None)
+    assert _devices(store, rollout_id)["b"]["status"] == "pending"
+
+
+def test_a_wave_without_a_deadline_gets_one_and_a_failing_rollout_does_not_stop_the_others(
+    store: FleetStore,
+) -> None:
+    """A started wave with no deadline (what the pause race left behind) gets a whole one instead of raising on
+    every tick; a rollout whose step raises is logged and the rollouts listed after it still advance."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    jammed = _start(store, clock, (100.0,), timeout=30.0)
+    _tick(store, clock)
+    with store.transaction():
+        store.update_rollout(jammed, wave_deadline_ts=None)
+    _tick(store, clock)
+    assert store.rollout(jammed)["wave_deadline_ts"] == clock.now + 30.0  # type: ignore[index]
+    clock.now += 31
+    _keep_online(store, clock, "a")
+    _tick(store, clock)
+    assert store.rollout(jammed)["status"] == "halted"  # type: ignore[index]  # silent online canary: timeout
+    # two rollouts of other models: the first listed has a corrupt row, the second must still start its wave
+    _add(store, "b", online=True, now=clock.now)
+    facts = [f for f in device_facts(store, heartbeat_timeout=HEARTBEAT, now=clock.now) if f.id == "b"]
+    ids = []
+    for name in ("x-broken", "y-fine"):
+        choices = [choose_variant(f, [_candidate(2, name)], FitPolicy()) for f in facts]
+        ids.append(
+            start_rollout(
+                store,
+                choices,
+                wave_plan(choices, (100.0,)),
+                selector="b",
+                waves=(100.0,),
+                wave_timeout_s=60.0,
+                policy=FitPolicy(),
+                gates=Gates(),
+                now=clock.now,
+            )
+        )
+    with store.transaction():
+        store.update_rollout(ids[0], wave_timeout_s="not a number")
+    _tick(store, clock)
+    assert store.rollout(ids[0])["wave_started_ts"] is None  # type: ignore[index]  # its step was rolled back
+    assert store.rollout(ids[1])["wave_started_ts"] == clock.now  # type: ignore[index]
+
+
+def test_an_ended_rollout_with_an_offline_straggler_costs_no_write_transaction(store: FleetStore) -> None:
+    """A completed rollout whose offline device never returns is not stepped (no BEGIN IMMEDIATE per tick); its
+    report, when it does return, is still recorded as caught up."""
+    clock = Clock()
+    _add(store, "a", online=False, now=clock.now)
+    rollout_id = _start(store, clock, (100.0,), timeout=600.0)
+    _tick(store, clock)
+    clock.now += HEARTBEAT + 1
+    _tick(store, clock)
+    assert store.rollout(rollout_id)["status"] == "completed"  # type: ignore[index]
+    assert _devices(store, rollout_id)["a"]["status"] == "offline"
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    try:
+        for _ in range(3):
+            clock.now += 1
+            assert _tick(store, clock) == 0
+    finally:
+        store.db.conn.set_trace_callback(None)
+    assert not [s for s in statements if s.startswith("BEGIN")]
+    _report(store, "a", _devices(store, rollout_id)["a"]["generation"])
+    assert _tick(store, clock) == 1
+    a = _devices(store, rollout_id)["a"]
+    assert (a["status"], a["caught_up"]) == ("ok", 1)
+
+
+def test_after_a_restart_past_the_deadline_a_queued_report_is_read_before_a_timeout(store: FleetStore) -> None:
+    """The wave's deadline passed while the controller was down: a device whose fresh state arrived first is not
+    timed out before the link has been up for a heartbeat window, so its queued report still counts."""
+    clock = Clock()
+    _add(store, "a", online=True, now=clock.now)
+    rollout_id = _start(store, clock, (100.0,), timeout=30.0)
+    _tick(store, clock)
+    clock.now += 100  # down past the deadline
+    up = clock.now
+    _keep_online(store, clock, "a")  # its retained state is read in first
+    _tick(store, clock, link_up_since=up)
+    assert _devices(store, rollout_id)["a"]["status"] == "assigned"
+    _report(store, "a", _devices(store, rollout_id)["a"]["generation"])  # then the report queued for us
+    clock.now += 1
+    _tick(store, clock, link_up_since=up)
+    assert store.rollout(rollout_id)["status"] == "completed"  # type: ignore[index]
+    assert _devices(store, rollout_id)["a"]["status"] == "ok"
