@@ -21,23 +21,34 @@ A desired model that is not installed is fetched and installed by the ``installe
 installed copy differs from the signed sha256/length, it is refused with a signed report. A refused release stays
 refused until a new generation arrives; a transient failure (link or repository unreachable) is retried after
 ``retry_after_s`` without being reported.
+
+With an installer, a desired model found ``staged`` is never activated directly: it goes through the installer's
+health check (:meth:`~agent.link.releases.ReleaseInstaller.activate_checked`), like a fresh install — this is
+how a release whose check a crash interrupted is checked again after the restart. ``previous`` models (active
+before) are re-activated directly: rollback is instant. The numbers of a passed check are kept in the link store
+until the report that carries them commits with the "applied" mark.
+
+Every install step asks :meth:`Dispatcher._superseded` whether the generation being applied still stands: once a
+newer accepted generation no longer asks for the model (a rollback), nothing more is activated for the old one; its
+report says so, and the newer generation is reconciled next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import structlog
 
 from agent.errors import AgentError
 from agent.link.outbox import Outbox
-from agent.link.store import LinkStore
+from agent.link.store import HealthCheckKey, LinkStore
 from protocols.backoff import raise_if_cancelled
 from protocols.errors import ProtocolError, RollbackError, VerificationError
 from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey
@@ -155,6 +166,9 @@ class _Outcome:
     changed: bool
     missing: bool = False
     metrics: Mapping[str, float] = field(default_factory=dict)
+    unchecked: bool = False
+    """Installed but staged: it is activated only through the installer's health check."""
+    record: Any = None
 
 
 class InstallResult(Protocol):
@@ -177,8 +191,16 @@ class InstallResult(Protocol):
 class ReleaseInstall(Protocol):
     """Installs a desired model missing from the registry (:class:`agent.link.releases.ReleaseInstaller`)."""
 
-    async def install(self, model: DesiredModel) -> InstallResult:
-        """Install and activate ``model``; never raises for a refusal."""
+    async def install(
+        self, model: DesiredModel, *, superseded: Callable[[], Awaitable[str | None]] | None = None
+    ) -> InstallResult:
+        """Install, health-check and activate ``model``; never raises for a refusal."""
+        ...
+
+    async def activate_checked(
+        self, model: DesiredModel, record: Any, *, superseded: Callable[[], Awaitable[str | None]] | None = None
+    ) -> InstallResult:
+        """Health-check the staged ``record`` of ``model``, then activate it (quarantine it if it fails)."""
         ...
 
 
@@ -308,19 +330,20 @@ class Dispatcher:
             return
         first = assignment.generation > desired.applied_generation
         outcomes = [await asyncio.to_thread(self._apply_model, model) for model in assignment.models]
-        if first and self.installer is not None and any(o.missing for o in outcomes):
-            outcomes, retry = await self._install_missing(outcomes)
+        if self.installer is not None and any(o.unchecked or (first and o.missing) for o in outcomes):
+            outcomes, retry = await self._install_missing(assignment.generation, outcomes, install=first)
             if retry:  # the link or repository is unreachable: try again later, report nothing yet
                 asyncio.get_running_loop().call_later(self.retry_after_s, self.wake.set)
                 if any(o.changed for o in outcomes):
                     self.on_change()
                 return
         if first:
+            outcomes = await self.store.run(self._with_checked_metrics, outcomes)
             self.fault("applied")  # crash-test seam: the registry changed, the "applied" mark is not written
             reports = [self._model_report(assignment, o) for o in outcomes]
             if not assignment.models:
                 reports.append(self._report("install", "ok", "no models desired", generation=assignment.generation))
-            await self.store.run(self._commit_applied, assignment.generation, reports)
+            await self.store.run(self._commit_applied, assignment.generation, reports, assignment.models)
             self.outbox.wake.set()
             await self._audit(
                 "assignment.applied",
@@ -340,21 +363,33 @@ class Dispatcher:
             drift = [o for o in outcomes if o.changed]
             if drift:
                 reports = [self._model_report(assignment, o, reason_prefix="drift corrected: ") for o in drift]
-                await self.store.run(self._commit_applied, assignment.generation, reports)
+                models = [o.model for o in drift]
+                await self.store.run(self._commit_applied, assignment.generation, reports, models)
                 self.outbox.wake.set()
         if any(o.changed for o in outcomes) or first:
             self.on_change()
 
-    async def _install_missing(self, outcomes: list[_Outcome]) -> tuple[list[_Outcome], bool]:
-        """Fetch and install the models of a new assignment that are not installed (one at a time)."""
+    async def _install_missing(
+        self, generation: int, outcomes: list[_Outcome], *, install: bool
+    ) -> tuple[list[_Outcome], bool]:
+        """Health-check and activate the staged desired models; with ``install`` (a new assignment), also fetch
+        and install those that are not installed (one at a time).
+
+        Each step first asks whether ``generation`` is still wanted (:meth:`_superseded`): a newer assignment
+        accepted meanwhile (a rollback) stops it before anything more is activated.
+        """
         assert self.installer is not None
         done: list[_Outcome] = []
         retry = False
         for o in outcomes:
-            if not o.missing:
+            superseded = functools.partial(self._superseded, generation, o.model)
+            if o.unchecked:
+                result = await self.installer.activate_checked(o.model, o.record, superseded=superseded)
+            elif install and o.missing:
+                result = await self.installer.install(o.model, superseded=superseded)
+            else:
                 done.append(o)
                 continue
-            result = await self.installer.install(o.model)
             retry = retry or result.retry
             done.append(
                 _Outcome(o.model, result.kind, result.outcome, result.reason, result.changed, metrics=result.metrics)
@@ -362,7 +397,31 @@ class Dispatcher:
             log.info("release.outcome", device_id=self.device, model=o.model.ref.key, outcome=result.outcome)
         return done, retry
 
-    def _commit_applied(self, generation: int, reports: list[Report]) -> None:
+    async def _superseded(self, generation: int, model: DesiredModel) -> str | None:
+        """None while the newest accepted assignment is ``generation`` or still asks for ``model``, else why not."""
+        desired = await self.store.run(self._load)
+        if desired is None or desired.generation <= generation:
+            return None
+        try:
+            newer = self.verifier.verify(desired.envelope)
+        except ProtocolError:
+            return None  # reconcile will not apply it either; the generation being applied stays in force
+        if model in newer.models:
+            return None  # e.g. re-signed after a key rotation, or another model's deploy: the same release
+        return f"generation {desired.generation} was accepted meanwhile and does not ask for {model.ref.key}"
+
+    def _with_checked_metrics(self, outcomes: list[_Outcome]) -> list[_Outcome]:
+        """Outcomes with the numbers of a passed health check whose report a crash prevented (store thread)."""
+        done = []
+        for o in outcomes:
+            if o.kind == "install" and o.outcome == "ok" and not o.metrics:
+                row = self.store.health_check(_check_key(o.model))
+                if row is not None and row.state == "passed":
+                    o = replace(o, metrics=row.metrics)
+            done.append(o)
+        return done
+
+    def _commit_applied(self, generation: int, reports: list[Report], models: Sequence[DesiredModel] = ()) -> None:
         with self.store.transaction() as db:
             db.execute(
                 "UPDATE desired SET applied_generation = max(applied_generation, ?), applied_ts = ? WHERE id = 1",
@@ -370,6 +429,8 @@ class Dispatcher:
             )
             for report in reports:
                 self.outbox.put_in_transaction(TopicKind.REPORT, report.report_id, self._seal(report))
+            for model in models:  # their health checks' numbers are in these reports now
+                self.store.forget_health_check(_check_key(model), passed_only=True)
 
     def _apply_model(self, model: DesiredModel) -> _Outcome:
         """Make ``model`` active if it is installed and intact; blocking (runs in a worker thread)."""
@@ -392,6 +453,9 @@ class Dispatcher:
                 )
             if record.state == "active":
                 return _Outcome(model, "install", "ok", f"{model.ref.key} is active", False)
+            if record.state == "staged" and self.installer is not None:
+                # never activated, or a restart interrupted its health check: the installer checks it first
+                return _Outcome(model, "install", "ok", "", False, unchecked=True, record=record)
             self.registry.activate(model.name, model.variant, model.version)
             return _Outcome(model, "install", "ok", f"activated {model.ref.key}", True)
         except AgentError as exc:
@@ -437,3 +501,7 @@ class Dispatcher:
 
     def _seal(self, report: Report) -> bytes:
         return seal(report, TopicKind.REPORT, [self.signing_key])
+
+
+def _check_key(model: DesiredModel) -> HealthCheckKey:
+    return (model.name, model.variant, model.version, model.sha256)

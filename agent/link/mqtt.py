@@ -621,7 +621,9 @@ async def open_agent_link(
             metadata_dir=link_dir(config.state_dir) / "tuf",
             bootstrap=tuf_root,
             hardware=state.hardware,
+            store=store,
             health_check=health_check,
+            max_check_attempts=config.registry.crash_quarantine_after,  # the registry's crash-loop breaker's
             artifact_url=config.link.artifact_url,
         )
         if link.dispatcher.installer is not None:  # transfers in progress go into the device state

@@ -19,6 +19,15 @@ target by the TUF repository, and both must agree). Steps, each refusing with a 
 7. Health check (injected: load + a fixed prompt at temperature 0 in the daemon); on failure the model is
    quarantined and the active model is unchanged — the device rolls itself back without the controller, and the
    report (kept in the outbox until acked) says so when the link is back; on success it is activated.
+   :meth:`ReleaseInstaller.activate_checked` is this step alone: the dispatcher calls it for a release it finds
+   staged (a restart interrupted its check), so no path activates a delivered release unchecked. Attempts are
+   counted durably before each check starts (``health_checks`` in the link store): after
+   ``max_check_attempts`` checks that never finished (each killed the agent) the release is quarantined and
+   reported failed, instead of crash-looping the device.
+
+Between the phases (before the download, before the health check, before the activation) the installer asks
+whether the assignment it applies is still wanted (``superseded``): a rollback accepted meanwhile stops it, and
+the newer generation alone decides what is active.
 
 The outcome is an :class:`InstallOutcome`; ``retry`` marks failures worth retrying later (the link is down);
 ``metrics`` carries what the health check measured (``ttft_ms``, ``tokens_per_s``, ...) into the report, for the
@@ -49,6 +58,7 @@ from agent.link.fetch import (
     MqttBlobFetcher,
     VerifiedPrefix,
 )
+from agent.link.store import HealthCheckKey, LinkStore
 from agent.link.updater import (
     HttpMetadataSource,
     MetadataSource,
@@ -67,6 +77,7 @@ __all__ = [
     "InstallRegistry",
     "LinkMetadataSource",
     "ReleaseInstaller",
+    "Superseded",
     "build_installer",
 ]
 
@@ -75,6 +86,10 @@ log = structlog.get_logger(__name__)
 HealthCheck = Callable[[Any], Awaitable[Mapping[str, float] | None]]
 """Called with the installed (staged) model record; raises ``AgentError`` if the model is unhealthy, else returns
 what it measured (or None)."""
+
+Superseded = Callable[[], Awaitable[str | None]]
+"""Asked between the phases of an install: None while the assignment being applied still asks for the model,
+else why not (a newer generation was accepted that does not)."""
 
 
 @runtime_checkable
@@ -122,11 +137,17 @@ class ReleaseInstaller:
         updater: ReleaseUpdater,
         fetcher: MqttBlobFetcher,
         hardware: Callable[[], HardwareProfile],
+        store: LinkStore,
         health_check: HealthCheck | None = None,
+        max_check_attempts: int = 3,
         on_progress: Callable[[str, int, int], None] | None = None,
         http: HttpBlobFetcher | None = None,
         artifact_url: str = "",
     ) -> None:
+        self.store = store
+        """The link's database: health-check attempts and the numbers of passed checks (durable)."""
+        self.max_check_attempts = max(1, max_check_attempts)
+        """Health checks of one release that may start and never finish before it is quarantined."""
         self.http = http
         """Fetches over HTTP from ``artifact_url`` and the target's signed mirrors, before MQTT (None: MQTT only)."""
         self.artifact_url = artifact_url.rstrip("/")
@@ -146,9 +167,16 @@ class ReleaseInstaller:
         """Where the download of blob ``sha256`` is assembled (kept across restarts for resume)."""
         return self.registry.state_dir / DOWNLOADS_DIR / f"fetch-{sha256}"
 
-    async def install(self, model: DesiredModel) -> InstallOutcome:
-        """Install and activate ``model`` (see the module docstring); never raises for a refusal."""
+    async def install(self, model: DesiredModel, *, superseded: Superseded | None = None) -> InstallOutcome:
+        """Install and activate ``model`` (see the module docstring); never raises for a refusal.
+
+        ``superseded`` is asked before the download, before the health check and before the activation: once it
+        answers (a newer assignment no longer asks for ``model``), nothing more is done — a downloaded blob is
+        kept, staged, for a later assignment — and the outcome says so.
+        """
         key = model.ref.key
+        if (newer := await _superseded(superseded)) is not None:
+            return _superseded_outcome(key, newer, "before its download")
         try:
             target = await self.updater.target(model.target_path)
         except ReleaseUnavailableError as exc:
@@ -181,7 +209,7 @@ class ReleaseInstaller:
         if isinstance(validated, InvalidModelError):
             await asyncio.to_thread(_unlink, dest)
             return InstallOutcome("install", "failed", f"{key}: install refused: {validated}", False)
-        return await self._install(model, target, dest, validated)
+        return await self._install(model, target, dest, validated, superseded)
 
     def http_urls(self, target: VerifiedTarget) -> list[str]:
         """HTTP sources of ``target``, in order: the artifact server, then the signed mirrors."""
@@ -238,7 +266,12 @@ class ReleaseInstaller:
         return None
 
     async def _install(
-        self, model: DesiredModel, target: VerifiedTarget, dest: Path, validated: ModelFacts | None
+        self,
+        model: DesiredModel,
+        target: VerifiedTarget,
+        dest: Path,
+        validated: ModelFacts | None,
+        superseded: Superseded | None,
     ) -> InstallOutcome:
         key = model.ref.key
         try:
@@ -259,25 +292,102 @@ class ReleaseInstaller:
             return InstallOutcome("install", "failed", f"{key}: install refused: {exc}", False)
         finally:
             await asyncio.to_thread(_unlink, dest)
-        metrics: Mapping[str, float] = {}
-        if self.health_check is not None:
-            try:
-                metrics = await self.health_check(record) or {}
-            except AgentError as exc:
-                await asyncio.to_thread(self.registry.quarantine, record, f"health check failed: {exc}")
-                log.warning("release.rolled_back_locally", model=key, error=str(exc))
-                return InstallOutcome(
-                    "health",
-                    "failed",
-                    f"{key}: health check failed, quarantined; rolled back locally (the previously active model "
-                    f"stays active): {exc}",
-                    True,
-                )
-        await asyncio.to_thread(self.registry.activate, model.name, model.variant, model.version)
-        log.info("release.installed", model=key, target=target.path, **metrics)
+        return await self.activate_checked(model, record, superseded=superseded)
+
+    async def activate_checked(
+        self, model: DesiredModel, record: Any, *, superseded: Superseded | None = None
+    ) -> InstallOutcome:
+        """Health-check the installed (staged) ``record`` of ``model``, then activate it (module docstring, 7.).
+
+        Whatever path reaches a staged release — right after its install, or after a restart that interrupted
+        its health check (the dispatcher finds it staged) — it goes through here: it is never activated
+        unchecked. Each attempt is counted in the link store *before* the check starts and the count is cleared
+        when the check ends, so a release whose check kills the agent (llama.cpp crash, OOM kill, power cut) is
+        checked again after the restart, and after ``max_check_attempts`` attempts that never finished it is
+        quarantined and reported failed instead of crash-looping the device. A check that passed is recorded
+        with its numbers before the activation, so a crash between the activation and the report loses nothing.
+        Nothing is activated once ``superseded`` says a newer assignment no longer asks for the model.
+        """
+        key = model.ref.key
+        check_key: HealthCheckKey = (model.name, model.variant, model.version, str(record.sha256))
+        if (newer := await _superseded(superseded)) is not None:
+            return _superseded_outcome(key, newer, "before its health check")
+        if self.health_check is None:
+            metrics: Mapping[str, float] = {}
+        else:
+            recorded = await self.store.run(self.store.health_check, check_key)
+            if recorded is not None and recorded.state == "passed":
+                metrics = recorded.metrics  # it passed, then the agent stopped before activating it
+            else:
+                unfinished = 0 if recorded is None else recorded.attempts
+                if unfinished >= self.max_check_attempts:
+                    return await self._quarantine_unfinished(key, record, check_key, unfinished)
+                checked = await self._check(key, record, check_key)
+                if isinstance(checked, InstallOutcome):
+                    return checked
+                metrics = checked
+            if (newer := await _superseded(superseded)) is not None:
+                return _superseded_outcome(key, newer, "after its health check passed")
+        try:
+            await asyncio.to_thread(self.registry.activate, model.name, model.variant, model.version)
+        except AgentError as exc:
+            return InstallOutcome("install", "failed", f"{key}: cannot activate: {exc}", False)
+        log.info("release.installed", model=key, **metrics)
         return InstallOutcome(
-            "install", "ok", f"installed and activated {key} from {target.path}", True, metrics=dict(metrics)
+            "install", "ok", f"installed and activated {key} from {model.target_path}", True, metrics=dict(metrics)
         )
+
+    async def _check(self, key: str, record: Any, check_key: HealthCheckKey) -> Mapping[str, float] | InstallOutcome:
+        """One counted health check: its numbers, or the outcome of a failed check (quarantined)."""
+        assert self.health_check is not None
+        attempt = await self.store.run(self.store.begin_health_check, check_key)
+        log.info("release.health_check_started", model=key, attempt=attempt)
+        try:
+            metrics = await self.health_check(record) or {}
+        except AgentError as exc:
+            await asyncio.to_thread(self.registry.quarantine, record, f"health check failed: {exc}")
+            await self.store.run(self.store.forget_health_check, check_key)
+            log.warning("release.rolled_back_locally", model=key, error=str(exc))
+            return InstallOutcome(
+                "health",
+                "failed",
+                f"{key}: health check failed, quarantined; rolled back locally (the previously active model "
+                f"stays active): {exc}",
+                True,
+            )
+        except asyncio.CancelledError:  # the agent stops (SIGTERM): not the model's doing, do not count it
+            await asyncio.shield(self.store.run(self.store.uncount_health_check, check_key))
+            raise
+        await self.store.run(self.store.pass_health_check, check_key, metrics)
+        return metrics
+
+    async def _quarantine_unfinished(
+        self, key: str, record: Any, check_key: HealthCheckKey, unfinished: int
+    ) -> InstallOutcome:
+        reason = (
+            f"health check never finished in {unfinished} attempt(s): the agent stopped during each "
+            "(a crash in the inference engine, an OOM kill, a power cut or a restart)"
+        )
+        await asyncio.to_thread(self.registry.quarantine, record, reason)
+        await self.store.run(self.store.forget_health_check, check_key)
+        log.warning("release.rolled_back_locally", model=key, error=reason)
+        return InstallOutcome(
+            "health",
+            "failed",
+            f"{key}: {reason}; quarantined, rolled back locally (the previously active model stays active)",
+            True,
+        )
+
+
+async def _superseded(superseded: Superseded | None) -> str | None:
+    return None if superseded is None else await superseded()
+
+
+def _superseded_outcome(key: str, newer: str, when: str) -> InstallOutcome:
+    log.info("release.superseded", model=key, when=when, reason=newer)
+    return InstallOutcome(
+        "install", "failed", f"{key}: not activated, superseded {when}: {newer} (the newer assignment decides)", False
+    )
 
 
 class _HeaderCheck:
@@ -382,7 +492,9 @@ def build_installer(
     metadata_dir: Path,
     bootstrap: bytes | None,
     hardware: Callable[[], HardwareProfile],
+    store: LinkStore,
     health_check: HealthCheck | None = None,
+    max_check_attempts: int = 3,
     policy: FetchPolicy | None = None,
     artifact_url: str = "",
 ) -> ReleaseInstaller | None:
@@ -404,7 +516,9 @@ def build_installer(
         updater=updater,
         fetcher=MqttBlobFetcher(link, policy),
         hardware=hardware,
+        store=store,
         health_check=health_check,
+        max_check_attempts=max_check_attempts,
         http=HttpBlobFetcher(policy),
         artifact_url=artifact_url,
     )

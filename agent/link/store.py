@@ -8,6 +8,11 @@ Tables (migrations in :data:`MIGRATIONS`):
   (:mod:`agent.link.dispatch`).
 - ``events``: audit-worthy link events (assignment refused, message undeliverable, ...), newest
   :data:`MAX_EVENTS` kept; the audit log takes them over when it exists.
+- ``health_checks``: the post-install health checks of delivered releases (:mod:`agent.link.releases`), one row
+  per model content: ``running`` with the number of attempts started and never finished (written and committed
+  *before* a check starts, so a check that kills the agent is counted, and a release that keeps doing so is
+  quarantined instead of crash-looping the device), or ``passed`` with what the check measured (kept until the
+  report that carries the numbers is committed, so a crash between activation and that report loses nothing).
 
 Connection settings as the registry's: WAL, ``synchronous=FULL`` (a committed transaction survives power
 loss), explicit ``BEGIN IMMEDIATE`` transactions. Every call goes through :meth:`LinkStore.run`, which runs it
@@ -23,6 +28,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -31,7 +37,7 @@ import sqlite_utils
 from agent.errors import LinkError
 from agent.registry.schema import Migrations
 
-__all__ = ["MAX_EVENTS", "MIGRATIONS", "LinkStore"]
+__all__ = ["MAX_EVENTS", "MIGRATIONS", "HealthCheckKey", "HealthCheckRow", "LinkStore"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -39,6 +45,21 @@ T = TypeVar("T")
 MAX_EVENTS = 10_000
 
 MIGRATIONS = Migrations("edgefleet.agent.link")
+
+HealthCheckKey = tuple[str, str, int, str]
+"""``(name, variant, version, sha256)`` of the model a health check is about."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckRow:
+    """A release's health check as recorded in ``health_checks``."""
+
+    state: str
+    """``running`` (started, not finished) or ``passed``."""
+    attempts: int
+    """Checks started and never finished (the agent died during them)."""
+    metrics: Mapping[str, float]
+    """What a passed check measured."""
 
 
 @MIGRATIONS()
@@ -73,6 +94,23 @@ def m001_link(db: sqlite_utils.Database) -> None:
             ts REAL NOT NULL,
             kind TEXT NOT NULL,
             data TEXT NOT NULL
+        )""")
+
+
+@MIGRATIONS()
+def m002_health_checks(db: sqlite_utils.Database) -> None:
+    """Health checks of delivered releases: attempts that never finished, numbers of passed ones."""
+    db.execute("""
+        CREATE TABLE health_checks (
+            name TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('running', 'passed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            updated_ts REAL NOT NULL,
+            PRIMARY KEY (name, variant, version, sha256)
         )""")
 
 
@@ -156,3 +194,68 @@ class LinkStore:
             params.append(kind)
         rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", [*params, limit])
         return [{**row, "data": json.loads(row["data"])} for row in rows]
+
+    # --- health checks of delivered releases (agent.link.releases) ----------------------------------------------
+
+    def health_check(self, key: HealthCheckKey) -> HealthCheckRow | None:
+        """The recorded health check of ``key``, if any."""
+        row = self.db.execute(
+            "SELECT state, attempts, metrics FROM health_checks WHERE name = ? AND variant = ? AND version = ? "
+            "AND sha256 = ?",
+            list(key),
+        ).fetchone()
+        return None if row is None else HealthCheckRow(str(row[0]), int(row[1]), json.loads(row[2]))
+
+    def begin_health_check(self, key: HealthCheckKey, *, now: float | None = None) -> int:
+        """Count one more attempt at checking ``key`` (committed before the check starts); returns the count."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO health_checks (name, variant, version, sha256, state, attempts, updated_ts) "
+                "VALUES (?, ?, ?, ?, 'running', 1, ?) ON CONFLICT (name, variant, version, sha256) DO UPDATE SET "
+                "attempts = CASE WHEN state = 'running' THEN attempts + 1 ELSE 1 END, state = 'running', "
+                "metrics = '{}', updated_ts = excluded.updated_ts",
+                [*key, now if now is not None else time.time()],
+            )
+            row = db.execute(
+                "SELECT attempts FROM health_checks WHERE name = ? AND variant = ? AND version = ? AND sha256 = ?",
+                list(key),
+            ).fetchone()
+        return int(row[0])
+
+    def uncount_health_check(self, key: HealthCheckKey) -> None:
+        """Take back the attempt :meth:`begin_health_check` counted (the check was cancelled: the agent stops)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE health_checks SET attempts = max(attempts - 1, 0) WHERE name = ? AND variant = ? "
+                "AND version = ? AND sha256 = ? AND state = 'running'",
+                list(key),
+            )
+
+    def pass_health_check(self, key: HealthCheckKey, metrics: Mapping[str, float], *, now: float | None = None) -> None:
+        """Record that the check of ``key`` passed, with what it measured (until :meth:`forget_health_check`)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO health_checks (name, variant, version, sha256, state, attempts, metrics, updated_ts) "
+                "VALUES (?, ?, ?, ?, 'passed', 0, ?, ?) ON CONFLICT (name, variant, version, sha256) DO UPDATE SET "
+                "state = 'passed', attempts = 0, metrics = excluded.metrics, updated_ts = excluded.updated_ts",
+                [*key, json.dumps(dict(metrics), sort_keys=True), now if now is not None else time.time()],
+            )
+
+    def forget_health_check(self, key: HealthCheckKey, *, passed_only: bool = False) -> None:
+        """Drop the record of ``key`` (only a passed one with ``passed_only``), in the caller's transaction or its
+        own."""
+        own = not self.db.conn.in_transaction
+        if own:
+            self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(
+                "DELETE FROM health_checks WHERE name = ? AND variant = ? AND version = ? AND sha256 = ? "
+                "AND (state = 'passed' OR NOT ?)",
+                [*key, passed_only],
+            )
+        except BaseException:
+            if own:
+                self.db.execute("ROLLBACK")
+            raise
+        if own:
+            self.db.execute("COMMIT")
