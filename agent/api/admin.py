@@ -12,24 +12,37 @@ named ``admin_*``):
 
 Invariants: every name is syntax-checked before the registry sees it; registry writes are serialised through
 ``ApiState.registry_lock`` and run off the event loop; every change is reported to the audit hook with the
-caller as actor; an import path must be absolute and name an existing regular file.
+caller as actor, in the same detached task as the change (a client that disconnects cannot split them).
+
+Imports by path (the agent reads a file on the caller's behalf, so it must not read one the caller could not):
+the path must be absolute; only a unix-socket caller may import (its uid comes from ``SO_PEERCRED``; over TCP a
+token says nothing about which files its holder may read: 403); the agent's own uid and root may import any
+regular file; any other admin uid only a regular file it owns or that is world-readable, checked on the open
+file, whose sha256 then binds the install (:func:`_digest_for_uid`). Error messages name what is wrong, never
+the file's bytes or hash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
 import re
+import stat
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 from aiohttp import web
 
 from agent import __version__
-from agent.api.app import IDENTITY, STATE
+from agent.api.app import IDENTITY, STATE, ApiState
+from agent.api.auth import Identity
 from agent.api.validation import bad_request, check_model_name, check_variant, get_bool, get_int, get_str, read_json
+from agent.errors import PermissionDeniedError
 from agent.inference import LoadedInfo
 from agent.registry import ModelRecord
 
@@ -38,6 +51,8 @@ __all__ = ["add_routes", "record_json"]
 MAX_PATH_LENGTH = 4096
 MAX_VERSION = 2**31 - 1
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_VERSION_RE = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+_T = TypeVar("_T")
 
 
 def record_json(record: ModelRecord) -> dict[str, Any]:
@@ -61,11 +76,83 @@ def record_json(record: ModelRecord) -> dict[str, Any]:
     }
 
 
+async def _commit(
+    state: ApiState,
+    request: web.Request,
+    kind: str,
+    change: Callable[[], _T],
+    describe: Callable[[_T], Mapping[str, Any]],
+    *,
+    registry: bool = True,
+) -> _T:
+    """Make ``change`` (blocking, on a worker thread) and write its audit record, as one unit.
+
+    Both run in a task detached from the handler (:meth:`ApiState.detached`): a client that disconnects while
+    the change runs cancels its handler, but not the change, nor the audit record naming its actor. A registry
+    change holds ``registry_lock`` until its record is written; a failed change writes no record.
+    """
+    actor = request[IDENTITY].actor
+
+    async def run() -> _T:
+        async with state.registry_lock if registry else contextlib.nullcontext():
+            result = await state.in_thread(change)
+            await state.record(kind, actor, describe(result))
+        return result
+
+    return await state.detached(run())
+
+
+def _import_uid(state: ApiState, identity: Identity) -> int | None:
+    """The uid an import by path must be checked against, or ``None`` when the caller may import any file.
+
+    Raises:
+        PermissionDeniedError: the caller's uid is unknown (TCP, or no ``SO_PEERCRED``): with a token alone the
+            agent would read files on the caller's behalf that the caller may not be able to read.
+    """
+    peer = identity.peer
+    if identity.transport != "unix" or peer is None:
+        raise PermissionDeniedError(
+            "importing a file by path needs a caller whose uid the agent can check against the file: use the "
+            "unix socket (or `edge-agent models import` on the device), not TCP"
+        )
+    return None if peer.uid in (0, state.agent_uid) else peer.uid
+
+
+def _digest_for_uid(path: Path, uid: int) -> str:
+    """The sha256 of ``path`` if ``uid`` may import it: a regular file that ``uid`` owns or every user may read.
+
+    The file is opened once, its owner and mode checked on the open descriptor, and hashed from it, so what is
+    checked is what the caller's import is bound to (see :func:`import_model`). Group permissions and the parent
+    directories are not evaluated: a group-readable file is refused, and a world-readable file is accepted even in
+    a directory the caller cannot enter. The one error says neither whether the file exists nor what is in it.
+
+    Raises:
+        PermissionDeniedError: missing, unreadable by the agent, not a regular file, or neither owned by ``uid``
+            nor world-readable.
+    """
+    refused = PermissionDeniedError(
+        f"uid {uid} may import only an existing regular file that it owns or that every user may read"
+    )
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        raise refused from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or not (info.st_uid == uid or info.st_mode & stat.S_IROTH):
+        os.close(fd)
+        raise refused
+    with open(fd, "rb") as f:
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _query_version(request: web.Request) -> int | None:
     raw = request.query.get("version")
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 10 or not 1 <= int(raw) <= MAX_VERSION:
+    if not _VERSION_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_VERSION:
         raise bad_request("'version' must be a positive integer", "version")
     return int(raw)
 
@@ -93,23 +180,23 @@ async def import_model(request: web.Request) -> web.Response:
     path = Path(raw_path)
     if not path.is_absolute():
         raise bad_request("'path' must be an absolute path on the device", "path")
-    if not await state.in_thread(path.is_file):
-        raise bad_request(f"'path' {raw_path!r} is not an existing regular file", "path")
-    actor = request[IDENTITY].actor
-    async with state.registry_lock:
-        record = await state.in_thread(
-            state.registry.import_file,
-            path,
-            name=name,
-            variant=variant,
-            version=version,
-            activate=activate,
-            expected_sha256=expected,
-        )
-    await state.record(
+    uid = _import_uid(state, request[IDENTITY])
+    if uid is None:  # the agent's own uid or root: may import any file the agent can read
+        if not await state.in_thread(path.is_file):
+            raise bad_request(f"'path' {raw_path!r} is not an existing regular file", "path")
+    else:
+        digest = await state.in_thread(_digest_for_uid, path, uid)
+        if expected is not None and expected != digest:
+            raise bad_request("the file's sha256 is not the expected 'sha256'", "sha256")
+        expected = digest  # binds the install to the content checked here, whatever the path names later
+    record = await _commit(
+        state,
+        request,
         "model_imported",
-        actor,
-        {"name": name, "variant": variant, "version": record.version, "sha256": record.sha256},
+        lambda: state.registry.import_file(
+            path, name=name, variant=variant, version=version, activate=activate, expected_sha256=expected
+        ),
+        lambda r: {"name": name, "variant": variant, "version": r.version, "sha256": r.sha256},
     )
     return web.json_response(record_json(record))
 
@@ -121,10 +208,12 @@ async def activate_model(request: web.Request) -> web.Response:
     body = await read_json(request, state.config.api.max_body_bytes) if request.body_exists else {}
     variant = check_variant(body["variant"]) if body.get("variant") is not None else None
     version = get_int(body, "version", default=None, low=1, high=MAX_VERSION)
-    async with state.registry_lock:
-        record = await state.in_thread(state.registry.activate, name, variant=variant, version=version)
-    await state.record(
-        "model_activated", request[IDENTITY].actor, {"name": name, "variant": record.variant, "version": record.version}
+    record = await _commit(
+        state,
+        request,
+        "model_activated",
+        lambda: state.registry.activate(name, variant=variant, version=version),
+        lambda r: {"name": name, "variant": r.variant, "version": r.version},
     )
     return web.json_response(record_json(record))
 
@@ -133,12 +222,12 @@ async def rollback_model(request: web.Request) -> web.Response:
     """``POST /v1/admin/models/{name}/rollback``."""
     state = request.app[STATE]
     name = check_model_name(request.match_info["name"], "name")
-    async with state.registry_lock:
-        record = await state.in_thread(state.registry.rollback, name)
-    await state.record(
+    record = await _commit(
+        state,
+        request,
         "model_rolled_back",
-        request[IDENTITY].actor,
-        {"name": name, "variant": record.variant, "version": record.version},
+        lambda: state.registry.rollback(name),
+        lambda r: {"name": name, "variant": r.variant, "version": r.version},
     )
     return web.json_response(record_json(record))
 
@@ -146,10 +235,12 @@ async def rollback_model(request: web.Request) -> web.Response:
 async def collect_garbage(request: web.Request) -> web.Response:
     """``POST /v1/admin/gc``: garbage collection by the registry's policy."""
     state = request.app[STATE]
-    async with state.registry_lock:
-        result = await state.in_thread(state.registry.gc)
-    await state.record(
-        "models_gc", request[IDENTITY].actor, {"removed": list(result.removed_models), "freed": result.freed_bytes}
+    result = await _commit(
+        state,
+        request,
+        "models_gc",
+        state.registry.gc,
+        lambda r: {"removed": list(r.removed_models), "freed": r.freed_bytes},
     )
     return web.json_response(dataclasses.asdict(result))
 
@@ -164,11 +255,13 @@ async def delete_model(request: web.Request) -> web.Response:
     force = request.query.get("force", "false")
     if force not in ("true", "false"):
         raise bad_request("'force' must be true or false", "force")
-    async with state.registry_lock:
-        removed = await state.in_thread(
-            state.registry.remove, name, variant=variant, version=version, force=force == "true"
-        )
-    await state.record("model_removed", request[IDENTITY].actor, {"name": name, "removed": [r.ref for r in removed]})
+    removed = await _commit(
+        state,
+        request,
+        "model_removed",
+        lambda: state.registry.remove(name, variant=variant, version=version, force=force == "true"),
+        lambda rs: {"name": name, "removed": [r.ref for r in rs]},
+    )
     return web.json_response({"object": "list", "data": [record_json(r) for r in removed]})
 
 
@@ -188,16 +281,29 @@ async def create_token(request: web.Request) -> web.Response:
     if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
         raise bad_request("'scopes' must be a non-empty list of strings", "scopes")
     assert name is not None
-    record, plaintext = await state.in_thread(state.tokens.create, name, scopes)
-    await state.record("token_created", request[IDENTITY].actor, {"token_id": record.id, "scopes": list(record.scopes)})
+    record, plaintext = await _commit(
+        state,
+        request,
+        "token_created",
+        lambda: state.tokens.create(name, scopes),
+        lambda created: {"token_id": created[0].id, "scopes": list(created[0].scopes)},
+        registry=False,
+    )
     return web.json_response(record.as_json() | {"token": plaintext})
 
 
 async def revoke_token(request: web.Request) -> web.Response:
     """``DELETE /v1/admin/tokens/{token_id}``."""
     state = request.app[STATE]
-    record = await state.in_thread(state.tokens.revoke, request.match_info["token_id"])
-    await state.record("token_revoked", request[IDENTITY].actor, {"token_id": record.id})
+    token_id = request.match_info["token_id"]
+    record = await _commit(
+        state,
+        request,
+        "token_revoked",
+        lambda: state.tokens.revoke(token_id),
+        lambda r: {"token_id": r.id},
+        registry=False,
+    )
     return web.json_response(record.as_json())
 
 

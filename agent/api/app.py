@@ -9,7 +9,8 @@ Every request goes through two middlewares, outermost first:
 2. ``authenticate``: identifies the caller (:class:`agent.api.auth.AccessPolicy`) for every route that is not
    public (``/healthz``, ``/readyz``, ``/openapi.json``) and checks the route's coarse access level: ``admin_*``
    routes need admin rights, every other route a caller with some right. Routes refine this (inference on a
-   given model) with the identity stored under :data:`IDENTITY`.
+   given model) with the identity stored under :data:`IDENTITY`. Refusals are audited coalesced per caller
+   (:mod:`agent.api.auth_audit`): a flood of them cannot flood the audit log.
 
 Invariants: handlers never see an unauthenticated request on a non-public route; no response to a client
 carries a traceback; prompt and completion text are never logged unless ``log.log_prompts`` is set.
@@ -22,7 +23,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from aiohttp import web
 
 from agent import __version__
 from agent.api.auth import AccessPolicy, Identity, peer_credentials
+from agent.api.auth_audit import AuthFailureAudit
 from agent.api.errors import ShuttingDownError, error_response
 from agent.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
 from agent.api.tokens import TokenStore
@@ -64,6 +66,10 @@ class ApiState:
         draining: set by :class:`agent.api.server.ApiServer` on shutdown; new requests then get 503.
         audit: optional hook for security-relevant events (the daemon connects the audit log here).
         agent_uid: the uid the agent runs as (default: this process's); admin by default.
+        stream_write_timeout_s: the longest one streamed write may wait for a client to read (see
+            :mod:`agent.api.openai`); a client that reads nothing for this long is disconnected.
+        auth_failure_window_s: failed authentications are audited once per caller per window of this length,
+            the rest of the window as one summary record (:class:`agent.api.auth_audit.AuthFailureAudit`).
     """
 
     config: AgentConfig
@@ -75,10 +81,15 @@ class ApiState:
     audit: AuditHook | None = None
     agent_uid: int = field(default_factory=os.getuid)
     started: float = field(default_factory=time.time)
+    stream_write_timeout_s: float = 30.0
+    auth_failure_window_s: float = 60.0
     policy: AccessPolicy = field(init=False)
     registry_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _detached: set[asyncio.Task[Any]] = field(init=False, default_factory=set)
+    auth_failures: AuthFailureAudit = field(init=False)
 
     def __post_init__(self) -> None:
+        self.auth_failures = AuthFailureAudit(self.auth_failure_window_s)
         self.policy = AccessPolicy(self.config.api, self.tokens, agent_uid=self.agent_uid)
         self.metrics.watch_loaded_models(lambda: float(len(self.pool.loaded())))
         self.metrics.watch_schedulers(self.pool.load_stats)
@@ -86,6 +97,31 @@ class ApiState:
     async def in_thread(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run a blocking call (registry, token store, filesystem) on a worker thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def detached(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``work`` to its end whatever happens to the awaiting handler, and return its result.
+
+        aiohttp cancels a handler when its client disconnects; a change and its audit record must not be split by
+        that. ``work`` runs in a task of its own, shielded from the handler's cancellation and kept (and awaited
+        by :meth:`settle` when the server closes) until it ends.
+        """
+        task = asyncio.ensure_future(work)
+        self._detached.add(task)
+        task.add_done_callback(self._forget)
+        return await asyncio.shield(task)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._detached.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # retrieved here if its handler is gone
+            log.info("api.detached_failed", error=str(task.exception())[:200])
+
+    async def settle(self) -> None:
+        """Wait for the work started with :meth:`detached` (changes whose clients went away) to end, then audit
+        the failed authentications counted but not yet audited."""
+        while self._detached:
+            await asyncio.wait(list(self._detached))
+        for kind, actor, data in self.auth_failures.flush():
+            await self.record(kind, actor, data)
 
     async def record(self, kind: str, actor: str, data: Mapping[str, Any]) -> None:
         """Send a security-relevant event to the audit hook (if any) and the log."""
@@ -164,16 +200,21 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         else:
             state.policy.require_caller(identity)
     except AgentError as exc:
-        await state.record("api.auth_failed", _peer_actor(request), {"route": route, "reason": str(exc)[:200]})
+        key, actor = _peer_key(request)
+        for kind, who, data in state.auth_failures.failed(key, actor, route, str(exc)[:200]):
+            await state.record(kind, who, data)
         raise
     request[IDENTITY] = identity
     with structlog.contextvars.bound_contextvars(actor=identity.actor):
         return await handler(request)
 
 
-def _peer_actor(request: web.Request) -> str:
+def _peer_key(request: web.Request) -> tuple[tuple[str, str], str]:
+    """The caller's key for coalescing failed authentications, and its actor name."""
     peer = peer_credentials(request)
-    return f"uid:{peer.uid}" if peer is not None else "tcp"
+    if peer is not None:
+        return ("unix", str(peer.uid)), f"uid:{peer.uid}"
+    return ("tcp", str(request.remote)), "tcp"
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -20,17 +20,24 @@ first); its deadline is the body field ``timeout`` (seconds) or the ``X-Request-
 ``inference.request_timeout_s`` (the default), counted from the request's arrival. A full queue answers 429 with
 ``Retry-After``; a passed deadline answers 504 (or ends a stream with an error event).
 
+Every streamed write waits for the client to read for at most ``ApiState.stream_write_timeout_s`` (and at most
+until the request's deadline, but at least ``_LAST_WRITE_S`` for the last writes): a client that stops reading
+without disconnecting is then disconnected, so its handler ends and releases the model (which could otherwise
+never be unloaded, replaced or drained).
+
 Invariants: every generation is closed (``aclose``) when its handler ends, so a client that disconnects (the
-handler is cancelled) or a failed write stops the engine's work at the next token; prompt and completion text
-are logged only when ``log.log_prompts`` is set.
+handler is cancelled), a failed write or a stalled reader stops the engine's work at the next token; prompt and
+completion text are logged only when ``log.log_prompts`` is set.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 import math
+import re
 import struct
 import time
 import uuid
@@ -78,6 +85,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
 MAX_EMBEDDING_INPUTS = 256
+MAX_EMBEDDING_INPUT_CHARS = 16384  # 32 characters a token for the engine's 512-token limit: longer never fits
 MAX_TENSORS = 64
 MAX_TENSOR_RANK = 8
 SERVABLE_STATES = frozenset({"active", "previous"})
@@ -88,6 +96,8 @@ _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "suffix", 
 PRIORITY_HEADER = "X-Priority"
 DEADLINE_HEADER = "X-Request-Deadline-Ms"
 _MAX_TIMEOUT_S = 86400.0
+_DEADLINE_MS_RE = re.compile(r"[0-9]{1,12}")  # ASCII only, and short: str.isdigit() takes '²', int() refuses it
+_LAST_WRITE_S = 1.0  # a stream's last writes (its error event) may wait this long even past the deadline
 
 
 # --------------------------------------------------------------------------------------------- model resolution
@@ -233,9 +243,10 @@ def _admission(request: web.Request, body: dict[str, Any], state: ApiState, arri
     if body.get("timeout") is not None:
         timeout = min(limit, get_number(body, "timeout", default=limit, low=0.001, high=_MAX_TIMEOUT_S))
     elif header is not None:
-        if not header.strip().isdigit() or int(header) < 1:
+        value = header.strip()
+        if not _DEADLINE_MS_RE.fullmatch(value) or int(value) < 1:
             raise bad_request(f"the {DEADLINE_HEADER} header must be a positive integer (milliseconds)", "timeout")
-        timeout = min(limit, int(header) / 1000)
+        timeout = min(limit, int(value) / 1000)
     return _AdmissionRequest(priority=priority, timeout_s=timeout, arrived=arrived)
 
 
@@ -484,7 +495,7 @@ async def _generate(
                 events = _events(model, req, admission)
                 async with _closing(events):
                     if req.stream:
-                        return await _stream(request, events, chunks, observer, req)
+                        return await _stream(request, events, chunks, observer, req, wanted)
                     return await _collect(events, chunks, observer)
     finally:
         gauge.dec()
@@ -518,12 +529,17 @@ async def _collect(events: AsyncIterator[GenerationEvent], chunks: _Chunks, obse
     raise AgentError("the generation ended without a finish event")
 
 
+class _StalledClientError(Exception):
+    """A streaming client read nothing for the write timeout (internal: never leaves :func:`_stream`)."""
+
+
 async def _stream(
     request: web.Request,
     events: AsyncIterator[GenerationEvent],
     chunks: _Chunks,
     observer: _Observer,
     req: _GenerationRequest,
+    wanted: _AdmissionRequest,
 ) -> web.StreamResponse:
     # Await the first event before committing to 200, so admission errors keep their status.
     first = await anext(events, None)
@@ -536,28 +552,46 @@ async def _stream(
         }
     )
     await response.prepare(request)
+    write_timeout = request.app[STATE].stream_write_timeout_s
+    deadline = wanted.arrived + wanted.timeout_s
+
+    async def send(data: bytes | None) -> None:
+        """Write ``data`` (``None``: end the stream), waiting for the client to read for a bounded time only."""
+        left = max(deadline - time.perf_counter(), _LAST_WRITE_S)
+        try:
+            async with asyncio.timeout(min(write_timeout, left)):
+                await (response.write_eof() if data is None else response.write(data))
+        except TimeoutError:
+            raise _StalledClientError(f"the client read nothing for {min(write_timeout, left):.1f} s") from None
+
     try:
         if req.kind == "chat":
-            await response.write(_sse(chunks.chunk("", None, role=True)))
+            await send(_sse(chunks.chunk("", None, role=True)))
         event = first
         while event is not None:
             if isinstance(event, TextDelta):
                 observer.text(event.text)
                 if event.text:
-                    await response.write(_sse(chunks.chunk(event.text, None)))
+                    await send(_sse(chunks.chunk(event.text, None)))
             else:
                 observer.finished(event)
                 reason = _finish_reason(event)
-                await response.write(_sse(chunks.chunk(None if req.kind == "chat" else "", reason)))
+                await send(_sse(chunks.chunk(None if req.kind == "chat" else "", reason)))
                 if req.include_usage:
-                    await response.write(_sse(chunks.usage_chunk(_usage_json(event))))
-                await response.write(b"data: [DONE]\n\n")
-                await response.write_eof()
+                    await send(_sse(chunks.usage_chunk(_usage_json(event))))
+                await send(b"data: [DONE]\n\n")
+                await send(None)
                 return response
             event = await anext(events, None)
         raise AgentError("the generation ended without a finish event")
     except ConnectionResetError:
         log.info("api.client_disconnected")
+        return response
+    except _StalledClientError as exc:
+        # The client stopped reading: drop the connection, so this handler ends and releases its model.
+        log.info("api.client_stalled", error=str(exc))
+        if request.transport is not None:
+            request.transport.abort()
         return response
     except Exception as exc:
         # Too late for a status code: tell the client in the stream, then end it without [DONE].
@@ -567,9 +601,15 @@ async def _stream(
         else:
             body = error_body(f"internal error (request id {request[REQUEST_ID]})", "server_error", "internal_error")
             log.exception("api.stream_unexpected_error")
-        with contextlib.suppress(ConnectionResetError):
-            await response.write(_sse(body))
-            await response.write_eof()
+        try:
+            await send(_sse(body))
+            await send(None)
+        except ConnectionResetError:
+            pass
+        except _StalledClientError as stalled:
+            log.info("api.client_stalled", error=str(stalled))
+            if request.transport is not None:
+                request.transport.abort()
         return response
 
 
@@ -601,6 +641,9 @@ async def embeddings(request: web.Request) -> web.Response:
         raise bad_request(f"'input' has more than {MAX_EMBEDDING_INPUTS} entries", "input")
     if any(not t for t in texts):
         raise bad_request("'input' must not contain empty strings", "input")
+    if any(len(t) > MAX_EMBEDDING_INPUT_CHARS for t in texts):
+        # Refused before the engine tokenizes it on the event loop (a 1 MB text stalled it ~270 ms).
+        raise bad_request(f"each 'input' text must be at most {MAX_EMBEDDING_INPUT_CHARS} characters", "input")
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise bad_request("'encoding_format' must be 'float' or 'base64'", "encoding_format")
@@ -656,14 +699,17 @@ def _tensor(name: str, value: object, default_dtype: str) -> np.ndarray:
     except (ValueError, TypeError, OverflowError) as exc:
         raise bad_request(f"{where}.data is not a regular array of {dtype} numbers", "inputs") from exc
     shape = value.get("shape")
+    if array.size == 0:
+        raise bad_request(f"{where} is empty: a tensor needs at least one element", "inputs")
     if shape is None:
         return array
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_TENSOR_RANK
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d < 2**31 for d in shape)
     ):
-        raise bad_request(f"{where}.shape must be a list of at most {MAX_TENSOR_RANK} non-negative integers", "inputs")
+        raise bad_request(f"{where}.shape must be a list of at most {MAX_TENSOR_RANK} positive integers", "inputs")
+    # With no zero dimension, a shape whose product is absurd cannot match data that fitted in the body.
     if math.prod(shape) != array.size:
         raise bad_request(f"{where}: shape {shape} does not match {array.size} data elements", "inputs")
     return array.reshape(shape)

@@ -10,7 +10,8 @@
   :class:`~agent.errors.ConfigError`, whatever the config loader let through).
 - ``__aexit__``: marks the state as draining (new requests get 503, ``/readyz`` says so), stops accepting
   connections, waits up to ``api.drain_timeout_s`` for in-flight requests (streams included) to finish, cancels
-  what is left, and removes the socket file if it is still the one it created.
+  what is left, waits for admin changes still running (a change and its audit record are never split, see
+  :meth:`ApiState.detached`), and removes the socket file if it is still the one it created.
 
 Handlers are cancelled when their client disconnects (aiohttp's ``handler_cancellation``), which closes the
 generation's async iterator and so stops the engine's work for that request.
@@ -183,6 +184,7 @@ class ApiServer:
         try:
             if runner is not None:
                 await runner.cleanup()
+            await self.state.settle()  # admin changes whose clients went away: finish them and their audit
         finally:
             self._remove_socket()
 

@@ -161,7 +161,8 @@ class OnnxModel(LoadedModel):
         """Check ``inputs`` against the declared inputs and return them as contiguous arrays.
 
         Raises:
-            BadRequestError: an unknown or missing name, a non-array, a wrong dtype, rank or dimension.
+            BadRequestError: an unknown or missing name, a non-array, an empty array, a wrong dtype, rank or
+                dimension.
         """
         declared = {s.name: s for s in self._inputs}
         names = ", ".join(f"{s.name} {s.dtype}{_format_shape(s.shape)}" for s in self._inputs)
@@ -182,6 +183,8 @@ class OnnxModel(LoadedModel):
                 value = value.astype(object)
             elif value.dtype != np.dtype(spec.dtype):
                 raise BadRequestError(f"input {name!r} must be {spec.dtype}{expected}, got {value.dtype}")
+            if value.size == 0:  # onnxruntime answers FAIL or RUNTIME_EXCEPTION, not INVALID_ARGUMENT, for these
+                raise BadRequestError(f"input {name!r} is empty (shape {list(value.shape)}): it needs an element")
             if value.ndim != len(spec.shape):
                 raise BadRequestError(
                     f"input {name!r} must have {len(spec.shape)} dimensions {expected}, got shape {list(value.shape)}"

@@ -208,7 +208,7 @@ def detect_format(path: Path, suffix: str | None = None) -> ModelFormat:
     # an ONNX ModelProto starts with field 1 (ir_version, varint): tag byte 0x08
     if suffix == ".onnx" or head[:1] == b"\x08":
         return "onnx"
-    raise InvalidModelError(f"unknown model format: neither GGUF nor ONNX (starts with {head!r})")
+    raise InvalidModelError("unknown model format: neither GGUF nor ONNX")
 
 
 def inspect_gguf_file(f: BinaryIO) -> ModelFacts:

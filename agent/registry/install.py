@@ -427,7 +427,7 @@ def _verify(reg: Registry, row: dict[str, Any], validated: ModelFacts | None = N
         raise IntegrityError(f"{_ref(row)}: copied {row['size']} bytes, expected {row['source_size']}")
     expected = row["expected_sha256"]
     if expected is not None and row["sha256"] != expected:
-        raise IntegrityError(f"{_ref(row)}: sha256 is {row['sha256']}, expected {expected}")
+        raise IntegrityError(f"{_ref(row)}: the sha256 of the file is not the expected one")
     bad = _quarantined_content(reg, row["name"], row["sha256"])
     if bad is not None:
         raise QuarantinedError(f"{_ref(bad)} with sha256 {row['sha256'][:12]} is quarantined: {bad['reason']}")

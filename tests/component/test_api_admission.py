@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import struct
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import aiohttp
 import pytest
 
 from agent.api import ApiServer, ApiState, TokenStore
+from agent.client import ApiClient, ApiClientError
 from agent.config import AgentConfig, ApiConfig, InferenceConfig
 from agent.inference import ModelPool
 from agent.registry import Registry
@@ -26,12 +30,14 @@ pytestmark = pytest.mark.component
 
 LLM = "smollm2-135m-instruct"
 ENDLESS = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+WRITE_S = 2.0
 
 
 @dataclass
 class Served:
     session: aiohttp.ClientSession
     pool: ModelPool
+    server: ApiServer
 
     async def complete(self, headers: dict[str, str] | None = None, **body: Any) -> tuple[int, dict[str, Any], str]:
         payload = {"model": LLM, "prompt": "The sky is", "max_tokens": 2, "temperature": 0, **body}
@@ -45,7 +51,7 @@ class Served:
 
 @pytest.fixture
 async def served(tmp_path: Path, smollm2_path: Path) -> AsyncIterator[Served]:
-    """The agent with SmolLM2 at one slot and at most two waiting requests."""
+    """The agent with SmolLM2 at one slot and at most two waiting requests; a streamed write waits WRITE_S."""
     config = AgentConfig(
         state_dir=tmp_path / "state",
         api=ApiConfig(socket_path=tmp_path / "run" / "api.sock"),
@@ -58,10 +64,12 @@ async def served(tmp_path: Path, smollm2_path: Path) -> AsyncIterator[Served]:
     pool = ModelPool(config.inference.memory_budget_bytes)
     try:
         async with (
-            ApiServer(ApiState(config=config, registry=registry, pool=pool, tokens=tokens)),
+            ApiServer(
+                ApiState(config=config, registry=registry, pool=pool, tokens=tokens, stream_write_timeout_s=WRITE_S)
+            ) as server,
             aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(config.api.socket_path))) as session,
         ):
-            yield Served(session, pool)
+            yield Served(session, pool, server)
     finally:
         await pool.aclose()
         tokens.close()
@@ -154,3 +162,103 @@ async def test_bad_priority_or_deadline_is_a_400(served: Served) -> None:
     assert json.loads(text)["error"]["param"] == "priority"
     status, _, _ = await served.complete(headers={"X-Request-Deadline-Ms": "soon"})
     assert status == 400
+
+
+def _in_use(served: Served) -> bool:
+    return any(info.name == LLM and info.in_use for info in served.pool.loaded())
+
+
+def _shrink_server_buffers(server: ApiServer) -> None:
+    """Shrink the server side of every open connection's buffers (the kernel's send buffer, asyncio's high-water
+    mark), so that a client that stops reading stalls the server's writes within a few tokens, not ~300 KB."""
+    runner = server._runner  # aiohttp exposes live connections only through the runner's low-level server
+    assert runner is not None
+    assert runner.server is not None
+    for handler in runner.server.connections:
+        transport = handler.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=1024)
+
+
+async def test_a_streaming_client_that_stops_reading_releases_its_model(served: Served) -> None:
+    """A client that stops reading a stream (without disconnecting) is dropped once a write waits too long; the
+    model is released and the slot serves the next request."""
+    loop = asyncio.get_running_loop()
+    body = json.dumps({"model": LLM, "prompt": ENDLESS, "max_tokens": 1900, "temperature": 0, "stream": True})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:  # a raw socket: nothing reads behind our back
+        client.setblocking(False)
+        await loop.sock_connect(client, str(served.server.socket_path))
+        await loop.sock_sendall(
+            client,
+            b"POST /v1/completions HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
+            b"X-Request-Deadline-Ms: 6000\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()),
+        )
+        assert (await loop.sock_recv(client, 12)).startswith(b"HTTP/1.1 200")
+        _shrink_server_buffers(served.server)
+        # From here on nothing is read: the buffers fill up, then a write (at the latest the stream's last one,
+        # after the 6 s deadline) waits for a reader that never comes.
+        assert _in_use(served)
+        for _ in range(600):  # up to 30 s
+            if not _in_use(served):
+                break
+            await asyncio.sleep(0.05)
+        assert not _in_use(served), "the stalled stream still holds the model"
+        status, _, text = await served.complete()
+        assert status == 200, text
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 16), timeout=10):
+                received += chunk
+        assert b"data: [DONE]" not in received
+        assert b'"error"' not in received
+
+
+async def test_the_cli_client_reports_a_stream_error_with_its_status(served: Served) -> None:
+    """The CLI's ApiClient raises a deadline passed mid-stream as ApiClientError 504, not as a generic 500."""
+    client = ApiClient(served.server.socket_path)
+
+    def consume() -> int:
+        body = {"model": LLM, "prompt": ENDLESS, "max_tokens": 1500, "temperature": 0, "timeout": 1.0}
+        try:
+            for _ in client.stream("/v1/completions", body):
+                pass
+        except ApiClientError as exc:
+            return exc.status
+        return 200
+
+    assert await asyncio.to_thread(consume) == 504
+
+
+def test_the_cli_client_turns_a_silent_or_broken_agent_into_api_client_errors(tmp_path: Path) -> None:
+    """A socket that accepts but never answers, or hangs up mid-request, is an ApiClientError (is_running() is
+    False), never a raw TimeoutError or ConnectionResetError."""
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(8)  # connections queue up, nobody answers
+        client = ApiClient(path, timeout=0.5)
+        assert not client.is_running()
+        with pytest.raises(ApiClientError, match="did not answer") as silent:
+            client.request("GET", "/v1/admin/status")
+        assert silent.value.status == 0
+
+        def hang_up() -> None:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+            conn.close()
+
+        while True:  # drop the connections of the calls above
+            listener.setblocking(False)
+            try:
+                listener.accept()[0].close()
+            except BlockingIOError:
+                break
+        listener.setblocking(True)
+        thread = threading.Thread(target=hang_up)
+        thread.start()
+        with pytest.raises(ApiClientError) as broken:
+            ApiClient(path, timeout=5).request("GET", "/v1/admin/status")
+        thread.join()
+        assert broken.value.status == 0

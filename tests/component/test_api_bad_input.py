@@ -632,3 +632,71 @@ def test_a_lone_surrogate_escape_is_400(agent: Agent, route: str, body: bytes) -
             headers={"Content-Type": "application/json"},
         )
         assert paired.status_code == 200, paired.text
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        _raw_request(
+            "POST", "/v1/completions", b'{"model": "%s", "prompt": "hi", "max_tokens": 1}' % LLM.encode()
+        ).replace(b"\r\n\r\n", b"\r\nX-Request-Deadline-Ms: " + header + b"\r\n\r\n", 1)
+        for header in ("\u00b2".encode(), b"9" * 5000, "\u0661\u0662".encode(), b"+5", b"1_000")
+    ]
+    + [
+        _raw_request("DELETE", f"/v1/admin/models/{VAD}?version={version}")
+        for version in ("%C2%B2", "9" * 5000, "%D9%A1", "+1", "1_0")
+    ],
+    ids=[
+        "deadline-superscript",
+        "deadline-5000-digits",
+        "deadline-arabic",
+        "deadline-plus",
+        "deadline-underscore",
+        "version-superscript",
+        "version-5000-digits",
+        "version-arabic",
+        "version-plus",
+        "version-underscore",
+    ],
+)
+@pytest.mark.usefixtures("unchanged")
+def test_odd_numbers_in_headers_and_queries_are_400(agent: Agent, request_bytes: bytes) -> None:
+    """A deadline header or ?version= that is not a short run of ASCII digits is a 400, never a 500."""
+    status, body = _raw(agent.main.socket_path, request_bytes)
+    assert status == 400, body
+    assert json.loads(body)["error"]["param"] in {"timeout", "version"}
+
+
+@pytest.mark.parametrize(
+    ("input_tensor", "state_tensor"),
+    [
+        ({"data": [], "shape": [1, 0]}, {"data": [0.0] * 256, "shape": [2, 1, 128]}),
+        ({"data": [], "shape": [0, 2**31 - 1]}, {"data": [], "shape": [2, 0, 128]}),
+        ({"data": [], "shape": [2**31 - 1, 0]}, {"data": [], "shape": [2, 0, 128]}),
+        ({"data": []}, {"data": [0.0] * 256, "shape": [2, 1, 128]}),
+        ({"data": [[]]}, {"data": [0.0] * 256, "shape": [2, 1, 128]}),
+    ],
+    ids=["no-samples", "empty-huge", "huge-empty", "empty-list", "empty-row"],
+)
+@pytest.mark.usefixtures("unchanged")
+def test_empty_tensors_are_400(agent: Agent, input_tensor: dict[str, Any], state_tensor: dict[str, Any]) -> None:
+    """A tensor with no element (a zero dimension, however large the others) is a 400 before the model runs."""
+    inputs = {
+        "input": input_tensor | {"dtype": "float32"},
+        "state": state_tensor | {"dtype": "float32"},
+        "sr": {"data": 16000, "shape": [], "dtype": "int64"},
+    }
+    with agent.client() as client:
+        response = client.post(f"/v1/infer/{VAD}", json={"inputs": inputs})
+    assert "empty" in _error(response, 400, "invalid_request_error")["message"]
+
+
+@pytest.mark.usefixtures("unchanged")
+def test_an_overlong_embedding_input_is_refused_before_tokenizing(agent: Agent) -> None:
+    """An embedding text longer than any 512-token input can be is a 400 on its length in characters, before the
+    engine tokenizes it on the event loop."""
+    with agent.client() as client:
+        response = client.post("/v1/embeddings", json={"model": LLM, "input": ["fine", "word " * 4000]})
+    error = _error(response, 400, "invalid_request_error")
+    assert error["param"] == "input"
+    assert "characters" in error["message"]

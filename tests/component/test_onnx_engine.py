@@ -243,3 +243,21 @@ async def test_silero_rejects_a_frame_of_the_wrong_dtype(silero: LoadedModel) ->
         )
     with pytest.raises(BadRequestError, match="'sr' must have 0 dimensions"):
         await silero.infer({"input": np.zeros((1, FRAME), np.float32), "state": state, "sr": sr.reshape(1)})
+
+
+@pytest.mark.parametrize(
+    ("input_shape", "state_shape"),
+    [((1, 0), (2, 1, 128)), ((0, 576), (2, 0, 128)), ((0, 2**31 - 1), (2, 0, 128))],
+    ids=["no-samples", "no-batch", "empty-huge"],
+)
+async def test_silero_refuses_empty_tensors(
+    silero: LoadedModel, input_shape: tuple[int, ...], state_shape: tuple[int, ...]
+) -> None:
+    """An empty tensor (a zero dimension) is a BadRequestError before the graph runs (onnxruntime would FAIL)."""
+    feeds = {
+        "input": np.zeros(input_shape, np.float32),
+        "state": np.zeros(state_shape, np.float32),
+        "sr": np.array(SAMPLE_RATE, dtype=np.int64),
+    }
+    with pytest.raises(BadRequestError, match="is empty"):
+        await silero.infer(feeds)
