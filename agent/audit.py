@@ -24,13 +24,19 @@ Invariants:
   the chain to what the controller has, are kept) and append a chained ``gap`` record naming it, so the GAP
   record always directly follows the hole, within one upload batch, and a drop is never silent. A later drop
   that touches an earlier GAP record merges the two ranges.
-- A new ``registry.db`` (first start, reinstall) starts a new epoch whose number is the wall-clock second:
-  epochs go up across reinstalls unless the clock goes back; the controller flags an unlinked epoch.
+- A new ``registry.db`` (first start, reinstall) starts a new epoch whose number is the wall-clock second, or one
+  more than the highest epoch the device used (kept outside ``registry.db`` in ``STATE_DIR/audit-epoch``) if that
+  is higher: epochs go up across lost logs even with a clock that is behind, unless both files are lost; the
+  controller flags an unlinked epoch.
+- An ack is applied only if it names a local record with its hash; any other ack of the current epoch (past the
+  local head, or another hash) is refused, logged as an error and recorded (``audit.ack_refused``).
 
 :class:`AuditUploader` ships the log over the link: one batch at a time through the outbox (so a batch
 survives restarts and is re-sent until acked), each batch a run of consecutive records split by encoded bytes
-to fit ``limits.max_message_bytes``, with a checkpoint signed by the device key. It also signs a checkpoint
-every ``checkpoint_interval`` while the head moves, online or not.
+to fit ``limits.max_message_bytes`` and the broker's maximum packet size, with a checkpoint signed by the device
+key. A batch the link cannot deliver is rebuilt smaller; nothing it queues can block later uploads or be re-sent
+in a loop (see the class). It also signs a checkpoint every ``checkpoint_interval`` while the head moves, online
+or not.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ import asyncio
 import contextlib
 import json
 import math
+import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -68,7 +76,7 @@ from protocols.audit import (
 from protocols.canonical import canonical_json
 from protocols.errors import ProtocolError
 from protocols.limits import DEFAULT_LIMITS, Limits
-from protocols.messages import Ack, AuditBatch
+from protocols.messages import Ack, AuditBatch, Report
 from protocols.topics import TopicKind
 
 if TYPE_CHECKING:
@@ -109,6 +117,44 @@ MAX_TEXT = 1024
 
 BATCH_OVERHEAD = 2048
 """Bytes kept free in an upload for the message framing and the checkpoint."""
+
+EPOCH_FILE = "audit-epoch"
+"""In the state directory, beside ``registry.db``: the highest epoch this device has used (decimal text, written
+atomically before a new epoch commits). A new epoch is at least one more, whatever the clock says."""
+
+HOLD_S = 60.0
+"""How long the uploader queues nothing after a single record the link could not deliver, or an ack it refused;
+doubled on each repeat up to :data:`HOLD_MAX_S`, until an ack moves the log forward."""
+
+HOLD_MAX_S = 3600.0
+
+
+def read_highest_epoch(path: Path) -> int:
+    """The highest epoch recorded in ``path`` (0 if there is none, or it is unreadable: the clock decides)."""
+    try:
+        return max(0, int(path.read_text(encoding="ascii").strip()))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as exc:
+        log.error("audit.epoch_file_unreadable", path=str(path), error=str(exc))
+        return 0
+
+
+def write_highest_epoch(path: Path, epoch: int) -> None:
+    """Record ``epoch`` in ``path`` atomically (temp file, fsync, rename, fsync of the directory)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, f"{epoch}\n".encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def add_size_columns(db: sqlite_utils.Database) -> None:
@@ -229,8 +275,13 @@ def initialise(
     ts_ms: int,
     reason: str,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    min_epoch: int = 1,
 ) -> bool:
-    """Start the log (epoch = the wall-clock second) unless it exists; inside the caller's transaction.
+    """Start the log unless it exists; inside the caller's transaction.
+
+    The epoch is the wall-clock second, or ``min_epoch`` if that is higher: the caller passes one more than the
+    highest epoch this device used (:data:`EPOCH_FILE`), so that a clock that is behind (a board without RTC
+    before NTP) or a second start within one second still gives a newer epoch than the controller accepted.
 
     The caps (from the agent's ``[audit]`` configuration) are stored with the log: :func:`append_record` runs in
     the registry's transactions, which know nothing of the configuration.
@@ -241,7 +292,9 @@ def initialise(
     if db.execute("SELECT 1 FROM audit_state").fetchone() is not None:
         db.execute("UPDATE audit_state SET max_records = ?, max_bytes = ?", [max_records, max_bytes])
         return False
-    first = start_epoch(device, max(1, ts_ms // 1000), previous=None, reason=reason, actor="agent", ts_ms=ts_ms)
+    first = start_epoch(
+        device, max(1, min_epoch, ts_ms // 1000), previous=None, reason=reason, actor="agent", ts_ms=ts_ms
+    )
     db.execute(_INSERT, _row(first))
     db.execute(
         "INSERT INTO audit_state (id, device, epoch, head_seq, head_hash, stored, max_records, stored_bytes, "
@@ -423,12 +476,40 @@ class AuditLog:
         max_records: int = DEFAULT_MAX_RECORDS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         reason: str = "first start",
+        epoch_file: Path | None = None,
     ) -> AuditLog:
-        """Initialise the log in ``registry`` if needed, with the caps (blocking: call it in a worker thread)."""
+        """Initialise the log in ``registry`` if needed, with the caps (blocking: call it in a worker thread).
+
+        ``epoch_file`` (default: :data:`EPOCH_FILE` in the registry's state directory) keeps the highest epoch
+        used outside ``registry.db``: a new epoch is at least one more, and the file is brought up to the log's
+        epoch before the transaction that starts it commits (a crash in between only skips an epoch number).
+        """
+        if epoch_file is None:
+            state_dir = getattr(registry, "state_dir", None)
+            epoch_file = Path(state_dir) / EPOCH_FILE if state_dir is not None else None
+        highest = read_highest_epoch(epoch_file) if epoch_file is not None else 0
         ts_ms = int(time.time() * 1000)
-        registry.run_in_transaction(
-            lambda db: initialise(db, device, max_records=max_records, max_bytes=max_bytes, ts_ms=ts_ms, reason=reason)
-        )
+
+        def start(db: sqlite_utils.Database) -> None:
+            started = initialise(
+                db,
+                device,
+                max_records=max_records,
+                max_bytes=max_bytes,
+                ts_ms=ts_ms,
+                reason=reason,
+                min_epoch=highest + 1,
+            )
+            (epoch,) = db.execute("SELECT epoch FROM audit_state").fetchone()
+            if started and epoch > ts_ms // 1000:
+                log.warning("audit.epoch_after_clock", epoch=epoch, clock_s=ts_ms // 1000, highest_used=highest)
+            if epoch_file is not None and epoch > highest:
+                try:
+                    write_highest_epoch(epoch_file, epoch)
+                except OSError as exc:  # a safety net only: the log itself is in registry.db
+                    log.error("audit.epoch_file_unwritable", path=str(epoch_file), error=str(exc))
+
+        registry.run_in_transaction(start)
         return cls(registry)
 
     # --- writing ------------------------------------------------------------------------------------------
@@ -519,7 +600,27 @@ class AuditLog:
     def acked(self, head: AuditHead) -> int:
         """Mark the records up to ``head`` acknowledged if the local record there has its hash; returns how many
         were newly acknowledged (they stay stored until a cap needs the room)."""
-        return self.registry.run_in_transaction(lambda db: _apply_ack(db, head))
+        return self.apply_ack(head)[0]
+
+    def apply_ack(self, head: AuditHead) -> tuple[int, str | None]:
+        """:meth:`acked`, and why the ack was refused (None if it was not).
+
+        An ack past the local head, or naming a hash that differs from the local record at its seq, is refused:
+        the device's log and the controller's disagree (an old ``registry.db`` restored, or a rewritten log). The
+        refusal is logged as an error and an ``audit.ack_refused`` record is appended in the same transaction, so
+        it is evidence in the chain itself.
+        """
+        ts_ms = int(self.clock() * 1000)
+        return self.registry.run_in_transaction(lambda db: _apply_ack(db, head, ts_ms=ts_ms))
+
+    def unacked_through(self, epoch: int, seq: int) -> int:
+        """How many stored records of ``epoch`` are unacknowledged up to ``seq`` (the size of a batch ending there)."""
+        rows = self.registry.query_readonly(
+            "SELECT COUNT(*) AS n FROM audit_log, audit_state WHERE audit_log.epoch = ? AND audit_log.epoch = "
+            "audit_state.epoch AND seq > acked_seq AND seq <= ?",
+            [epoch, seq],
+        )
+        return int(rows[0]["n"]) if rows else 0
 
     def store_checkpoint(self, signed: SignedCheckpoint, checkpoint: Checkpoint) -> None:
         """Keep an offline checkpoint (the newest :data:`KEPT_CHECKPOINTS`)."""
@@ -544,26 +645,58 @@ def _verify_suffix(run: list[AuditRecord]) -> AuditHead:
     return verify_chain(run, after=AuditHead(first.epoch, first.seq - 1, first.prev_hash))
 
 
-def _apply_ack(db: sqlite_utils.Database, head: AuditHead) -> int:
+def _apply_ack(db: sqlite_utils.Database, head: AuditHead, *, ts_ms: int) -> tuple[int, str | None]:
     state = db.execute("SELECT epoch, acked_seq, head_seq FROM audit_state").fetchone()
-    if state is None or state[0] != head.epoch or head.seq > state[2]:
-        return 0
-    row = db.execute("SELECT hash FROM audit_log WHERE seq = ?", [head.seq]).fetchone()
-    if row is not None and row[0] != head.hash:
-        log.warning("audit.ack_mismatch", epoch=head.epoch, seq=head.seq)
-        return 0
+    if state is None or state[0] != head.epoch:
+        return 0, None  # a late ack for an epoch this log no longer has (registry.db lost since): nothing to mark
+    refused: str | None = None
+    if head.seq > state[2]:
+        refused = "the ack names a seq past the local head"
+    else:
+        row = db.execute("SELECT hash FROM audit_log WHERE seq = ?", [head.seq]).fetchone()
+        if row is not None and row[0] != head.hash:
+            refused = "the ack names another hash than the local record at its seq"
+    if refused is not None:
+        # The controller holds records this log does not have, or other ones: never silently ignored.
+        log.error(
+            "audit.ack_refused", epoch=head.epoch, seq=head.seq, hash=head.hash, head_seq=state[2], reason=refused
+        )
+        data = {"epoch": head.epoch, "seq": head.seq, "hash": head.hash, "reason": refused}
+        # once per refused ack while it is unacknowledged: a re-sent batch acked the same way adds nothing
+        if (
+            db.execute(
+                "SELECT 1 FROM audit_log WHERE kind = 'audit.ack_refused' AND seq > ? AND data = ? LIMIT 1",
+                [state[1], canonical_json(data).decode()],
+            ).fetchone()
+            is None
+        ):
+            append_record(db, "audit.ack_refused", "agent", data, ts_ms=ts_ms)
+        return 0, refused
     # No row at the acked seq: it was acked before, or dropped behind a GAP record after the batch went out.
     # The controller signs an ack only for a batch it verified against its head, so everything up to it is
     # stored there. The records stay (retention): the caps delete acknowledged ones first.
     if head.seq <= state[1]:
-        return 0
+        return 0, None
     newly = db.execute("SELECT COUNT(*) FROM audit_log WHERE seq > ? AND seq <= ?", [state[1], head.seq]).fetchone()
     db.execute("UPDATE audit_state SET acked_seq = max(acked_seq, ?)", [head.seq])
-    return int(newly[0])
+    return int(newly[0]), None
 
 
 class AuditUploader:
-    """Ships the audit log over the link, one batch at a time through the outbox (see the module docstring)."""
+    """Ships the audit log over the link, one batch at a time through the outbox (see the module docstring).
+
+    A batch never wedges the upload:
+
+    - Batches fit ``limits.max_message_bytes`` *and* the broker's maximum packet size (as the link learnt it).
+    - A batch the link set aside as undeliverable (too large for the broker, or in flight on every connection
+      that died) is dropped from the outbox (``registry.db`` is the source of truth) and rebuilt with half as
+      many records, under a new id, down to one record; the budget doubles back after each ack. A single record
+      the link cannot deliver is retried after a pause of :data:`HOLD_S`, doubling up to :data:`HOLD_MAX_S`
+      until an ack moves the log: the link reports each failure to the controller (an ``error`` report) and the
+      records behind it wait (the chain is uploaded in order).
+    - An ack the log refuses (:meth:`AuditLog.apply_ack`) is reported to the controller and starts the same
+      pause: no loop of re-sends, identical or not.
+    """
 
     def __init__(
         self,
@@ -573,36 +706,91 @@ class AuditUploader:
         interval: float = 1.0,
         checkpoint_interval: float = 300.0,
         limits: Limits = DEFAULT_LIMITS,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.audit = audit
         self.link = link
         self.interval = interval
         self.checkpoint_interval = checkpoint_interval
         self.limits = limits
+        self.monotonic = monotonic
         self.device = link.device
         self.key: Ed25519PrivateKey = link.enrollment.signing_key
         self.batches = 0
+        self.max_records = limits.max_audit_batch
+        """The record budget of the next batch (halved after an undeliverable batch, doubled back on acks)."""
         self._last_checkpoint: AuditHead | None = None
+        self._paused_until = 0.0
+        self._pause = 0.0
+        """The last pause (:meth:`_pause_uploads`); 0 after an ack that moved the log forward."""
+        self._refusals_reported: set[str] = set()
+        self._resealed = False
         link.ack_listeners.append(self.on_ack)
 
     async def on_ack(self, ack: Ack) -> None:
-        """An ack naming an audit head: drop the acked records, then the outbox copy, then send the next batch."""
+        """An ack naming an audit head: mark the acked records, drop the outbox copies, then send the next batch.
+
+        An ack the log refuses (past the local head, or another hash) marks nothing; it is reported, the outbox
+        copies it names are dropped all the same (a copy queued before an old ``registry.db`` was restored must
+        not block the upload), and no batch is queued before a pause (:meth:`_pause_uploads`).
+        """
         if ack.audit is None:
             return
-        removed = await asyncio.to_thread(self.audit.acked, ack.audit)
+        newly, refused = await asyncio.to_thread(self.audit.apply_ack, ack.audit)
+        if refused is not None:
+            self._pause_uploads()
+            await self._report_refused_ack(ack.audit, refused)
         await self.link.outbox.acked([audit_ack_key(ack.audit), *await self._covered(ack.audit)])
-        log.debug("audit.acked", seq=ack.audit.seq, removed=removed, duplicate=ack.duplicate)
+        if newly:
+            self.max_records = min(self.limits.max_audit_batch, self.max_records * 2)
+            self._pause = 0.0
+        log.debug("audit.acked", seq=ack.audit.seq, newly=newly, duplicate=ack.duplicate)
         self.audit.changed.set()
+
+    async def _report_refused_ack(self, head: AuditHead, reason: str) -> None:
+        """Tell the controller (an ``error`` report, once per refused ack) that the device refused its ack."""
+        key = audit_ack_key(head)
+        if key in self._refusals_reported:
+            return
+        self._refusals_reported.add(key)
+        report = Report(
+            report_id=secrets.token_hex(16),
+            device=self.device,
+            ts_ms=int(time.time() * 1000),
+            kind="error",
+            outcome="failed",
+            reason=f"audit ack refused (epoch {head.epoch} seq {head.seq}): {reason}"[:4000],
+        )
+        try:
+            await self.link.send_report(report)
+        except Exception as exc:  # the refusal is in the chain and the log already
+            log.warning("audit.ack_refused_unreported", error=str(exc))
+
+    def _pause_uploads(self) -> None:
+        """Queue no batch for :data:`HOLD_S`, doubled each time until an ack moves the log (at most
+        :data:`HOLD_MAX_S`): what bounds re-sends when the controller and the device disagree."""
+        self._pause = min(HOLD_MAX_S, self._pause * 2) if self._pause else HOLD_S
+        self._paused_until = self.monotonic() + self._pause
 
     def checkpoint(self, head: AuditHead) -> SignedCheckpoint:
         """A checkpoint of ``head`` signed with the device key."""
         cp = Checkpoint(self.device, head.epoch, head.seq, head.hash, int(time.time() * 1000))
         return sign_checkpoint(cp, self.key)
 
+    def max_payload(self) -> int:
+        """The largest upload: ``limits.max_message_bytes`` or what the broker takes, whichever is smaller."""
+        return min(self.limits.max_message_bytes, self.link.max_payload_bytes(TopicKind.AUDIT))
+
     def build_batch(self) -> tuple[AuditHead, bytes] | None:
-        """The next upload (blocking): the oldest stored records that fit one message, with a checkpoint."""
-        max_bytes = self.limits.max_message_bytes - BATCH_OVERHEAD
-        max_records = self.limits.max_audit_batch
+        """The next upload (blocking): the oldest stored records that fit one message, with a checkpoint.
+
+        At most :attr:`max_records` records, within :meth:`max_payload` less :data:`BATCH_OVERHEAD` (the
+        envelope and the checkpoint). A single record larger than that is still built: the link then sets it
+        aside as undeliverable, which is reported (see the class docstring).
+        """
+        max_payload = self.max_payload()
+        max_bytes = max(1, max_payload - BATCH_OVERHEAD)
+        max_records = self.max_records
         while True:
             records = self.audit.batch(max_bytes=max_bytes, max_records=max_records)
             if not records:
@@ -612,11 +800,14 @@ class AuditUploader:
                 device=self.device, epoch=head.epoch, records=tuple(records), checkpoint=self.checkpoint(head)
             )
             try:
-                return head, batch.encode(limits=self.limits)
+                payload = batch.encode(limits=self.limits)
             except ValueError:
                 if len(records) == 1:
                     raise
-                max_records = max(1, len(records) // 2)
+            else:
+                if len(payload) <= max_payload or len(records) == 1:
+                    return head, payload
+            max_records = max(1, len(records) // 2)
 
     async def _covered(self, head: AuditHead) -> list[str]:
         """Outbox ids of pending batches of ``head``'s epoch that end at or before it (acked by it)."""
@@ -641,9 +832,40 @@ class AuditUploader:
 
         return await store.run(query)
 
+    async def _drop_undeliverable(self) -> None:
+        """Delete the audit batches the link set aside as undeliverable, and shrink (or hold) the next one."""
+        store = self.link.store
+
+        def take() -> list[tuple[str, str]]:
+            with store.transaction():
+                rows = store.db.execute(
+                    "SELECT msg_id, COALESCE(error, '') FROM outbox WHERE state = 'undeliverable' "
+                    "AND msg_id LIKE 'audit:%'"
+                ).fetchall()
+                if rows:
+                    store.db.execute("DELETE FROM outbox WHERE state = 'undeliverable' AND msg_id LIKE 'audit:%'")
+                    store.add_event("audit_batches_dropped", {"msg_ids": [r[0] for r in rows]})
+                return [(str(r[0]), str(r[1])) for r in rows]
+
+        for msg_id, error in await store.run(take):
+            _, epoch, seq, _ = msg_id.split(":", 3)
+            records = await asyncio.to_thread(self.audit.unacked_through, int(epoch), int(seq))
+            if records > 1:
+                self.max_records = max(1, min(self.max_records, records) // 2)
+                log.warning(
+                    "audit.batch_undeliverable", msg_id=msg_id, records=records, next_max_records=self.max_records
+                )
+            elif records == 1:  # the link sent an error report already; the records behind it wait
+                self._pause_uploads()
+                log.error("audit.record_undeliverable", msg_id=msg_id, error=error, retry_in_s=self._pause)
+
     async def step(self) -> bool:
         """Queue the next batch if none waits for its ack; True if one was queued."""
-        if await self._pending():
+        if not self._resealed:  # a batch signed with an earlier key (re-enrolled) would never be acked
+            await self.link.outbox.reseal(self.key)
+            self._resealed = True
+        await self._drop_undeliverable()
+        if self.monotonic() < self._paused_until or await self._pending():
             return False
         built = await asyncio.to_thread(self.build_batch)
         if built is None:
@@ -673,8 +895,11 @@ class AuditUploader:
             except Exception as exc:  # an outbox that is full is retried later; the records stay
                 log.warning("audit.upload_deferred", error=str(exc))
             if loop.time() >= next_checkpoint:
-                await self.offline_checkpoint()
                 next_checkpoint = loop.time() + self.checkpoint_interval
+                try:
+                    await self.offline_checkpoint()
+                except Exception as exc:  # a disk error now is no reason to stop uploading: tried again later
+                    log.error("audit.checkpoint_failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
                     await self.audit.changed.wait()

@@ -81,7 +81,8 @@ class IngestResult:
     """What one upload did.
 
     Attributes:
-        head: The accepted head to ack, or None when the batch was refused (then ``alert`` says why).
+        head: The head to ack: the batch's last record, as stored (the accepted head, unless the whole batch
+            was stored before and lies behind it); None when the batch was refused (then ``alert`` says why).
         stored: New records stored.
         duplicates: Records the controller already had.
         alert: The alert kind raised for a refused batch, if any.
@@ -237,7 +238,11 @@ def store_batch(
             return IngestResult(None, alert=kind, detail=str(exc))
         _store(db, verified, now=now, rows=prepared.rows if key_current else None)
     verifier.commit(verified)
-    return IngestResult(verified.head, stored=len(verified.records), duplicates=verified.duplicates)
+    # Ack the batch's own last record (what its verified checkpoint names), not the accepted head: for a batch
+    # wholly behind the head the two differ, and the device must advance batch by batch until its records differ
+    # from the stored ones (a restored registry.db is then a fork or regression, alerted) instead of getting an
+    # ack past its own head that it cannot apply (docs/audit.md, "Upload").
+    return IngestResult(verified.checkpoint.head, stored=len(verified.records), duplicates=verified.duplicates)
 
 
 def ingest_batch(

@@ -1009,7 +1009,8 @@ class VerifiedBatch:
         duplicates: How many records were re-sent copies of accepted ones.
         dropped: GAP records among the new records, with how many records were never received.
         epoch_change: Set when the batch starts a newer epoch than ``previous``.
-        checkpoint: The verified checkpoint (equal to ``head``).
+        checkpoint: The verified checkpoint: the batch's last record (equal to ``head`` unless every record was
+            a stored duplicate behind the accepted head).
     """
 
     device: str

@@ -49,6 +49,7 @@ __all__ = [
     "add_signature",
     "pae",
     "peek_payload_type",
+    "resign_own",
     "sign_envelope",
     "verify_envelope",
 ]
@@ -130,6 +131,23 @@ def sign_envelope(
         if kid not in signatures:
             signatures[kid] = _Signature(kid, key.sign(message))
     return _encode(_Envelope(payload_type, payload, tuple(signatures.values())), limits)
+
+
+def resign_own(envelope: bytes, keys: Sequence[Ed25519PrivateKey], *, limits: Limits = DEFAULT_LIMITS) -> bytes | None:
+    """The same payload and payload type signed anew by ``keys`` only; None if ``keys`` signed it already.
+
+    For a sender's *own* stored envelopes after its key changed (a device re-enrolled under the same id, whose
+    queued reports carry the old key's signature). Nothing is verified: never use it on received data.
+
+    Raises:
+        DecodeError: ``envelope`` is malformed.
+        ValueError: as :func:`sign_envelope`.
+    """
+    decoded = _decode(envelope, limits)
+    wanted = {keyid(key) for key in keys}
+    if wanted <= {sig.keyid for sig in decoded.signatures}:
+        return None
+    return sign_envelope(decoded.payload, decoded.payload_type, keys, limits=limits)
 
 
 def add_signature(envelope: bytes, key: Ed25519PrivateKey, *, limits: Limits = DEFAULT_LIMITS) -> bytes:

@@ -191,6 +191,11 @@ class AgentLink:
             raise ValueError(f"{kind} messages do not go through the outbox")
         return await self.outbox.put(kind, msg_id, payload)
 
+    def max_payload_bytes(self, kind: TopicKind) -> int:
+        """The largest payload of a ``kind`` message the broker takes (its maximum packet size, as learnt at
+        the last CONNACK, less the topic and the PUBLISH header): a larger one is set aside as undeliverable."""
+        return self._max_packet - len(device_topic(self.device, kind)) - PUBLISH_OVERHEAD
+
     async def publish_fetch(self, payload: bytes) -> None:
         """Publish a fetch request on this device's ``fetch`` topic (QoS 1; not kept: the fetcher re-asks).
 
@@ -259,6 +264,9 @@ class AgentLink:
 
     async def run(self) -> NoReturn:
         """Reconcile and stay connected until cancelled (a clean stop publishes the offline state)."""
+        dropped, resealed = await self.outbox.reseal(self.enrollment.signing_key)
+        if dropped or resealed:  # re-enrolled under the same id: nothing queued may carry the old key's signature
+            log.warning("link.outbox_resealed", device_id=self.device, audit_dropped=dropped, reports=resealed)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.dispatcher.run(), name="link-dispatch")
             tasks.create_task(self._connection_loop(), name="link-mqtt")

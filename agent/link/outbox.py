@@ -14,12 +14,17 @@ a crash), so every message here is kept, and re-sent, until an :class:`~protocol
   ``max_outbox_messages`` wait for acks (past that :class:`~agent.errors.OutboxFullError`, never a silent drop).
 - A message that cannot be delivered — larger than the broker's maximum packet size, or in flight on
   ``max_send_attempts`` consecutive connections that died — is set aside as ``undeliverable`` (kept on disk,
-  an event recorded), so it can neither block the messages behind it nor cause a reconnect loop.
+  an event recorded), so it can neither block the messages behind it nor cause a reconnect loop. (The audit
+  uploader deletes its own undeliverable batches and rebuilds them smaller from ``registry.db``.)
+- Every queued message carries the current device key's signature: after a re-enrollment under the same id,
+  :meth:`Outbox.reseal` drops audit batches signed with another key (rebuilt from ``registry.db``) and re-signs
+  reports (the link does it before it connects, the audit uploader before its first batch).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +33,9 @@ from typing import Any
 from agent.errors import OutboxFullError
 from agent.link.store import LinkStore
 from protocols.audit import AuditHead
+from protocols.envelope import resign_own
+from protocols.errors import ProtocolError
+from protocols.keys import Ed25519PrivateKey, keyid
 from protocols.topics import TopicKind
 
 __all__ = ["Outbox", "OutboxItem", "audit_ack_key"]
@@ -36,6 +44,15 @@ __all__ = ["Outbox", "OutboxItem", "audit_ack_key"]
 def audit_ack_key(head: AuditHead) -> str:
     """The outbox id of an audit batch whose last record is ``head`` (what an audit ack names)."""
     return f"audit:{head.epoch}:{head.seq}:{head.hash}"
+
+
+def _checkpoint_keyid(payload: bytes) -> str | None:
+    """The key id of an audit batch's checkpoint signature (None if it cannot be read)."""
+    try:
+        found = json.loads(payload)["checkpoint"]["keyid"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +131,51 @@ class Outbox:
             [msg_id, str(kind), payload, self.clock()],
         )
         return True
+
+    # --- a new device key -------------------------------------------------------------------------------
+
+    async def reseal(self, key: Ed25519PrivateKey) -> tuple[int, int]:
+        """Make every queued message carry ``key``'s signature; returns ``(audit batches dropped, reports
+        re-signed)``.
+
+        After the device is re-enrolled under the same id (new key, ``link.db`` kept), a message signed with the
+        old key is refused by the controller forever and, for an audit batch, blocks the uploader. Audit batches
+        whose checkpoint another key signed are deleted (the uploader rebuilds them from ``registry.db`` and signs
+        them anew); reports are re-signed (same payload: same ``report_id``, so the controller still handles a
+        copy that arrived before idempotently). Undeliverable messages are left as they are. Idempotent.
+        """
+        return await self.store.run(self._reseal, key)
+
+    def _reseal(self, key: Ed25519PrivateKey) -> tuple[int, int]:
+        kid = keyid(key)
+        dropped = resealed = 0
+        with self.store.transaction():
+            db = self.store.db
+            rows = db.execute(
+                "SELECT msg_id, kind FROM outbox WHERE state = 'pending' AND kind IN (?, ?) ORDER BY seq",
+                [str(TopicKind.AUDIT), str(TopicKind.REPORT)],
+            ).fetchall()
+            for msg_id, kind in rows:  # one payload in memory at a time
+                (payload,) = db.execute("SELECT payload FROM outbox WHERE msg_id = ?", [msg_id]).fetchone()
+                if kind == str(TopicKind.AUDIT):
+                    if _checkpoint_keyid(bytes(payload)) != kid:
+                        db.execute("DELETE FROM outbox WHERE msg_id = ?", [msg_id])
+                        dropped += 1
+                    continue
+                try:
+                    fresh = resign_own(bytes(payload), [key])
+                except (ProtocolError, ValueError):
+                    continue  # cannot be read: the controller refuses it either way, as before
+                if fresh is not None:
+                    db.execute("UPDATE outbox SET payload = ?, next_ts = 0 WHERE msg_id = ?", [fresh, msg_id])
+                    resealed += 1
+            if dropped or resealed:
+                self.store.add_event(
+                    "outbox_resealed", {"keyid": kid, "audit_dropped": dropped, "reports_resigned": resealed}
+                )
+        if dropped or resealed:
+            self.wake.set()
+        return dropped, resealed
 
     # --- the sender -------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from protocols.envelope import (
     add_signature,
     pae,
     peek_payload_type,
+    resign_own,
     sign_envelope,
     verify_envelope,
 )
@@ -62,6 +63,23 @@ def test_pae_matches_dsse_spec_vector() -> None:
         pae("http://example.com/HelloWorld", b"hello world")
         == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
     )
+
+
+@given(payload=st.binary(max_size=2048), payload_type=payload_types)
+def test_resign_own_keeps_payload_and_type_and_carries_only_the_new_key(payload: bytes, payload_type: str) -> None:
+    """An envelope re-signed after a key change verifies with the new key only, same bytes and type."""
+    resigned = resign_own(sign_envelope(payload, payload_type, [A]), [B])
+    assert resigned is not None
+    assert verify_envelope(resigned, trust(B), threshold=1, payload_type=payload_type) == payload
+    with pytest.raises(UnknownKeyError):
+        verify_envelope(resigned, trust(A), threshold=1, payload_type=payload_type)
+    assert resign_own(resigned, [B]) is None  # signed by that key already: nothing to do
+
+
+def test_resign_own_refuses_a_malformed_envelope() -> None:
+    """Re-signing never wraps bytes that are not an envelope."""
+    with pytest.raises(DecodeError):
+        resign_own(b'{"payload":"x"}', [A])
 
 
 @given(payload=st.binary(max_size=2048), payload_type=payload_types)
