@@ -10,7 +10,10 @@
 
 from pathlib import Path
 
-__all__ = ["bundle_path", "link_dir"]
+__all__ = ["KEYRING_FILE", "bundle_path", "link_dir"]
+
+KEYRING_FILE = "assignment-keys.json"
+"""Under the link directory: the last verified assignment key list (canonical JSON; :mod:`agent.link.keyring`)."""
 
 
 def link_dir(state_dir: Path) -> Path:

@@ -131,6 +131,15 @@ class AssignmentVerifier:
         assert isinstance(message, Assignment)
         return message
 
+    def verifies(self, data: bytes) -> bool:
+        """Whether ``data`` verifies (steps 1–3) under the keys in force now; no key refresh is asked for."""
+        keys, threshold = self.keyring.current if self.keyring is not None else (self.keys, self.threshold)
+        try:
+            message = open_sealed(self.topic, data, keys, threshold=threshold).message
+        except ProtocolError:
+            return False
+        return isinstance(message, Assignment)
+
     @staticmethod
     def check_generation(new: Assignment, data: bytes, accepted: tuple[int, bytes] | None) -> bool:
         """Step 4: the generation against the accepted one. True: accept; False: a duplicate, ignore.
@@ -264,6 +273,11 @@ class Dispatcher:
         with self.store.transaction() as db:
             row = db.execute("SELECT generation, envelope FROM desired WHERE id = 1").fetchone()
             current = None if row is None else (int(row[0]), bytes(row[1]))
+            if current is not None and not self.verifier.verifies(current[1]):
+                # accepted under keys no longer in force (rotated away, perhaps because one leaked): its
+                # generation must not block the ones signed with the current keys (docs/protocol.md §4.2, step 4)
+                log.warning("assignment.stored_unverified", device_id=self.device, generation=current[0])
+                current = None
             if not AssignmentVerifier.check_generation(assignment, data, current):
                 return False
             db.execute(

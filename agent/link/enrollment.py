@@ -7,27 +7,35 @@ Layout in the state directory::
     link/link.db              the link's database (outbox, desired state; agent.link.store)
 
 The bundle is checked completely (:func:`protocols.enrollment.decode_bundle`: signature, certificate chain,
-key match, validity) when it is installed *and* every time it is loaded; the TLS files are rewritten from it,
+key match, validity) when it is installed *and* every time it is loaded (then without the validity period, which
+the local clock at boot cannot be trusted to judge: the broker checks it); the TLS files are rewritten from it,
 so they can never disagree with it. Enrolling a device that is enrolled already as another device is refused
-unless forced, and then the old link database (messages signed for the old identity) is removed.
+unless forced. A bundle with other trust anchors than the installed one removes what was learnt under the old
+ones first (``link/tuf/``, ``link/assignment-keys.json``, and with other controller keys or another device
+``link.db``): see :func:`_forget_trust`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from agent.errors import EnrollmentError
-from agent.link import bundle_path, link_dir
+from agent.link import KEYRING_FILE, bundle_path, link_dir
 from protocols.enrollment import BrokerAddress, EnrollmentBundle, decode_bundle
 from protocols.errors import ProtocolError
 from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = ["Enrollment", "install_bundle", "link_dir", "load_enrollment"]
+
+log = structlog.get_logger(__name__)
 
 MAX_BUNDLE_BYTES = 256 * 1024
 
@@ -108,34 +116,66 @@ def install_bundle(
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         current = bundle_path(state_dir)
         if current.exists():
+            old: EnrollmentBundle | None
             try:
-                previous: str | None = _decode(current.read_bytes(), None, None, check_time=False).device
+                old = _decode(current.read_bytes(), None, None, check_time=False)
             except EnrollmentError as exc:
                 if not force:
                     raise EnrollmentError(
                         f"the installed bundle is unusable ({exc}); use --force to replace it"
                     ) from exc
-                previous = None
-            if previous != bundle.device:
-                if not force:
-                    raise EnrollmentError(
-                        f"this agent is enrolled as {previous!r}; use --force to enroll it as {bundle.device!r}"
-                    )
-                for name in ("link.db", "link.db-wal", "link.db-shm"):
-                    (directory / name).unlink(missing_ok=True)
+                old = None
+            previous = old.device if old is not None else None
+            if previous != bundle.device and not force:
+                raise EnrollmentError(
+                    f"this agent is enrolled as {previous!r}; use --force to enroll it as {bundle.device!r}"
+                )
+            # before the new bundle is written: a crash in between leaves the old bundle with less state, never
+            # the new bundle with the old fleet's
+            _forget_trust(directory, old, bundle)
         _atomic_write(current, data, 0o600)
     except OSError as exc:
         raise EnrollmentError(f"cannot install the bundle in {directory}: {exc}") from exc
     return _materialize(state_dir, bundle)
 
 
+def _forget_trust(directory: Path, old: EnrollmentBundle | None, new: EnrollmentBundle) -> None:
+    """Remove the link state learnt under ``old``'s trust anchors that ``new`` does not share.
+
+    - Another TUF root (or another device, or an unknown old bundle): ``tuf/`` (the trusted metadata, which would
+      override the new bundle's ``tuf_root``) and ``assignment-keys.json`` (the key list learnt through it, which
+      would override the new controller keys) go; the next refresh starts from the new bundle's root.
+    - Other controller keys or threshold, or another device, too: ``link.db`` goes as well (accepted
+      generations, which would refuse the new controller's lower ones as replays, and the outbox, signed for
+      the old fleet).
+
+    Re-enrolling with the same anchors (a renewed certificate) keeps everything.
+    """
+    same_controller = (
+        old is not None
+        and old.device == new.device
+        and dict(old.controller_keys) == dict(new.controller_keys)
+        and old.controller_threshold == new.controller_threshold
+    )
+    if same_controller and old is not None and old.tuf_root == new.tuf_root:
+        return
+    log.info("enrollment.trust_reset", device=new.device, link_db=not same_controller)
+    if (directory / "tuf").exists():
+        shutil.rmtree(directory / "tuf")
+    (directory / KEYRING_FILE).unlink(missing_ok=True)
+    if not same_controller:
+        for name in ("link.db", "link.db-wal", "link.db-shm"):
+            (directory / name).unlink(missing_ok=True)
+
+
 def load_enrollment(
     state_dir: Path, *, device_id: str | None = None, now: dt.datetime | None = None
 ) -> Enrollment | None:
-    """The installed enrollment, checked again; None if the device is not enrolled.
+    """The installed enrollment, checked again (but for the certificate's validity period, only logged if the
+    local clock is outside it); None if the device is not enrolled.
 
     Raises:
-        EnrollmentError: the installed bundle is invalid, expired, or for another device than ``device_id``.
+        EnrollmentError: the installed bundle is invalid, or for another device than ``device_id``.
     """
     path = bundle_path(state_dir)
     try:
@@ -144,9 +184,16 @@ def load_enrollment(
         return None
     except OSError as exc:
         raise EnrollmentError(f"cannot read {path}: {exc}") from exc
-    bundle = _decode(data, None, now)
+    # Not gated on the local clock: a board may boot with its clock at 1970 (no RTC, NTP not synced yet), or be
+    # air-gapped past the certificate's end and still import signed offline bundles. The broker enforces the
+    # certificate's validity against its own clock; here a certificate not valid now is only logged.
+    bundle = _decode(data, None, now, check_time=False)
     if device_id is not None and bundle.device != device_id:
         raise EnrollmentError(f"enrolled as {bundle.device!r}, but configured as device {device_id!r}")
+    try:
+        _decode(data, None, now)
+    except EnrollmentError as exc:
+        log.warning("enrollment.certificate_not_valid_now", device_id=bundle.device, error=str(exc))
     return _materialize(state_dir, bundle)
 
 

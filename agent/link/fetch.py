@@ -809,15 +809,26 @@ class HttpBlobFetcher:
         outcome = asyncio.wrap_future(result)
         outcome.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # retrieved: not logged
         try:
-            await asyncio.shield(outcome)
+            # The watchdog: the thread checks the deadline and the throughput only after a read of the body,
+            # and http.client can block before any (a connect, a TLS handshake, a head that never ends or
+            # endless "100 Continue" answers, each read resetting the socket timeout). So the same checks
+            # run here too, on a timer, and a failure aborts the request like a stop does.
+            while True:
+                finished, _ = await asyncio.wait({outcome}, timeout=_WATCHDOG_S)  # a timeout does not cancel it
+                if finished:
+                    break
+                try:
+                    self._check_time(target, started, before + request.received)
+                except FetchTimeoutError:
+                    log.info("fetch.http_timeout", url=url, received=request.received)
+                    await _abort_and_release(request, result, outcome)
+                    raise
+            await outcome
         except asyncio.CancelledError:
             # a stop: end the thread's transfer now; if it holds the file, wait until it has let it go (its
             # verified chunks stay for a resume), through further cancels too: two writers must never share the
             # file; the stop is what propagates, never the transfer's error
-            if request.abort():
-                while not result.done():
-                    with contextlib.suppress(Exception, asyncio.CancelledError):
-                        await asyncio.shield(outcome)
+            await _abort_and_release(request, result, outcome)
             raise
 
     def _check_time(self, target: VerifiedTarget, started: float, new_bytes: int) -> None:
@@ -829,6 +840,18 @@ class HttpBlobFetcher:
                 f"{target.path}: {new_bytes / elapsed:.0f} bytes/s is below the minimum of "
                 f"{self.policy.min_throughput_bps:.0f} bytes/s"
             )
+
+
+_WATCHDOG_S = 0.5
+"""How often the event loop checks a running HTTP request against the deadline and the minimum throughput."""
+
+
+async def _abort_and_release(request: _RangeRequest, result: Future[None], outcome: asyncio.Future[None]) -> None:
+    """Abort ``request``; if its thread holds the file, wait (through cancels too) until it has let it go."""
+    if request.abort():
+        while not result.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(outcome)
 
 
 class _RangeRequest:
@@ -857,6 +880,8 @@ class _RangeRequest:
         self._lock = threading.Lock()
         self._stopped = False
         self._holds_file = False
+        self.received = 0
+        """Bytes of the body read so far (set by the thread, read by the event loop's watchdog)."""
         self._connection: http.client.HTTPConnection | None = None
         self._response: http.client.HTTPResponse | None = None
         self._socket: socket.socket | None = None
@@ -877,6 +902,7 @@ class _RangeRequest:
             raise _ConnectionLostError(f"{self.url}: stopped")
 
     def _stop_check(self, received: int) -> None:
+        self.received = received
         self._raise_if_stopped()
         self.check(received)
 

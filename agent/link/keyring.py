@@ -33,6 +33,7 @@ from typing import NoReturn
 
 import structlog
 
+from agent.link import KEYRING_FILE
 from agent.link.updater import ReleaseError
 from protocols.backoff import raise_if_cancelled
 from protocols.errors import DecodeError
@@ -46,9 +47,6 @@ log = structlog.get_logger(__name__)
 RETRY_AFTER_FAILED_REFRESH_S = 30.0
 """Seconds before a failed refresh is tried again while a refused assignment waits for new keys."""
 
-KEYRING_FILE = "assignment-keys.json"
-"""Under the link directory: the last verified key list (canonical JSON)."""
-
 
 class ControllerKeyring:
     """The current controller keys and threshold (see the module docstring)."""
@@ -61,6 +59,10 @@ class ControllerKeyring:
         self._current = self._enrolled
         self.stale = asyncio.Event()
         """Set when the keys should be refreshed now (an assignment did not verify)."""
+        self.settled = asyncio.Event()
+        """Set when no refresh the link asked for is pending: the link clears it on a connect (with :attr:`stale`)
+        and holds the assignments received until :meth:`run` has refreshed (or failed to)."""
+        self.settled.set()
         self._retry: bytes | None = None
         if cache is not None:
             self._load(cache)
@@ -148,6 +150,8 @@ class ControllerKeyring:
             self.stale.clear()
             answered = self._retry  # the refused assignment this refresh answers (not one refused meanwhile)
             changed = await self.refresh(lookup)
+            if not self.stale.is_set():  # a connect since this refresh started asks for another one
+                self.settled.set()
             if changed is None:
                 if self._retry is not None:  # keep the refused assignment and try the refresh again soon
                     await asyncio.sleep(RETRY_AFTER_FAILED_REFRESH_S)

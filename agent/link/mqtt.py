@@ -24,6 +24,7 @@ import contextlib
 import secrets
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -48,7 +49,7 @@ from protocols.errors import DecodeError, ProtocolError
 from protocols.link import open_sealed, seal
 from protocols.messages import Ack, DeviceState, Report
 from protocols.releases import AssignmentKeyList
-from protocols.topics import TopicKind, agent_subscriptions, device_topic, parse_device_topic
+from protocols.topics import TopicKind, agent_subscriptions, device_topic, parse_device_topic, repo_topic
 
 __all__ = ["AgentLink", "Backoff", "LinkStats", "open_agent_link"]
 
@@ -60,6 +61,11 @@ PACKET_TOO_LARGE = 0x95
 PUBLISH_OVERHEAD = 64
 """Bytes an MQTT PUBLISH adds around topic and payload (fixed header, length, packet id, properties), rounded up."""
 
+MAX_HELD_ASSIGNMENTS = 64
+"""Assignments held while the keys are refreshed after a connect, at most (past it the oldest are dropped; the
+retained assignment comes again on every connect, and the controller re-publishes the newest one)."""
+KEY_REFRESH_WAIT_S = 60.0
+"""How long held assignments wait for the key refresh after a connect before they are verified anyway."""
 MAX_INCOMING_QUEUE = 1000
 
 
@@ -251,6 +257,11 @@ class AgentLink:
                 with contextlib.suppress(aiomqtt.MqttError):
                     await client.unsubscribe(topic)
 
+    def forget_repo_document(self, topic: str) -> None:
+        """Drop the cached copy of ``topic``'s document: TUF refused a refresh that used it (it may be a bogus
+        retained message); the next lookup asks the broker again."""
+        self._repo_cache.pop(topic, None)
+
     def _on_repo_message(self, topic: str, payload: bytes) -> None:
         if not payload or len(self._repo_cache) > 256:
             self._repo_cache.clear()  # bounded: documents are fetched again if needed
@@ -263,16 +274,29 @@ class AgentLink:
     # --- lifecycle --------------------------------------------------------------------------------------
 
     async def run(self) -> NoReturn:
-        """Reconcile and stay connected until cancelled (a clean stop publishes the offline state)."""
-        dropped, resealed = await self.outbox.reseal(self.enrollment.signing_key)
-        if dropped or resealed:  # re-enrolled under the same id: nothing queued may carry the old key's signature
-            log.warning("link.outbox_resealed", device_id=self.device, audit_dropped=dropped, reports=resealed)
+        """Reconcile and stay connected until cancelled (a clean stop publishes the offline state).
+
+        Never ends otherwise: an unexpected error in one of the link's loops (a full disk, an SQLite error) is
+        logged and that loop started again after a backoff. The agent's local API must keep serving whatever
+        happens to the link.
+        """
+        try:  # re-enrolled under the same id: nothing queued may carry the old key's signature
+            dropped, resealed = await self.outbox.reseal(self.enrollment.signing_key)
+        except Exception:  # the link must not end the daemon: messages signed by an old key are only refused
+            log.exception("link.outbox_reseal_failed", device_id=self.device)
+        else:
+            if dropped or resealed:
+                log.warning("link.outbox_resealed", device_id=self.device, audit_dropped=dropped, reports=resealed)
+        keys_lookup = self.keys_lookup
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.dispatcher.run(), name="link-dispatch")
-            tasks.create_task(self._connection_loop(), name="link-mqtt")
-            if self.keys_lookup is not None:
+            tasks.create_task(_supervised("link-dispatch", self.dispatcher.run), name="link-dispatch")
+            tasks.create_task(_supervised("link-mqtt", self._connection_loop), name="link-mqtt")
+            if keys_lookup is not None:
                 tasks.create_task(
-                    self.keyring.run(self.keys_lookup, self.dispatcher.on_assign, connected=self.connected),
+                    _supervised(
+                        "link-keyring",
+                        lambda: self.keyring.run(keys_lookup, self.dispatcher.on_assign, connected=self.connected),
+                    ),
                     name="link-keyring",
                 )
         raise AssertionError("unreachable: both loops run forever")
@@ -347,19 +371,26 @@ class AgentLink:
             log.info(
                 "link.connected", device_id=self.device, broker=f"{self.host}:{self.port}", max_packet=self._max_packet
             )
+            # the timestamp of an earlier connection may be stale or bogus: the broker sends its retained one after
+            # the SUBACK below, and lookups wait for it (versioned documents are immutable and stay cached)
+            self._repo_cache.pop(repo_topic("timestamp"), None)
             try:
                 for topic in agent_subscriptions(self.device):
                     await client.subscribe(topic, qos=1)
                 await self._publish_state(client, await self._build_state("online"))
                 await self.outbox.resend_all()
                 self._client_now = client
+                if self.keys_lookup is not None:
+                    self.keyring.settled.clear()  # the reader holds assignments until the keys are refreshed
                 self.connected.set()
                 self.keyring.stale.set()  # the assignment keys may have rotated meanwhile
+                held = _HeldAssignments()
                 await _run_until_first_failure(
-                    self._reader(client),
+                    self._reader(client, held),
+                    self._held_assignments(held),
                     self._sender(client),
                     self._state_loop(client),
-                    names=("reader", "sender", "state"),
+                    names=("reader", "held-assignments", "sender", "state"),
                 )
             except asyncio.CancelledError:
                 await self._say_goodbye(client)
@@ -378,7 +409,7 @@ class AgentLink:
 
     # --- loops --------------------------------------------------------------------------------------------
 
-    async def _reader(self, client: aiomqtt.Client) -> None:
+    async def _reader(self, client: aiomqtt.Client, held: _HeldAssignments) -> None:
         async for message in client.messages:
             raise_if_cancelled()  # here and in every loop of the link: see protocols/backoff.py
             topic = str(message.topic)
@@ -394,9 +425,31 @@ class AgentLink:
                 if self.chunk_sink is not None:
                     self.chunk_sink(payload)
             elif kind is TopicKind.ASSIGN:
-                await self.dispatcher.on_assign(payload)
+                if self.keyring.settled.is_set() and not held.messages:
+                    await self.dispatcher.on_assign(payload)
+                else:
+                    held.messages.append(payload)
+                    held.wake.set()
             elif kind is TopicKind.ACK:
                 await self._on_ack(topic, payload)
+
+    async def _held_assignments(self, held: _HeldAssignments) -> NoReturn:
+        """Handle, in order, the assignments that arrived before the key refresh asked for at connect ended.
+
+        Verified with keys rotated away meanwhile, one of them (the retained one, or one queued while offline)
+        could be accepted and applied (docs/protocol.md §4.2). The reader itself must not wait: the refresh's
+        TUF documents arrive through it. The wait is bounded: a refresh that cannot finish keeps the keys in force.
+        """
+        while True:
+            raise_if_cancelled()
+            await held.wake.wait()
+            held.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KEY_REFRESH_WAIT_S):
+                    await self.keyring.settled.wait()
+            while held.messages:
+                await self.dispatcher.on_assign(held.messages[0])
+                held.messages.popleft()
 
     async def _on_ack(self, topic: str, payload: bytes) -> None:
         try:
@@ -489,6 +542,38 @@ class AgentLink:
         self._last_state_at = self.clock()
         self._progress_pending = False
         self.stats.states_published += 1
+
+
+LOOP_RESTART_MIN_S = 1.0
+LOOP_RESTART_MAX_S = 300.0
+"""Backoff bounds before a link loop that failed unexpectedly is started again."""
+
+
+async def _supervised(name: str, loop: Callable[[], Coroutine[Any, Any, NoReturn]]) -> NoReturn:
+    """Run ``loop`` forever: an unexpected error is logged and the loop started again after a jittered backoff
+    (reset after a run that lasted). Only a cancellation ends it."""
+    backoff = Backoff(LOOP_RESTART_MIN_S, LOOP_RESTART_MAX_S)
+    clock = asyncio.get_running_loop().time
+    while True:
+        raise_if_cancelled()
+        started = clock()
+        try:
+            await loop()
+        except Exception as exc:
+            raise_if_cancelling(exc)  # a stop that surfaced as another error: never restart after it
+            if clock() - started >= LOOP_RESTART_MAX_S:
+                backoff.reset()
+            delay = backoff.next()
+            log.exception("link.loop_failed", loop=name, error=str(exc) or type(exc).__name__, retry_in_s=delay)
+            await asyncio.sleep(delay)
+
+
+@dataclass
+class _HeldAssignments:
+    """Assignments of one connection waiting for its key refresh (:meth:`AgentLink._held_assignments`)."""
+
+    messages: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_HELD_ASSIGNMENTS))
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def _run_until_first_failure(*coroutines: Coroutine[Any, Any, Any], names: Sequence[str]) -> None:

@@ -440,6 +440,10 @@ class RepoLink(Protocol):
         """The retained document on ``topic``, or None."""
         ...
 
+    def forget_repo_document(self, topic: str) -> None:
+        """Drop the copy of ``topic``'s document kept by the link, if any."""
+        ...
+
 
 class LinkMetadataSource:
     """:class:`~agent.link.updater.MetadataSource` over the MQTT link's retained ``repo/...`` messages.
@@ -471,6 +475,11 @@ class LinkMetadataSource:
         except concurrent.futures.TimeoutError as exc:
             future.cancel()
             raise ReleaseUnavailableError(f"no answer for {topic} within {self.timeout:.0f} s") from exc
+
+    def forget(self, role: str, version: int) -> None:
+        """Drop the link's cached copy of the document (TUF refused a refresh that used it)."""
+        with contextlib.suppress(ValueError):
+            self.loop.call_soon_threadsafe(self.link.forget_repo_document, repo_topic(role, version))
 
 
 class DeliveryLink(RepoLink, Protocol):

@@ -19,17 +19,25 @@ Errors::
 
     LinkError
      └── ReleaseError                 a release cannot be trusted or found
-          ├── ReleaseUnavailableError  metadata could not be fetched (link down, timeout): try again later
+          ├── ReleaseUnavailableError  metadata could not be fetched (link down, timeout) or stored (disk full):
+          │    │                       try again later
+          │    └── ReleaseStaleError   the metadata served is expired or older than the trusted one (a freeze or
+          │                            a replay on the way, a signer not re-signing yet): nothing is trusted,
+          │                            but the next refresh may find current metadata, so try again later
           └── ReleaseRefusedError      TUF refused the metadata, or the target is absent/invalid: do not retry
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import re
+import socket
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +47,7 @@ from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.errors import LinkError
+from protocols.canonical import SHA256_RE
 from protocols.errors import DecodeError
 from protocols.releases import (
     ASSIGNMENT_KEYS_TARGET,
@@ -53,6 +62,7 @@ __all__ = [
     "MetadataSource",
     "ReleaseError",
     "ReleaseRefusedError",
+    "ReleaseStaleError",
     "ReleaseUnavailableError",
     "ReleaseUpdater",
     "VerifiedTarget",
@@ -70,6 +80,14 @@ class ReleaseUnavailableError(ReleaseError):
     """Repository metadata could not be fetched (the link is down or slow): retry later."""
 
 
+class ReleaseStaleError(ReleaseUnavailableError):
+    """The metadata served is expired (freeze) or older than the trusted one (rollback): refused now, retried later.
+
+    TUF's checks hold (nothing in it is trusted); but the cause is on the way or at the signer, not in the
+    release, so it must not refuse the release until a new generation.
+    """
+
+
 class ReleaseRefusedError(ReleaseError):
     """TUF refused the metadata (signature, threshold, rollback, expiry, mix-and-match), or the target is bad."""
 
@@ -83,6 +101,11 @@ class MetadataSource(Protocol):
         Raises:
             ReleaseUnavailableError: the source cannot be reached.
         """
+        ...
+
+    def forget(self, role: str, version: int) -> None:
+        """TUF refused a refresh that used ``<version>.<role>.json`` from here: drop any copy kept of it, so that
+        the next refresh asks the repository again instead of failing on the same bytes."""
         ...
 
 
@@ -101,9 +124,18 @@ class DirectorySource:
         except FileNotFoundError:
             return None
 
+    def forget(self, role: str, version: int) -> None:
+        """Nothing is kept."""
+
 
 class HttpMetadataSource:
-    """Metadata from an HTTP artifact server or mirror: ``GET <base>/metadata/<name>`` (404: absent)."""
+    """Metadata from an HTTP artifact server or mirror: ``GET <base>/metadata/<name>`` (404: absent).
+
+    ``timeout`` bounds the whole request — connect, TLS handshake, head (however many ``100 Continue`` answers)
+    and body — not each socket read: a timer shuts the request's socket down when it is reached. The refresh
+    holds :class:`ReleaseUpdater`'s lock (key refreshes and installs wait for it), so a server that trickles
+    must not be able to hold it for longer.
+    """
 
     def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -113,16 +145,92 @@ class HttpMetadataSource:
         """The document, or None on 404."""
         name = f"{role}.json" if version is None else f"{version}.{role}.json"
         url = f"{self.base_url}/metadata/{name}"
+        request = _AbortableRequest()
+        timer = threading.Timer(self.timeout, request.abort)
+        timer.daemon = True
+        timer.start()
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as response:  # noqa: S310 (http(s) from config)
+            opener = urllib.request.build_opener(
+                _HookedHandler(request.connected), _HookedHttpsHandler(request.connected)
+            )
+            with opener.open(url, timeout=self.timeout) as response:
                 data: bytes = response.read(max_length + 1)
-                return data
         except urllib.error.HTTPError as exc:
             if exc.code in (403, 404):
                 return None
             raise ReleaseUnavailableError(f"{url}: HTTP {exc.code}") from exc
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            if request.aborted:
+                raise ReleaseUnavailableError(f"{url}: no complete answer within {self.timeout:g} s") from exc
             raise ReleaseUnavailableError(f"{url}: {exc}") from exc
+        finally:
+            timer.cancel()
+        if request.aborted:  # the body may have been cut short by the abort
+            raise ReleaseUnavailableError(f"{url}: no complete answer within {self.timeout:g} s")
+        return data
+
+    def forget(self, role: str, version: int) -> None:
+        """Nothing is kept."""
+
+
+class _AbortableRequest:
+    """The sockets of one metadata request, shut down by :meth:`abort` (from the timer's thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.aborted = False
+
+    def connected(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if not self.aborted:
+                return
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # too late already
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            sockets = list(self._sockets)
+        for sock in sockets:  # the plain socket's shutdown: a TLS layer above it sees the end too
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _hooked(connection_class: type[http.client.HTTPConnection], hook: Callable[[socket.socket], None]) -> Any:
+    """A factory of ``connection_class`` whose plain socket is handed to ``hook`` once connected (before TLS)."""
+
+    def make(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+        connection = connection_class(*args, **kwargs)
+        create = connection._create_connection  # type: ignore[attr-defined]
+
+        def create_and_hook(*a: Any, **kw: Any) -> socket.socket:
+            sock: socket.socket = create(*a, **kw)
+            hook(sock)
+            return sock
+
+        connection._create_connection = create_and_hook  # type: ignore[attr-defined]
+        return connection
+
+    return make
+
+
+class _HookedHandler(urllib.request.HTTPHandler):
+    def __init__(self, hook: Callable[[socket.socket], None]) -> None:
+        super().__init__()
+        self._hook = hook
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_hooked(http.client.HTTPConnection, self._hook), req)
+
+
+class _HookedHttpsHandler(urllib.request.HTTPSHandler):
+    def __init__(self, hook: Callable[[socket.socket], None]) -> None:
+        super().__init__()
+        self._hook = hook
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_hooked(http.client.HTTPSConnection, self._hook), req)
 
 
 class _SourceFetcher(FetcherInterface):
@@ -131,6 +239,10 @@ class _SourceFetcher(FetcherInterface):
     def __init__(self, source: MetadataSource, max_length: int) -> None:
         self.source = source
         self.max_length = max_length
+        self.served: set[tuple[str, int]] = set()
+        """The versioned documents the source returned (what to forget if TUF refuses the refresh)."""
+        self.last: tuple[str, int | None] | None = None
+        """The document asked for last: the one TUF was checking when it raised."""
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(METADATA_BASE):
@@ -139,12 +251,15 @@ class _SourceFetcher(FetcherInterface):
         if match is None:
             raise tuf_exc.DownloadHTTPError(f"no such metadata {url}", 404)
         version = match.group("version")
+        self.last = (match.group("role"), int(version) if version else None)
         try:
             data = self.source.get(match.group("role"), int(version) if version else None, self.max_length)
         except ReleaseUnavailableError as exc:
             raise tuf_exc.DownloadError(str(exc)) from exc
         if data is None:
             raise tuf_exc.DownloadHTTPError(f"{url} is not in the repository", 404)
+        if version:
+            self.served.add((match.group("role"), int(version)))
         return iter([data])
 
 
@@ -182,18 +297,21 @@ class ReleaseUpdater:
         """Whether a trusted root exists (from the enrollment bundle, or cached after a refresh)."""
         return self._bootstrap is not None or (self.metadata_dir / "root.json").exists()
 
-    def _updater(self) -> Updater:
-        max_length = max(self.config.root_max_length, self.config.targets_max_length)
+    def _updater(self, fetcher: _SourceFetcher) -> Updater:
+        if not self.bootstrapped:
+            raise ReleaseRefusedError(f"no trusted root in {self.metadata_dir} and none in the enrollment bundle")
         try:
             return Updater(
                 str(self.metadata_dir),
                 METADATA_BASE,
-                fetcher=_SourceFetcher(self.source, max_length),
+                fetcher=fetcher,
                 config=self.config,
                 bootstrap=self._bootstrap if not (self.metadata_dir / "root.json").exists() else None,
             )
-        except (OSError, tuf_exc.RepositoryError, ValueError) as exc:
+        except (tuf_exc.RepositoryError, ValueError) as exc:
             raise ReleaseRefusedError(f"no usable trusted root in {self.metadata_dir}: {exc}") from exc
+        except OSError as exc:  # reading or writing the state directory (a full disk, I/O errors): not a verdict
+            raise ReleaseUnavailableError(f"cannot use the trusted metadata in {self.metadata_dir}: {exc}") from exc
 
     def lookup(self, path: str) -> VerifiedTarget:
         """Refresh (root, timestamp, snapshot, targets) and return the verified info of target ``path``.
@@ -211,16 +329,26 @@ class ReleaseUpdater:
 
     def _refreshed_targetinfo(self, path: str) -> TargetFile | None:
         """Refresh the metadata (TUF's whole client workflow), then ``path``'s signed info, or None if unlisted."""
-        updater = self._updater()
+        fetcher = _SourceFetcher(self.source, max(self.config.root_max_length, self.config.targets_max_length))
+        updater = self._updater(fetcher)
         try:
             updater.refresh()
             return updater.get_targetinfo(path)
-        except tuf_exc.ExpiredMetadataError as exc:
-            raise ReleaseRefusedError(f"repository metadata expired (freeze protection): {exc}") from exc
         except tuf_exc.RepositoryError as exc:
+            # one of the documents is bad (or was replaced on the way): a source that keeps copies must not
+            # serve the same bytes to every later refresh
+            for role, version in fetcher.served:
+                self.source.forget(role, version)
+            if isinstance(exc, tuf_exc.ExpiredMetadataError):
+                raise ReleaseStaleError(f"repository metadata expired (freeze protection): {exc}") from exc
+            if isinstance(exc, tuf_exc.BadVersionNumberError) and fetcher.last == ("timestamp", None):
+                # a timestamp older than the trusted one (or naming an older snapshot): a replay on the way
+                raise ReleaseStaleError(f"repository timestamp older than trusted (rollback): {exc}") from exc
             raise ReleaseRefusedError(f"TUF refused the repository metadata: {type(exc).__name__}: {exc}") from exc
         except tuf_exc.DownloadError as exc:
             raise ReleaseUnavailableError(f"repository metadata unavailable: {exc}") from exc
+        except OSError as exc:  # python-tuf persisting verified metadata (a full disk): try again later
+            raise ReleaseUnavailableError(f"cannot store the repository metadata: {exc}") from exc
 
     def lookup_assignment_keys(self) -> AssignmentKeyList | None:
         """Refresh, then the verified assignment key list (None: the repository publishes none).
@@ -267,6 +395,9 @@ def _verified(path: str, length: int, hashes: Mapping[str, str], custom: Mapping
     sha256 = hashes.get("sha256")
     if sha256 is None:
         raise ReleaseRefusedError(f"target {path} has no sha256")
+    if not isinstance(sha256, str) or SHA256_RE.fullmatch(sha256) is None:
+        # python-tuf does not check that a hash is hex; it names files (downloads/fetch-<sha256>, the blob)
+        raise ReleaseRefusedError(f"target {path}: its sha256 is not 64 lower-case hex digits")
     try:
         fields = ModelTargetFields.from_custom(custom, length)
     except DecodeError as exc:

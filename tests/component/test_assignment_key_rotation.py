@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.link.dispatch import AssignmentVerifier
+from agent.link.dispatch import AssignmentVerifier, Dispatcher
 from agent.link.enrollment import Enrollment, install_bundle, load_enrollment
 from agent.link.keyring import ControllerKeyring
+from agent.link.outbox import Outbox
+from agent.link.store import LinkStore
 from agent.link.updater import DirectorySource, ReleaseUpdater
 from controller.cli import main as fleet_cli
 from controller.config import BrokerConfig, FleetConfig
@@ -328,3 +330,38 @@ async def test_serve_signs_with_the_rotated_key_without_a_restart(setup: Setup) 
     assert new != old
     assert keyid(server.signing_key()) == new
     assert server.rollouts.key is server.signing_key()
+
+
+class _NoRegistry:
+    """The dispatcher's registry seam, never reached: only assignments are accepted or refused here."""
+
+    def list_models(self, name: str | None = None, *, include_removed: bool = False) -> list[object]:
+        return []
+
+
+async def test_a_generation_accepted_under_a_removed_key_does_not_block_the_new_keys(setup: Setup) -> None:
+    """An assignment accepted under the old key (e.g. a huge generation from whoever leaked it) stops counting once
+    the key is rotated away: the stored envelope no longer verifies, so the new key's lower generations are
+    accepted, not refused as replays."""
+    old = setup.home.assignment_key()
+    store = LinkStore.open(setup.tmp / "link.db")
+    try:
+        dispatcher = Dispatcher(
+            store=store,
+            outbox=Outbox(store),
+            verifier=setup.verifier,
+            registry=_NoRegistry(),  # type: ignore[arg-type]
+            signing_key=setup.enrollment.signing_key,
+        )
+        assert await dispatcher.on_assign(assignment(old, 5)) == "accepted"
+        assert await dispatcher.on_assign(assignment(old, 2**62)) == "accepted"
+        setup.fleet("keys", "rotate", "assignments")
+        assert await setup.keyring.refresh(setup.updater.assignment_keys)
+        new = setup.home.assignment_key()
+
+        assert await dispatcher.on_assign(assignment(old, 2**62 + 1)) == "refused"
+        assert await dispatcher.on_assign(assignment(new, 6)) == "accepted"
+        assert await dispatcher.on_assign(assignment(new, 5)) == "refused", "the new key's generations still count"
+        assert (await dispatcher.accepted_generation())[0] == 6
+    finally:
+        store.close()

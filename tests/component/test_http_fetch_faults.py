@@ -90,6 +90,44 @@ async def test_a_trickling_server_is_abandoned_for_its_throughput(tmp_path: Path
             await asyncio.wait_for(HttpBlobFetcher(policy).fetch(_target(data), tmp_path / "out", url), 8)
 
 
+@pytest.mark.parametrize("fault", ["endless 100 Continue", "trickled head", "silent head", "stalled body"])
+async def test_a_server_stalling_before_or_in_the_body_is_dropped_at_the_deadline(tmp_path: Path, fault: str) -> None:
+    """A server that never finishes the head (interim answers forever, one byte of it per 0.3 s, or nothing) or
+    stalls the body: each read is within the socket timeout, yet the fetch ends at its deadline / minimum
+    throughput (a watchdog aborts the request, checks no longer wait for a body read) and its thread lets go."""
+    data = os.urandom(8 * CHUNK)
+    release = asyncio.Event()
+
+    async def stall(head: str, writer: asyncio.StreamWriter, n: int) -> None:
+        if fault == "endless 100 Continue":
+            while not release.is_set():
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.3)
+        elif fault == "trickled head":
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                if release.is_set():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.3)
+        elif fault == "stalled body":
+            writer.write(_head("200 OK", len(data)) + data[: 3 * CHUNK])
+            await writer.drain()
+        await release.wait()
+
+    policy = FetchPolicy(deadline_s=2.0, grace_s=1.0, min_throughput_bps=100_000, request_timeout_s=5)
+    try:
+        async with _Server(stall) as url:
+            started = time.monotonic()
+            with pytest.raises(FetchTimeoutError):
+                await asyncio.wait_for(HttpBlobFetcher(policy).fetch(_target(data), tmp_path / "out", url), 10)
+            assert time.monotonic() - started < 4, "the fetch outlived its deadline"
+            await _until(lambda: not [t for t in threading.enumerate() if t.name == "fetch-http"], within=3)
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize("connection", ["keep-alive", "close"])
 async def test_a_stop_mid_transfer_is_prompt_and_keeps_the_verified_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connection: str

@@ -7,8 +7,10 @@ its URL).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from aiohttp import web
 
 import agent.link.fetch as fetch_module
 from agent.link.fetch import FetchError, FetchPolicy, FetchRefusedError, HttpBlobFetcher
-from agent.link.updater import HttpMetadataSource, ReleaseUpdater, VerifiedTarget
+from agent.link.updater import HttpMetadataSource, ReleaseUnavailableError, ReleaseUpdater, VerifiedTarget
 from controller.link.http import ArtifactServer
 from controller.releases import ModelDetails, ReleaseRepository
 
@@ -200,3 +202,36 @@ async def test_a_refused_source_is_reported_as_refused_even_if_a_flush_failed(
     target = await _lookup(repo, artifacts, tmp_path)
     _failing_flushes(monkeypatch)
     await _fetch_from_tampered_mirror(repo, target, tmp_path, chunk=9)
+
+
+@pytest.mark.parametrize("fault", ["endless 100 Continue", "trickled body"])
+async def test_a_stalling_metadata_server_is_dropped_at_the_timeout(fault: str) -> None:
+    """A metadata GET whose server sends interim answers forever, or trickles the body a byte per 0.2 s (each read
+    within the socket timeout), fails as unavailable at its overall timeout: the refresh, which holds the
+    updater's lock, is not held by it."""
+    release = asyncio.Event()
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if fault == "trickled body":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            while not release.is_set():
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" if fault == "endless 100 Continue" else b"{")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    source = HttpMetadataSource(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ReleaseUnavailableError, match="within 1 s"):
+            await asyncio.wait_for(asyncio.to_thread(source.get, "timestamp", None, 1 << 20), 8)
+        assert time.monotonic() - started < 3
+    finally:
+        release.set()
+        server.close()

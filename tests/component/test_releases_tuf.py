@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import hashlib
 import shutil
 from collections.abc import Callable
@@ -17,9 +18,17 @@ from pathlib import Path
 import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile
+from tuf.ngclient import Updater
 
 from agent.link.fetch import FetchPolicy, FetchRefusedError, FetchTimeoutError, MqttBlobFetcher
-from agent.link.updater import DirectorySource, ReleaseRefusedError, ReleaseUpdater, VerifiedTarget
+from agent.link.updater import (
+    DirectorySource,
+    ReleaseRefusedError,
+    ReleaseStaleError,
+    ReleaseUnavailableError,
+    ReleaseUpdater,
+    VerifiedTarget,
+)
 from controller.releases import ReleaseError, ReleaseRepository
 from protocols.messages import FetchRequest, decode, encode_chunk
 from protocols.releases import chunk_span
@@ -151,7 +160,9 @@ def test_target_below_threshold_is_refused(tmp_path: Path) -> None:
 
 
 def test_replayed_older_release_is_refused(repo: ReleaseRepository, mirror: Mirror, tmp_path: Path) -> None:
-    """After a device saw timestamp vN, a validly signed older timestamp (a rollback) is refused."""
+    """After a device saw timestamp vN, a validly signed older timestamp (a rollback) is refused — as stale, to be
+    tried again (a replay on the way must not refuse the release until a new generation); the current one then
+    verifies."""
     old_timestamp = (mirror.directory / "timestamp.json").read_bytes()
     updater = device(repo, mirror, tmp_path)
     updater.lookup(PATH)
@@ -161,18 +172,78 @@ def test_replayed_older_release_is_refused(repo: ReleaseRepository, mirror: Mirr
     repo.publish()
     mirror.sync()
     assert updater.lookup("models/tiny/2/q4_0.gguf").length == 1000
+    current_timestamp = (mirror.directory / "timestamp.json").read_bytes()
     (mirror.directory / "timestamp.json").write_bytes(old_timestamp)
-    with pytest.raises(ReleaseRefusedError, match=r"BadVersionNumber|version"):
+    with pytest.raises(ReleaseStaleError, match="rollback"):
         updater.lookup(PATH)
+    (mirror.directory / "timestamp.json").write_bytes(current_timestamp)
+    assert updater.lookup(PATH).path == PATH
+
+
+def test_a_full_disk_storing_metadata_is_unavailable_not_refused(
+    repo: ReleaseRepository, mirror: Mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """python-tuf re-raises an OSError from persisting verified metadata (ENOSPC): the lookup is unavailable (try
+    again later), not an exception that ends the link, nor a refusal; with space again it succeeds."""
+    updater = device(repo, mirror, tmp_path)
+    updater.lookup(PATH)
+    repo.refresh_timestamp(if_expiring_within=dt.timedelta(days=3650))  # a new timestamp to store
+    mirror.sync()
+    persist = Updater._persist_file
+
+    def full(self: Updater, filename: str, data: bytes) -> None:  # the seam: python-tuf's one write
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(Updater, "_persist_file", full)
+    with pytest.raises(ReleaseUnavailableError, match="No space left"):
+        updater.lookup(PATH)
+    monkeypatch.setattr(Updater, "_persist_file", persist)
+    assert updater.lookup(PATH).path == PATH
+
+
+class CachingSource(DirectorySource):
+    """Keeps every versioned document it served, as the MQTT link does with retained messages (a seam fake: the
+    transport's cache, over the mirror directory); forgets one when told."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.kept: dict[tuple[str, int], bytes | None] = {}
+
+    def get(self, role: str, version: int | None, max_length: int) -> bytes | None:
+        if version is None:
+            return super().get(role, version, max_length)
+        if (role, version) not in self.kept:
+            self.kept[role, version] = super().get(role, version, max_length)
+        return self.kept[role, version]
+
+    def forget(self, role: str, version: int) -> None:
+        self.kept.pop((role, version), None)
+
+
+def test_a_bogus_cached_document_is_forgotten_when_tuf_refuses_it(
+    repo: ReleaseRepository, mirror: Mirror, tmp_path: Path
+) -> None:
+    """A bogus copy of a versioned document (a forged retained message) fails one refresh, not every later one: the
+    updater tells the source to forget what it served, and the next refresh gets the real document."""
+    source = CachingSource(mirror.directory)
+    updater = ReleaseUpdater(tmp_path / "device", source, bootstrap=repo.metadata_bytes("root", 1))
+    snapshot = repo.versions("snapshot")[-1]
+    genuine = (mirror.directory / f"{snapshot}.snapshot.json").read_bytes()
+    (mirror.directory / f"{snapshot}.snapshot.json").write_bytes(genuine.replace(b'"version"', b'"versio_"', 1))
+    with pytest.raises(ReleaseRefusedError):
+        updater.lookup(PATH)
+    (mirror.directory / f"{snapshot}.snapshot.json").write_bytes(genuine)  # the broker has the real one again
+    assert updater.lookup(PATH).path == PATH
 
 
 def test_expired_timestamp_refuses_lookups(tmp_path: Path) -> None:
-    """A timestamp past its expiry (an indefinite freeze) is refused: nothing new can be installed."""
+    """A timestamp past its expiry (an indefinite freeze) is refused: nothing new can be installed; stale, so the
+    install is tried again later (a re-signed timestamp ends the freeze without a new generation)."""
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     clock: Callable[[], dt.datetime] = lambda: now - dt.timedelta(days=2)  # noqa: E731
     repo = ReleaseRepository.create(tmp_path / "repo", clock=clock)
     mirror = Mirror(repo, tmp_path / "mirror")
-    with pytest.raises(ReleaseRefusedError, match="expired"):
+    with pytest.raises(ReleaseStaleError, match="expired"):
         device(repo, mirror, tmp_path).lookup(PATH)
 
 
@@ -192,6 +263,24 @@ def test_unsigned_target_path_is_refused(repo: ReleaseRepository, mirror: Mirror
     """A path the signed targets do not list (a wrong target) is refused."""
     with pytest.raises(ReleaseRefusedError, match="not a target"):
         device(repo, mirror, tmp_path).lookup("models/tiny/9/q4_0.gguf")
+
+
+@pytest.mark.parametrize("sha256", ["../../../etc/x", "AB" * 32, "ab" * 31 + "zz"])
+def test_a_signed_target_whose_sha256_is_not_hex_is_refused(
+    repo: ReleaseRepository, mirror: Mirror, tmp_path: Path, sha256: str
+) -> None:
+    """python-tuf does not check that a hash is hex, and the sha256 names files on the device (a bundle's copy, a
+    download): a validly signed target whose sha256 is not 64 lower-case hex is refused."""
+    targets = repo.load("targets")
+    targets.signed.version += 1
+    targets.signed.targets[PATH].hashes["sha256"] = sha256
+    targets.signatures.clear()
+    for signer in repo.signers("targets"):
+        targets.sign(signer, append=True)
+    mirror.write(f"{targets.signed.version}.targets.json", targets)
+    resign_chain(repo, mirror, targets_version=targets.signed.version)
+    with pytest.raises(ReleaseRefusedError, match="64 lower-case hex"):
+        device(repo, mirror, tmp_path).lookup(PATH)
 
 
 # --- key rotation -------------------------------------------------------------------------------------------

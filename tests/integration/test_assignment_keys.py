@@ -71,3 +71,37 @@ async def test_rotated_assignment_key_is_learnt_through_tuf_and_the_old_one_refu
 
 async def _at_least(link: AgentLink, generation: int) -> bool:
     return (await link.dispatcher.accepted_generation())[0] >= generation
+
+
+async def test_an_assignment_waiting_at_reconnect_is_verified_with_the_refreshed_keys(tmp_path: Path) -> None:
+    """The device is offline during a rotation; an assignment signed by the removed key waits for it on the broker
+    (retained, a high generation). On reconnect it is held until the keys are refreshed, so it is refused, and the
+    re-signed assignment is accepted."""
+    async with running_fleet(tmp_path) as fleet:
+        await fleet.start_server()
+        agent = fleet.enroll(DEVICE)
+        link = await agent.start()
+        await wait_for(lambda: fleet.devices()[DEVICE]["online"], what="the device online")
+        first = fleet.assign(DEVICE, 2)
+        await wait_for(lambda: _at_least(link, first), what="the first assignment")
+        old = fleet.home.assignment_key()
+        await agent.stop()
+
+        fleet.cli("keys", "rotate", "assignments")
+        new = fleet.home.assignment_key()
+        await fleet.stop_server()
+        await fleet.start_server()  # publishes the new metadata and the re-signed assignment (retained)
+        forged = Assignment(device=DEVICE, generation=2**62, issued_ts_ms=int(time.time() * 1000), models=())
+        assert fleet.server is not None
+        topic = device_topic(DEVICE, TopicKind.ASSIGN)
+        await fleet.server.link.publish(topic, seal(forged, TopicKind.ASSIGN, [old]), retain=True)
+
+        link = await agent.start()
+        await wait_for(lambda: _refreshed(link, keyid(new)), within=45, what="the keys refreshed")
+        second = fleet.assign(DEVICE, 1)
+        await wait_for(lambda: _at_least(link, second), what="an assignment signed by the new key")
+        assert (await link.dispatcher.accepted_generation())[0] == second
+
+
+def _refreshed(link: AgentLink, key: str) -> bool:
+    return set(link.keyring.keys) == {key}
