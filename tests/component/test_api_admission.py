@@ -192,14 +192,16 @@ async def test_a_streaming_client_that_stops_reading_releases_its_model(served: 
         await loop.sock_sendall(
             client,
             b"POST /v1/completions HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
-            b"X-Request-Deadline-Ms: 6000\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()),
+            b"X-Request-Deadline-Ms: 20000\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()),
         )
         assert (await loop.sock_recv(client, 12)).startswith(b"HTTP/1.1 200")
         _shrink_server_buffers(served.server)
         # From here on nothing is read: the buffers fill up, then a write (at the latest the stream's last one,
-        # after the 6 s deadline) waits for a reader that never comes.
+        # after the 20 s deadline) waits for a reader that never comes. The deadline is long enough for even a
+        # loaded box to produce more than the shrunk buffers hold (~8 KB, some 50 tokens): a stream that fits in
+        # them would end normally, which is not the case under test.
         assert _in_use(served)
-        for _ in range(600):  # up to 30 s
+        for _ in range(900):  # up to 45 s
             if not _in_use(served):
                 break
             await asyncio.sleep(0.05)
