@@ -87,8 +87,11 @@ class InferenceConfig:
     """Parallel sequences (slots) per loaded GGUF model."""
     n_batch: int = 512
     max_queue: int = 64
-    """Most requests waiting per model; past it the API answers 429."""
+    """Most requests waiting per model and queue (generation, embeddings, tensor runs); past it the API answers 429."""
     max_queue_tokens: int = 65536
+    """Most prompt tokens (generation) or tokens to embed (embeddings) waiting per model; past it 429."""
+    max_queue_bytes: int = 64 * MiB
+    """Most input bytes of tensor (ONNX) runs waiting per model; past it 429."""
     request_timeout_s: float = 300.0
     models: Mapping[str, ModelOverrides] = field(default_factory=dict)
 

@@ -92,7 +92,7 @@ class ApiState:
         self.auth_failures = AuthFailureAudit(self.auth_failure_window_s)
         self.policy = AccessPolicy(self.config.api, self.tokens, agent_uid=self.agent_uid)
         self.metrics.watch_loaded_models(lambda: float(len(self.pool.loaded())))
-        self.metrics.watch_schedulers(self.pool.load_stats)
+        self.metrics.watch_schedulers(self.pool.queue_stats)
 
     async def in_thread(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run a blocking call (registry, token store, filesystem) on a worker thread."""

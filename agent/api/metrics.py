@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from agent.inference import LoadStats
+from agent.inference import LoadStats, QueueKind
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
 
@@ -27,42 +27,55 @@ _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 
 
 class _SchedulerCollector(Collector):
-    """Each resident model's admission queue and slots, read at scrape time (see ``LoadedModel.load_stats``)."""
+    """Each resident model's admission queues and slots, read at scrape time (see ``LoadedModel.queue_stats``).
 
-    def __init__(self, read: Callable[[], Mapping[str, LoadStats]]) -> None:
+    Every family has a ``queue`` label: ``generation`` (chat and completions), ``embeddings`` or ``tensor``
+    (ONNX runs). A queue's waiting cost is ``_waiting_tokens`` (generation, embeddings) or ``_waiting_bytes``
+    (tensor).
+    """
+
+    def __init__(self, read: Callable[[], Mapping[str, Mapping[QueueKind, LoadStats]]]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[Metric]:
         stats = self._read()
+        labels = ["model", "queue"]
         waiting = GaugeMetricFamily(
             "edge_agent_scheduler_waiting",
-            "Generation requests waiting for a slot, by model name and priority class.",
-            labels=["model", "priority"],
+            "Requests waiting for their model, by model name, queue and priority class.",
+            labels=[*labels, "priority"],
         )
         tokens = GaugeMetricFamily(
-            "edge_agent_scheduler_waiting_tokens", "Prompt tokens waiting for a slot.", labels=["model"]
+            "edge_agent_scheduler_waiting_tokens", "Prompt tokens or tokens to embed waiting.", labels=labels
         )
-        busy = GaugeMetricFamily("edge_agent_scheduler_slots_busy", "Slots decoding a request.", labels=["model"])
-        slots = GaugeMetricFamily("edge_agent_scheduler_slots", "Parallel sequences of the model.", labels=["model"])
+        nbytes = GaugeMetricFamily(
+            "edge_agent_scheduler_waiting_bytes", "Input bytes of tensor runs waiting.", labels=labels
+        )
+        busy = GaugeMetricFamily(
+            "edge_agent_scheduler_slots_busy", "Slots running a request (requests in flight).", labels=labels
+        )
+        slots = GaugeMetricFamily("edge_agent_scheduler_slots", "Requests run at once.", labels=labels)
         admitted = CounterMetricFamily(
-            "edge_agent_scheduler_admitted", "Requests that got a slot since the model was loaded.", labels=["model"]
+            "edge_agent_scheduler_admitted", "Requests that got a slot since the model was loaded.", labels=labels
         )
         rejected = CounterMetricFamily(
-            "edge_agent_scheduler_rejected", "Requests refused with 429 because the queue was full.", labels=["model"]
+            "edge_agent_scheduler_rejected", "Requests refused with 429 because the queue was full.", labels=labels
         )
         queued = CounterMetricFamily(
-            "edge_agent_scheduler_queue_seconds", "Seconds admitted requests spent waiting, summed.", labels=["model"]
+            "edge_agent_scheduler_queue_seconds", "Seconds admitted requests spent waiting, summed.", labels=labels
         )
-        for model, snapshot in sorted(stats.items()):
-            waiting.add_metric([model, "interactive"], snapshot.waiting_interactive)
-            waiting.add_metric([model, "batch"], snapshot.waiting_batch)
-            tokens.add_metric([model], snapshot.waiting_tokens)
-            busy.add_metric([model], snapshot.slots_busy)
-            slots.add_metric([model], snapshot.slots_total)
-            admitted.add_metric([model], snapshot.admitted_total)
-            rejected.add_metric([model], snapshot.rejected_total)
-            queued.add_metric([model], snapshot.queue_seconds_total)
-        yield from (waiting, tokens, busy, slots, admitted, rejected, queued)
+        for model, queues in sorted(stats.items()):
+            for kind, snapshot in sorted(queues.items()):
+                key = [model, kind]
+                waiting.add_metric([*key, "interactive"], snapshot.waiting_interactive)
+                waiting.add_metric([*key, "batch"], snapshot.waiting_batch)
+                (nbytes if kind == "tensor" else tokens).add_metric(key, snapshot.waiting_tokens)
+                busy.add_metric(key, snapshot.slots_busy)
+                slots.add_metric(key, snapshot.slots_total)
+                admitted.add_metric(key, snapshot.admitted_total)
+                rejected.add_metric(key, snapshot.rejected_total)
+                queued.add_metric(key, snapshot.queue_seconds_total)
+        yield from (waiting, tokens, nbytes, busy, slots, admitted, rejected, queued)
 
 
 class ApiMetrics:
@@ -149,8 +162,8 @@ class ApiMetrics:
         """Read the queue depth from ``read`` at scrape time (instead of the API's own in-flight count)."""
         self._queue_depth.set_function(read)
 
-    def watch_schedulers(self, read: Callable[[], Mapping[str, LoadStats]]) -> None:
-        """Export each model's queue depth, waiting tokens and slot use from ``read`` at scrape time."""
+    def watch_schedulers(self, read: Callable[[], Mapping[str, Mapping[QueueKind, LoadStats]]]) -> None:
+        """Export each model's queues (depth, waiting cost, slot use) from ``read`` at scrape time."""
         self.registry.register(_SchedulerCollector(read))
 
     def watch_loaded_models(self, read: Callable[[], float]) -> None:

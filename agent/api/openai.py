@@ -14,9 +14,10 @@ is committed, so errors the engine raises at admission (queue full, model cannot
 get their proper status; an error after that is sent as one ``data: {"error": ...}`` event and ends the stream
 without ``[DONE]``.
 
-Admission (generation routes): a request's priority class is the body field ``priority`` or the
-``X-Priority`` header (``interactive``, the default, or ``batch``: interactive requests leave the model's queue
-first); its deadline is the body field ``timeout`` (seconds) or the ``X-Request-Deadline-Ms`` header, capped at
+Admission (every inference route: generations, embeddings, tensor inference; each kind has its own bounded
+queue per model): a request's priority class is the body field ``priority`` or the ``X-Priority`` header
+(``interactive``, the default, or ``batch``: interactive requests leave the model's queue first); its deadline is
+the body field ``timeout`` (seconds) or the ``X-Request-Deadline-Ms`` header, capped at
 ``inference.request_timeout_s`` (the default), counted from the request's arrival. A full queue answers 429 with
 ``Retry-After``; a passed deadline answers 504 (or ends a stream with an error event).
 
@@ -157,6 +158,7 @@ def model_spec(state: ApiState, record: ModelRecord) -> ModelSpec:
         n_batch=inference.n_batch,
         max_queue=inference.max_queue,
         max_queue_tokens=inference.max_queue_tokens,
+        max_queue_bytes=inference.max_queue_bytes,
     )
 
 
@@ -217,7 +219,7 @@ class _AdmissionRequest:
     timeout_s: float
     arrived: float
 
-    def admission(self, on_admitted: Callable[[float], None]) -> Admission:
+    def admission(self, on_admitted: Callable[[float], None] | None = None) -> Admission:
         """The engine's :class:`Admission` with the time left now.
 
         Raises:
@@ -628,6 +630,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.Response:
     """``POST /v1/embeddings``."""
+    arrived = time.perf_counter()
     state = request.app[STATE]
     body = await read_json(request, state.config.api.max_body_bytes)
     ref = parse_model_ref(body.get("model"))
@@ -649,6 +652,7 @@ async def embeddings(request: web.Request) -> web.Response:
         raise bad_request("'encoding_format' must be 'float' or 'base64'", "encoding_format")
     if body.get("dimensions") is not None:
         raise bad_request("'dimensions' is not supported by this server", "dimensions")
+    wanted = _admission(request, body, state, arrived)
     state.policy.require_infer(request[IDENTITY], ref.name)
     record = await resolve_model(state, ref)
     spec = model_spec(state, record)
@@ -659,7 +663,7 @@ async def embeddings(request: web.Request) -> web.Response:
             async with state.pool.use(spec) as model:
                 if "embedding" not in model.capabilities:
                     raise bad_request(f"model {str(ref)!r} does not support embeddings", "model")
-                result = await model.embed(texts)
+                result = await model.embed(texts, wanted.admission())
     finally:
         gauge.dec()
     state.metrics.prompt_tokens.labels(model=record.name).inc(result.prompt_tokens)
@@ -734,6 +738,7 @@ def _output(array: np.ndarray) -> dict[str, Any]:
 
 async def infer(request: web.Request) -> web.Response:
     """``POST /v1/infer/{model}``: named tensors in, named tensors out (ONNX models)."""
+    arrived = time.perf_counter()
     state = request.app[STATE]
     ref = parse_model_ref(request.match_info["model"])
     body = await read_json(request, state.config.api.max_body_bytes)
@@ -745,6 +750,7 @@ async def infer(request: web.Request) -> web.Response:
     for name in raw:
         if not name or len(name) > 256 or not name.isprintable():
             raise bad_request("tensor names must be 1 to 256 printable characters", "inputs")
+    wanted = _admission(request, body, state, arrived)
     state.policy.require_infer(request[IDENTITY], ref.name)
     record = await resolve_model(state, ref)
     if record.format != "onnx":
@@ -760,7 +766,7 @@ async def infer(request: web.Request) -> web.Response:
                     raise bad_request(f"model {str(ref)!r} does not take named tensors", "model")
                 declared = {spec_.name: spec_.dtype for spec_ in model.input_specs()}
                 inputs = {name: _tensor(name, value, _default_dtype(declared.get(name))) for name, value in raw.items()}
-                outputs = await model.infer(inputs)
+                outputs = await model.infer(inputs, wanted.admission())
     finally:
         gauge.dec()
     log.info("api.infer", model=record.name, duration_ms=round((time.perf_counter() - started) * 1000, 1))

@@ -52,6 +52,19 @@ _ADMISSION_HEADERS = [
         "schema": {"type": "integer", "minimum": 1},
     },
 ]
+_ADMISSION_FIELDS: dict[str, Any] = {
+    "priority": {
+        "enum": ["interactive", "batch"],
+        "default": "interactive",
+        "description": "Admission class: interactive requests leave the model's queue before batch ones.",
+    },
+    "timeout": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "description": "Deadline in seconds from arrival (capped at `inference.request_timeout_s`, the "
+        "default); past it the request fails with 504.",
+    },
+}
 _ADMIN_ERRORS = (400, 401, 403, 404, 409)
 
 _MODEL_PARAM = {
@@ -120,17 +133,7 @@ _SCHEMAS: dict[str, Any] = {
             "stream": {"type": "boolean", "default": False},
             "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
             "user": {"type": "string"},
-            "priority": {
-                "enum": ["interactive", "batch"],
-                "default": "interactive",
-                "description": "Admission class: interactive requests leave the model's queue before batch ones.",
-            },
-            "timeout": {
-                "type": "number",
-                "exclusiveMinimum": 0,
-                "description": "Deadline in seconds from arrival (capped at `inference.request_timeout_s`, the "
-                "default); past it the request fails with 504.",
-            },
+            **_ADMISSION_FIELDS,
         },
     },
     "ChatMessage": {
@@ -269,6 +272,7 @@ _SCHEMAS: dict[str, Any] = {
             },
             "encoding_format": {"enum": ["float", "base64"], "default": "float"},
             "user": {"type": "string"},
+            **_ADMISSION_FIELDS,
         },
     },
     "EmbeddingResponse": {
@@ -327,7 +331,10 @@ _SCHEMAS: dict[str, Any] = {
     "InferRequest": {
         "type": "object",
         "required": ["inputs"],
-        "properties": {"inputs": {"type": "object", "additionalProperties": _ref("Tensor")}},
+        "properties": {
+            "inputs": {"type": "object", "additionalProperties": _ref("Tensor")},
+            **_ADMISSION_FIELDS,
+        },
     },
     "InferResponse": {
         "type": "object",
@@ -453,7 +460,7 @@ def _responses() -> dict[str, Any]:
         413: "Request body over the configured limit.",
         429: "The model's queue is full; retry after the `Retry-After` header's seconds.",
         503: "The model cannot be loaded now, or the agent is shutting down.",
-        504: "The request's deadline passed while it waited for a slot or while it was generating.",
+        504: "The request's deadline passed while it waited for its model or while it ran.",
         507: "Not enough free disk space.",
     }
     return {str(status): _json(_ref("Error"), text) for status, text in descriptions.items()}
@@ -600,8 +607,9 @@ def openapi_document() -> dict[str, Any]:
                 "post": _op(
                     "Embeddings",
                     _json(_ref("EmbeddingResponse"), "One embedding per input."),
-                    errors=_INFER_ERRORS,
+                    errors=_GENERATION_ERRORS,
                     body=_ref("EmbeddingRequest"),
+                    parameters=_ADMISSION_HEADERS,
                     tag="openai",
                 )
             },
@@ -609,9 +617,9 @@ def openapi_document() -> dict[str, Any]:
                 "post": _op(
                     "Run an ONNX model on named tensors",
                     _json(_ref("InferResponse"), "Named output tensors."),
-                    errors=_INFER_ERRORS,
+                    errors=_GENERATION_ERRORS,
                     body=_ref("InferRequest"),
-                    parameters=[_MODEL_PARAM],
+                    parameters=[_MODEL_PARAM, *_ADMISSION_HEADERS],
                     tag="onnx",
                 )
             },

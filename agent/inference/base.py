@@ -13,9 +13,11 @@ Invariants:
   ``interactive`` before ``batch``); a request in flight is never interrupted by a later one. An engine may
   decode several admitted requests together (the llama engine's continuous batching); each still sees
   exactly the events below, and batching never changes a request's result.
-* Admission is bounded (:class:`Admission` carries a request's priority and deadline): a full queue raises
-  :class:`~agent.errors.OverloadedError` and a passed deadline :class:`~agent.errors.DeadlineExceededError`,
-  both from the generation's iterator.
+* Admission is bounded (:class:`Admission` carries a request's priority and deadline) for every kind of work
+  (generations, embeddings, tensor runs): a full queue raises :class:`~agent.errors.OverloadedError` and a
+  passed deadline :class:`~agent.errors.DeadlineExceededError` (from the generation's iterator, or from
+  ``embed``/``infer``). A request whose deadline passed or whose caller left is not started, and a multi-part
+  one (an embeddings request of several texts) stops at its next part.
 * A generation is an async iterator of :data:`GenerationEvent`: zero or more :class:`TextDelta`, then exactly
   one :class:`Finished`, then the iterator ends. Errors (bad input, prompt longer than the context, native
   failures) are raised *before* the first event when they depend only on the request, so a caller that
@@ -66,6 +68,7 @@ __all__ = [
     "ModelFormat",
     "ModelSpec",
     "Priority",
+    "QueueKind",
     "SamplingParams",
     "TensorSpec",
     "TextDelta",
@@ -80,6 +83,8 @@ __all__ = [
 ModelFormat: TypeAlias = Literal["gguf", "onnx"]
 FinishReason: TypeAlias = Literal["stop", "length", "cancelled"]
 Capability: TypeAlias = Literal["chat", "completion", "embedding", "tensor"]
+QueueKind: TypeAlias = Literal["generation", "embeddings", "tensor"]
+"""Which admission queue of a model: generations, embedding requests, or tensor (ONNX) runs."""
 Priority: TypeAlias = Literal["interactive", "batch"]
 """Admission class of a generation request: ``interactive`` requests leave the queue before ``batch`` ones."""
 PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "batch")
@@ -158,7 +163,9 @@ class ModelSpec:
         pinned: the residency pool never unloads a pinned model to make room.
         n_batch: most tokens decoded per native call (GGUF): one step's running tokens plus prompt chunks.
         max_queue: most generation requests waiting for a slot; more are refused (``OverloadedError``).
-        max_queue_tokens: most prompt tokens waiting for a slot; more are refused (``OverloadedError``).
+        max_queue_tokens: most prompt tokens waiting for a slot; more are refused (``OverloadedError``). Also
+            bounds the tokens of the embedding requests waiting (a queue of their own).
+        max_queue_bytes: most input bytes of tensor (ONNX) runs waiting; more are refused (``OverloadedError``).
     """
 
     name: str
@@ -174,6 +181,7 @@ class ModelSpec:
     n_batch: int = 512
     max_queue: int = 64
     max_queue_tokens: int = 65536
+    max_queue_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -188,8 +196,8 @@ class ModelSpec:
             raise ValueError("ModelSpec.n_ctx, n_parallel and n_batch must be at least 1")
         if self.n_threads < 0:
             raise ValueError("ModelSpec.n_threads must not be negative (0 = physical cores)")
-        if self.max_queue < 1 or self.max_queue_tokens < 1:
-            raise ValueError("ModelSpec.max_queue and max_queue_tokens must be at least 1")
+        if self.max_queue < 1 or self.max_queue_tokens < 1 or self.max_queue_bytes < 1:
+            raise ValueError("ModelSpec.max_queue, max_queue_tokens and max_queue_bytes must be at least 1")
 
     @property
     def threads(self) -> int:
@@ -297,13 +305,13 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """How the scheduler treats one generation request (not how it is sampled).
+    """How the scheduler treats one inference request (generation, embeddings or tensor run; not how it is sampled).
 
     Attributes:
         priority: ``interactive`` (default) or ``batch``.
         timeout_s: the request's deadline, in seconds from the call; when it passes, the request ends with
-            :class:`~agent.errors.DeadlineExceededError` whether it is still waiting or already running.
-            ``None``: no deadline.
+            :class:`~agent.errors.DeadlineExceededError` whether it is still waiting or already running (a
+            tensor run already started finishes on its thread, its result discarded). ``None``: no deadline.
         on_admitted: called on the event loop with the seconds the request waited for a slot, once it has one
             (for a time-in-queue metric).
     """
@@ -323,13 +331,14 @@ class Admission:
 
 @dataclass(frozen=True, slots=True)
 class LoadStats:
-    """A snapshot of one model's admission queue and slots (for ``/metrics`` and tests).
+    """A snapshot of one admission queue of a model and its slots (for ``/metrics`` and tests).
 
     Attributes:
         waiting: requests waiting for a slot (``waiting_interactive + waiting_batch``).
-        waiting_tokens: their prompt tokens.
-        slots_busy: slots running a request.
-        slots_total: parallel sequences of the model.
+        waiting_tokens: their cost: prompt tokens (generation), tokens to embed (embeddings), input bytes
+            (tensor runs).
+        slots_busy: slots running a request (requests in flight).
+        slots_total: requests the queue's engine runs at once (parallel sequences for generation, 1 otherwise).
         admitted_total: requests that got a slot since the model was loaded.
         rejected_total: requests refused because the queue was full.
         queue_seconds_total: seconds admitted requests spent waiting, summed.
@@ -467,20 +476,34 @@ class LoadedModel(abc.ABC):
         """Continue raw text ``prompt`` (no template). Events and errors as for :meth:`chat`."""
         raise self._unsupported("completion")
 
-    async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
+    async def embed(self, texts: Sequence[str], admission: Admission | None = None) -> EmbeddingResult:
         """Embed each text into one unit-norm vector.
+
+        Args:
+            texts: at least one non-empty text.
+            admission: priority and deadline (default: interactive, no deadline).
 
         Raises:
             BadRequestError: no embedding capability, an empty list, an empty text or one that is too long.
+            OverloadedError: the model's embeddings queue is full.
+            DeadlineExceededError: ``admission.timeout_s`` passed, while waiting or between two texts.
             InferenceError: the engine failed.
         """
         raise self._unsupported("embeddings")
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], admission: Admission | None = None
+    ) -> dict[str, np.ndarray]:
         """Run a tensor model on named inputs and return its named outputs.
+
+        Args:
+            inputs: named tensors.
+            admission: priority and deadline (default: interactive, no deadline).
 
         Raises:
             BadRequestError: no tensor capability, or an input with a wrong name, dtype or shape.
+            OverloadedError: the model's queue is full.
+            DeadlineExceededError: ``admission.timeout_s`` passed (a run whose deadline passed is not started).
             InferenceError: the engine failed.
         """
         raise self._unsupported("tensor inference")
@@ -494,8 +517,13 @@ class LoadedModel(abc.ABC):
         return ()
 
     def load_stats(self) -> LoadStats | None:
-        """The model's admission queue and slots now, or ``None`` for an engine without a queue."""
+        """The model's generation queue and slots now, or ``None`` for an engine without one."""
         return None
+
+    def queue_stats(self) -> dict[QueueKind, LoadStats]:
+        """Each of the model's admission queues now, by kind (the generation queue of :meth:`load_stats`, if any)."""
+        stats = self.load_stats()
+        return {} if stats is None else {"generation": stats}
 
     def stalled_s(self) -> float:
         """Seconds the engine's worker thread has owed progress: busy on one step, or woken and not yet running.

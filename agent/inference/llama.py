@@ -62,7 +62,12 @@ Invariants:
   llama-cpp-python's ``Jinja2ChatFormatter`` does (:class:`_ChatTemplate`); a model without one has no ``chat``
   capability.
 * **Embeddings** by a second llama context on the same weights (mean pooling, L2-normalised), created on first
-  use; embedding jobs run on the decode thread between steps.
+  use. Embedding requests have an :class:`~agent.inference.scheduler.AdmissionQueue` of their own (bounded in
+  requests and tokens, priority classes, one request embedding at a time) and run on the decode thread in
+  units of *one text* between two decode steps: running generations keep producing a token per text embedded
+  (a request of 64 long texts is 64 short pauses, not one long one). Before each text the decode thread checks
+  the request: one whose caller left stops there, one past its deadline ends with
+  :class:`~agent.errors.DeadlineExceededError`. Large inputs are tokenized on a thread, not the event loop.
 * **Lean.** Only llama-cpp-python's ctypes bindings are imported, not its high-level package (which imports
   numpy, ~20 MiB resident): a daemon serving GGUF models, embeddings included, does not carry numpy.
 * **One module.** Everything that touches ``llama_cpp`` lives here (one module per foreign library), which is
@@ -113,6 +118,7 @@ from agent.inference.base import (
     LoadedModel,
     LoadStats,
     ModelSpec,
+    QueueKind,
     SamplingParams,
     TextDelta,
     Usage,
@@ -621,6 +627,25 @@ _Event = TextDelta | Finished | AgentError | _Admitted
 _EOG: Final = b"\x00<eog>"  # piece-cache marker for end-of-generation tokens (never a real piece: pieces are text)
 
 
+class _Embedding:
+    """One embeddings request: its tokenized texts, the vectors so far, and its future (decode thread fills it).
+
+    ``cancelled`` is set by the caller's side (caller gone, deadline passed); the decode thread reads it before
+    each text. ``vectors`` grows by one per text embedded.
+    """
+
+    __slots__ = ("batches", "cancelled", "deadline", "future", "ticket", "timeout_s", "vectors")
+
+    def __init__(self, batches: list[list[int]], timeout_s: float | None) -> None:
+        self.batches = batches
+        self.vectors: list[list[float]] = []
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.cancelled = False
+        self.future: concurrent.futures.Future[EmbeddingResult] = concurrent.futures.Future()
+        self.ticket: Ticket[_Embedding] | None = None
+
+
 class _Request:
     """One generation request. Fields after ``ticket`` belong to the decode thread."""
 
@@ -717,12 +742,19 @@ class _DecodeLoop:
         opener: Callable[[], tuple[_Native, int]],
         queue: AdmissionQueue[_Request],
         state_lock: threading.Lock,
+        embed_queue: AdmissionQueue[_Embedding],
+        embed_one: Callable[[list[int]], list[float]],
     ) -> None:
         """Start the thread; it opens the model with ``opener`` first (see :attr:`ready`)."""
         self._name = name
         self._opener = opener
         self._queue = queue
         self._state_lock = state_lock
+        self._embed_queue = embed_queue
+        self._embed_one = embed_one
+        self._embedding: _Embedding | None = None  # the embeddings request in progress, one text per loop
+        self.embedded_texts = 0
+        """Texts embedded since the start; for tests."""
         self._slots: list[_Slot] = []
         self._active: list[_Request] = []
         self._decoding = 0  # running requests past their prompt
@@ -810,6 +842,8 @@ class _DecodeLoop:
                 self._busy = True
                 if self._jobs:
                     self._run_job()
+                if self._embedding is not None or len(self._embed_queue):
+                    self._embed_text()  # one text, then a decode step: generations keep their pace
                 if self._active or len(self._queue):
                     try:
                         self._step()
@@ -818,7 +852,7 @@ class _DecodeLoop:
                         self._outputs.clear()  # the step's sampling list: its requests are failed just below
                         self._fail(list(self._active), InferenceError(f"model {self._name!r}: {exc}"))
                     self._wakes.flush()
-                elif not self._jobs:
+                elif not self._jobs and self._embedding is None and not len(self._embed_queue):
                     self._busy = False
                     self._wake.wait()
                     self._wake.clear()
@@ -835,8 +869,54 @@ class _DecodeLoop:
         except BaseException as exc:
             future.set_exception(exc)
 
+    def _embed_text(self) -> None:
+        """Embed the next text of the embeddings request in progress (taking the next one from its queue if
+        none is); a request whose caller left, or past its deadline, ends here instead."""
+        work = self._embedding
+        if work is None:
+            tickets = self._embed_queue.take(1)
+            if not tickets:
+                return
+            work = tickets[0].item
+            if not work.future.set_running_or_notify_cancel():  # its caller gave up as it was taken
+                self._embed_queue.release(tickets[0])
+                return
+            self._embedding = work
+        total = len(work.batches)
+        try:
+            if work.cancelled:
+                raise InferenceError(f"the embeddings request to model {self._name!r} was cancelled")
+            if work.deadline is not None and time.monotonic() >= work.deadline:
+                where = (
+                    f"while embedding, after {len(work.vectors)} of {total} texts"
+                    if work.vectors
+                    else "while waiting for its turn"
+                )
+                raise DeadlineExceededError(
+                    f"the embeddings request to model {self._name!r} passed its {work.timeout_s:g} s deadline {where}"
+                )
+            work.vectors.append(self._embed_one(work.batches[len(work.vectors)]))
+            self.embedded_texts += 1
+            if len(work.vectors) < total:
+                return
+            work.future.set_result(
+                EmbeddingResult(vectors=work.vectors, prompt_tokens=sum(len(t) for t in work.batches))
+            )
+        except Exception as exc:  # AgentError, or a bug: this request fails, the model goes on serving
+            work.future.set_exception(exc)
+        self._embedding = None
+        assert work.ticket is not None
+        self._embed_queue.release(work.ticket)
+
     def _shutdown(self) -> None:
         try:
+            closed = InferenceError(f"model {self._name!r} is closed")
+            if self._embedding is not None:
+                self._embedding.future.set_exception(closed)
+                self._embedding = None
+            for waiting in self._embed_queue.drain():
+                if waiting.item.future.set_running_or_notify_cancel():
+                    waiting.item.future.set_exception(closed)
             for request in list(self._active):
                 self._end(request, "cancelled")
             for ticket in self._queue.drain():
@@ -1057,7 +1137,12 @@ class LlamaModel(LoadedModel):
         self._queue: AdmissionQueue[_Request] = AdmissionQueue(
             spec.name, spec.n_parallel, spec.max_queue, spec.max_queue_tokens
         )
-        self._loop = _DecodeLoop(spec.name, lambda: self._open(spec), self._queue, self._state_lock)
+        self._embed_queue: AdmissionQueue[_Embedding] = AdmissionQueue(
+            spec.name, 1, spec.max_queue, spec.max_queue_tokens, unit="tokens to embed"
+        )
+        self._loop = _DecodeLoop(
+            spec.name, lambda: self._open(spec), self._queue, self._state_lock, self._embed_queue, self._embed_one
+        )
         self._native, self._memory_bytes = self._loop.ready.result()
         try:
             self._formatter = self._make_chat_formatter()
@@ -1133,8 +1218,12 @@ class LlamaModel(LoadedModel):
         return frozenset(caps)
 
     def load_stats(self) -> LoadStats:
-        """The admission queue and slots now."""
+        """The generation queue and slots now."""
         return self._queue.stats()
+
+    def queue_stats(self) -> dict[QueueKind, LoadStats]:
+        """The generation queue and the embeddings queue now."""
+        return {"generation": self._queue.stats(), "embeddings": self._embed_queue.stats()}
 
     def stalled_s(self) -> float:
         """Seconds the decode thread has owed progress (see :meth:`LoadedModel.stalled_s`)."""
@@ -1164,23 +1253,66 @@ class LlamaModel(LoadedModel):
             lambda: self._prepare_completion(prompt), len(prompt), params, admission or _DEFAULT_ADMISSION
         )
 
-    async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
-        """Embed each text (at most :data:`EMBEDDING_MAX_TOKENS` tokens) into a unit vector."""
+    async def embed(self, texts: Sequence[str], admission: Admission | None = None) -> EmbeddingResult:
+        """Embed each text (at most :data:`EMBEDDING_MAX_TOKENS` tokens) into a unit vector (see
+        :meth:`LoadedModel.embed`); one text per decode step, so running generations go on meanwhile."""
+        admission = admission or _DEFAULT_ADMISSION
+        started = time.monotonic()
         if not texts:
             raise BadRequestError("input must contain at least one text")
         if any(not isinstance(t, str) or not t for t in texts):
             raise BadRequestError("each input text must be a non-empty string")
+        size = sum(len(t) for t in texts)
+        batches = (
+            await asyncio.to_thread(self._tokenize_texts, texts)
+            if size > _INLINE_PREPARE_CHARS
+            else (self._tokenize_texts(texts))
+        )
+        timeout = admission.timeout_s
+        if timeout is not None:
+            timeout -= time.monotonic() - started  # tokenizing counts against the deadline
+            if timeout <= 0:
+                raise DeadlineExceededError(
+                    f"the embeddings request to model {self._spec.name!r} passed its {admission.timeout_s:g} s "
+                    f"deadline while its texts were tokenized"
+                )
+        work = _Embedding(batches, timeout)
+        with self._state_lock:
+            self._check_open()
+            work.ticket = self._embed_queue.submit(work, sum(len(b) for b in batches), admission.priority)
+        self._loop.wake()
+        ticket = work.ticket
+        future = work.future
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                return future.result()  # finished as the deadline passed
+            ahead = self._embed_queue.position(ticket)
+            if ahead is not None and self._embed_queue.withdraw(ticket):
+                where = f"while waiting for its turn ({ahead} embeddings requests ahead of it)"
+            else:
+                where = f"while embedding, after {len(work.vectors)} of {len(batches)} texts"
+            raise DeadlineExceededError(
+                f"the embeddings request to model {self._spec.name!r} passed its {admission.timeout_s:g} s "
+                f"deadline {where}"
+            ) from None
+        finally:
+            if not future.done() or future.cancelled():  # caller gone or deadline passed: stop at the next text
+                work.cancelled = True
+                self._embed_queue.withdraw(ticket)  # or leave the queue at once if it never started
+                self._loop.wake()
+
+    def _tokenize_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Tokenize the texts of an embeddings request, refusing one too long (any thread)."""
         batches = [self._tokenize(t, add_special=True, special=False) for t in texts]
         for i, tokens in enumerate(batches):
             if len(tokens) > EMBEDDING_MAX_TOKENS:
                 raise BadRequestError(
                     f"input {i} is {len(tokens)} tokens; at most {EMBEDDING_MAX_TOKENS} can be embedded"
                 )
-        with self._state_lock:
-            self._check_open()
-            future = self._loop.submit_job(lambda: self._embed_sync(batches))
-        result: EmbeddingResult = await asyncio.wrap_future(future)
-        return result
+        return batches
 
     async def aclose(self) -> None:
         """Cancel waiting and running requests (they finish with ``cancelled``), then free the model."""
@@ -1228,8 +1360,8 @@ class LlamaModel(LoadedModel):
             tokens = [self._native.bos]
         return tokens, []
 
-    def _embed_sync(self, batches: list[list[int]]) -> EmbeddingResult:
-        """Embed tokenized texts (decode thread, between two steps)."""
+    def _embed_one(self, tokens: list[int]) -> list[float]:
+        """Embed one tokenized text (decode thread, between two steps); makes the embedding context on first use."""
         try:
             native = self._native
             if native.embedder is None:
@@ -1240,15 +1372,12 @@ class LlamaModel(LoadedModel):
                     trim_heap()
                     measured = resident_bytes() - before
                 self._memory_bytes += max(measured, _kv_cache_bytes(native.model, EMBEDDING_MAX_TOKENS))
-            vectors = []
-            for tokens in batches:
-                vectors.append(native.embedder.embed(tokens))
-                self._loop.beat()  # a long list of texts is progress, not a wedged thread
+                self._loop.beat()
+            return native.embedder.embed(tokens)
         except AgentError:
             raise
         except Exception as exc:
             raise InferenceError(f"model {self._spec.name!r}: {exc}{_native_detail()}") from exc
-        return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(t) for t in batches))
 
     async def _stream(
         self,

@@ -3,7 +3,15 @@
 One :class:`OnnxModel` per loaded ``.onnx`` file. Invariants:
 
 * **One worker thread per model**: the session is created and run on the model's single-thread executor,
-  never on the event loop; requests run one at a time in arrival order (FIFO).
+  never on the event loop; requests run one at a time.
+* **Bounded admission**: requests wait in an :class:`~agent.inference.scheduler.AdmissionQueue` (at most
+  ``max_queue`` requests and ``max_queue_bytes`` input bytes; past either, :class:`~agent.errors.OverloadedError`
+  with ``retry_after``), ``interactive`` before ``batch``, FIFO within a class. The executor's own queue never
+  holds more than one task per model (the *pump*, which takes waiting requests one at a time until none is
+  left), plus the close. A request whose caller left (disconnect) or whose deadline passed while it waited
+  leaves the queue at once and is never run; the pump checks both again just before a run. A run already
+  started is not interrupted (onnxruntime cannot be): past its deadline the caller gets
+  :class:`~agent.errors.DeadlineExceededError` at once and the result is discarded.
 * **CPU only, bounded threads**: the CPU execution provider with ``intra_op_num_threads`` = the spec's
   threads; sequential execution, so ``inter_op_num_threads`` is 1 (a parallel executor would add a second
   pool of the same size on a box with few cores); worker threads do not spin between requests.
@@ -21,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -28,16 +38,20 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from agent.errors import AgentError, BadRequestError, EngineLoadError, InferenceError
+from agent.errors import AgentError, BadRequestError, DeadlineExceededError, EngineLoadError, InferenceError
 from agent.inference.base import (
+    Admission,
     LoadedModel,
+    LoadStats,
     ModelSpec,
+    QueueKind,
     TensorSpec,
     check_model_file,
     native_load_lock,
     resident_bytes,
     trim_heap,
 )
+from agent.inference.scheduler import AdmissionQueue, Ticket
 
 __all__ = ["OnnxModel"]
 
@@ -57,6 +71,7 @@ _ORT_DTYPES: Final[Mapping[str, str]] = {
     "tensor(string)": "object",
 }
 _ORT_LOG_ERROR: Final = 3
+_DEFAULT_ADMISSION: Final = Admission()
 _ESTIMATE_FACTOR: Final = 2
 """onnxruntime holds every initializer plus a prepacked copy of the weights of MatMul, Conv and RNN nodes:
 a MatMul graph measured 2.0x its file size, so twice the file size is the floor of the memory charged."""
@@ -71,6 +86,19 @@ def _tensor_specs(args: list[Any], what: str, spec: ModelSpec) -> tuple[TensorSp
         shape = tuple(d if isinstance(d, int | str) else None for d in (arg.shape or []))
         specs.append(TensorSpec(name=arg.name, dtype=dtype, shape=shape))
     return tuple(specs)
+
+
+class _Run:
+    """One queued run: its checked inputs, its deadline, and the future the pump resolves."""
+
+    __slots__ = ("cancelled", "deadline", "feeds", "future", "timeout_s")
+
+    def __init__(self, feeds: dict[str, np.ndarray], timeout_s: float | None) -> None:
+        self.feeds = feeds
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.cancelled = False  # the caller left or its deadline passed: not to be started
+        self.future: concurrent.futures.Future[dict[str, np.ndarray]] = concurrent.futures.Future()
 
 
 def _format_shape(shape: tuple[int | str | None, ...]) -> str:
@@ -95,6 +123,11 @@ class OnnxModel(LoadedModel):
         self._inputs = _tensor_specs(session.get_inputs(), "input", spec)
         self._outputs = _tensor_specs(session.get_outputs(), "output", spec)
         self._closed = False
+        self._queue: AdmissionQueue[_Run] = AdmissionQueue(
+            spec.name, 1, spec.max_queue, spec.max_queue_bytes, unit="input bytes"
+        )
+        self._pump_lock = threading.Lock()  # guards _pumping together with the queue's emptiness
+        self._pumping = False  # a pump task is in the executor (or running)
 
     @classmethod
     def load(cls, spec: ModelSpec) -> OnnxModel:
@@ -203,14 +236,94 @@ class OnnxModel(LoadedModel):
             feeds[name] = np.ascontiguousarray(value)
         return feeds
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate ``inputs`` (see :meth:`validate_inputs`), run the graph on the worker thread, return outputs."""
+    def queue_stats(self) -> dict[QueueKind, LoadStats]:
+        """The queue of tensor runs now."""
+        return {"tensor": self._queue.stats()}
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], admission: Admission | None = None
+    ) -> dict[str, np.ndarray]:
+        """Validate ``inputs`` (see :meth:`validate_inputs`), wait for the worker thread through the admission
+        queue, run the graph, return its outputs (see :meth:`LoadedModel.infer`)."""
+        admission = admission or _DEFAULT_ADMISSION
         feeds = self.validate_inputs(inputs)
         if self._closed:
             raise InferenceError(f"model {self._spec.name!r} is closed")
-        future = self._executor.submit(self._run, feeds)
-        result: dict[str, np.ndarray] = await asyncio.wrap_future(future)
-        return result
+        run = _Run(feeds, admission.timeout_s)
+        ticket = self._queue.submit(run, sum(a.nbytes for a in feeds.values()), admission.priority)
+        self._start_pump()
+        future = run.future
+        try:
+            async with asyncio.timeout(admission.timeout_s):
+                result: dict[str, np.ndarray] = await asyncio.wrap_future(future)
+                return result
+        except TimeoutError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                return future.result()  # finished as the deadline passed
+            ahead = self._queue.position(ticket)
+            if ahead is not None and self._queue.withdraw(ticket):
+                where = f"while waiting for the model ({ahead} requests ahead of it)"
+            else:
+                where = "while running (its result is discarded)"
+            raise DeadlineExceededError(
+                f"the request to model {self._spec.name!r} passed its {admission.timeout_s:g} s deadline {where}"
+            ) from None
+        finally:
+            if not future.done() or future.cancelled():  # caller gone or deadline passed: never started
+                run.cancelled = True
+                self._queue.withdraw(ticket)
+
+    def _start_pump(self) -> None:
+        """Make sure a pump task is in the executor (event loop), so the queue is worked off."""
+        with self._pump_lock:
+            if self._pumping:
+                return
+            self._pumping = True
+        try:
+            self._executor.submit(self._pump)
+        except RuntimeError:  # the executor was shut down: the model closed meanwhile
+            with self._pump_lock:
+                self._pumping = False
+            self._fail_waiting()
+
+    def _pump(self) -> None:
+        """Run waiting requests one at a time until none is left (worker thread)."""
+        while True:
+            with self._pump_lock:  # taking and stopping under one lock: a request submitted meanwhile is
+                tickets = self._queue.take(1)  # either taken here or finds _pumping False and starts a pump
+                if not tickets:
+                    self._pumping = False
+                    return
+            self._serve(tickets[0])
+
+    def _serve(self, ticket: Ticket[_Run]) -> None:
+        run = ticket.item
+        try:
+            if not run.future.set_running_or_notify_cancel():
+                return  # the caller left, or its deadline passed, as it was taken
+            if run.cancelled:
+                run.future.set_exception(InferenceError(f"the request to model {self._spec.name!r} was cancelled"))
+                return
+            if run.deadline is not None and time.monotonic() >= run.deadline:
+                run.future.set_exception(
+                    DeadlineExceededError(
+                        f"the request to model {self._spec.name!r} passed its {run.timeout_s:g} s deadline "
+                        "while waiting for the model"
+                    )
+                )
+                return
+            try:
+                run.future.set_result(self._run(run.feeds))
+            except BaseException as exc:
+                run.future.set_exception(exc)
+        finally:
+            self._queue.release(ticket)
+
+    def _fail_waiting(self) -> None:
+        """End every waiting request with "closed" (the model is closing)."""
+        for ticket in self._queue.drain():
+            if ticket.item.future.set_running_or_notify_cancel():
+                ticket.item.future.set_exception(InferenceError(f"model {self._spec.name!r} is closed"))
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._session
@@ -227,10 +340,12 @@ class OnnxModel(LoadedModel):
         return {spec.name: np.asarray(value) for spec, value in zip(self._outputs, values, strict=True)}
 
     async def aclose(self) -> None:
-        """Free the session after the requests already queued have run. Idempotent."""
+        """Free the session after the request running (if any); requests still waiting end with
+        :class:`~agent.errors.InferenceError` ("closed"). Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._fail_waiting()
         freed = self._executor.submit(self._free)
         try:
             await asyncio.shield(asyncio.wrap_future(freed))

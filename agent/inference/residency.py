@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from agent.errors import AgentError, EngineLoadError, InferenceError, MemoryBudgetError
-from agent.inference.base import LoadedModel, LoadStats, ModelSpec
+from agent.inference.base import LoadedModel, LoadStats, ModelSpec, QueueKind
 
 __all__ = ["LoadedInfo", "ModelPool"]
 
@@ -170,6 +170,16 @@ class ModelPool:
                 snapshot = entry.model.load_stats()
                 if snapshot is not None:
                     stats[entry.spec.name] = snapshot
+        return stats
+
+    def queue_stats(self) -> dict[str, dict[QueueKind, LoadStats]]:
+        """Every admission queue of each resident model, by name then kind (current version first)."""
+        stats: dict[str, dict[QueueKind, LoadStats]] = {}
+        for entry in itertools.chain(self._current.values(), self._retiring):
+            if entry.model is not None and entry.spec.name not in stats:
+                queues = entry.model.queue_stats()
+                if queues:
+                    stats[entry.spec.name] = queues
         return stats
 
     def stalled(self, limit_s: float) -> dict[str, float]:

@@ -1,12 +1,16 @@
 """Admission control in front of an engine: a bounded queue with two priority classes, and slot accounting.
 
 An engine with ``slots`` parallel sequences takes waiting requests from an :class:`AdmissionQueue` whenever a
-slot is free. The queue only decides *who waits, who is refused and who goes next*; it never touches a native
-library and never blocks, so the engine's decode thread and the event loop can both call it.
+slot is free. Every kind of inference work is admitted through one: the llama engine's generations (slots =
+``n_parallel``, cost = prompt tokens) and embedding requests (one at a time, cost = tokens to embed), the onnx
+engine's runs (one at a time, cost = input bytes). The queue only decides *who waits, who is refused and who
+goes next*; it never touches a native library and never blocks, so the engine's worker thread and the event
+loop can both call it.
 
 Invariants:
 
-* **Bounded.** At most ``max_requests`` requests and at most ``max_tokens`` prompt tokens wait at any time.
+* **Bounded.** At most ``max_requests`` requests and at most ``max_tokens`` units of cost (``unit``: prompt
+  tokens by default) wait at any time.
   :meth:`AdmissionQueue.submit` refuses a request beyond either limit with
   :class:`~agent.errors.OverloadedError`, whose ``retry_after`` estimates when a slot frees up (from the
   measured service time of recent requests). A request is never refused for its size alone while nothing
@@ -50,7 +54,8 @@ class Ticket(Generic[T]):
 
     Attributes:
         item: the engine's own request object.
-        tokens: prompt tokens, counted against ``max_tokens`` while waiting.
+        tokens: the request's cost (prompt tokens, or the queue's ``unit``), counted against ``max_tokens`` while
+            waiting.
         priority: ``interactive`` or ``batch``.
         enqueued: :func:`time.monotonic` at submission.
         admitted: :func:`time.monotonic` when the engine took it, else ``None``.
@@ -72,14 +77,17 @@ class Ticket(Generic[T]):
 class AdmissionQueue(Generic[T]):
     """The waiting room of one engine (see the module docstring for the rules)."""
 
-    def __init__(self, model: str, slots: int, max_requests: int, max_tokens: int) -> None:
+    def __init__(
+        self, model: str, slots: int, max_requests: int, max_tokens: int, *, unit: str = "prompt tokens"
+    ) -> None:
         """Create an empty queue.
 
         Args:
             model: model name, quoted in error messages.
-            slots: parallel sequences of the engine behind the queue.
+            slots: parallel sequences of the engine behind the queue (requests it runs at once).
             max_requests: most requests waiting.
-            max_tokens: most prompt tokens waiting.
+            max_tokens: most units of cost waiting.
+            unit: what the cost counts, for error messages (``prompt tokens``, ``input bytes``...).
         """
         if slots < 1 or max_requests < 1 or max_tokens < 1:
             raise ValueError("slots, max_requests and max_tokens must be at least 1")
@@ -87,6 +95,7 @@ class AdmissionQueue(Generic[T]):
         self._slots = slots
         self._max_requests = max_requests
         self._max_tokens = max_tokens
+        self._unit = unit
         self._lock = threading.Lock()
         self._waiting: dict[Priority, collections.deque[Ticket[T]]] = {
             "interactive": collections.deque(),
@@ -120,7 +129,7 @@ class AdmissionQueue(Generic[T]):
             if self._waiting_count and self._waiting_tokens + tokens > self._max_tokens:
                 self._rejected_total += 1
                 raise OverloadedError(
-                    f"model {self._model!r} has {self._waiting_tokens} prompt tokens waiting; {tokens} more would "
+                    f"model {self._model!r} has {self._waiting_tokens} {self._unit} waiting; {tokens} more would "
                     f"exceed the limit of {self._max_tokens}; try again later",
                     retry_after=self._retry_after_locked(),
                 )

@@ -12,6 +12,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,13 @@ class Served:
     async def complete(self, headers: dict[str, str] | None = None, **body: Any) -> tuple[int, dict[str, Any], str]:
         payload = {"model": LLM, "prompt": "The sky is", "max_tokens": 2, "temperature": 0, **body}
         async with self.session.post("http://agent/v1/completions", json=payload, headers=headers or {}) as reply:
+            return reply.status, dict(reply.headers), await reply.text()
+
+    async def embed(
+        self, texts: list[str], headers: dict[str, str] | None = None, **body: Any
+    ) -> tuple[int, dict[str, str], str]:
+        payload = {"model": LLM, "input": texts, **body}
+        async with self.session.post("http://agent/v1/embeddings", json=payload, headers=headers or {}) as reply:
             return reply.status, dict(reply.headers), await reply.text()
 
     async def metrics(self) -> str:
@@ -117,9 +125,9 @@ async def test_full_queue_answers_429_with_retry_after_and_metrics_show_it(serve
         assert int(headers["Retry-After"]) >= 1
         assert json.loads(text)["error"]["code"] == "queue_full"
         metrics = await served.metrics()
-        assert f'edge_agent_scheduler_waiting{{model="{LLM}",priority="interactive"}} 2.0' in metrics
-        assert f'edge_agent_scheduler_slots_busy{{model="{LLM}"}} 1.0' in metrics
-        assert f'edge_agent_scheduler_rejected_total{{model="{LLM}"}} 1.0' in metrics
+        assert f'edge_agent_scheduler_waiting{{model="{LLM}",priority="interactive",queue="generation"}} 2.0' in metrics
+        assert f'edge_agent_scheduler_slots_busy{{model="{LLM}",queue="generation"}} 1.0' in metrics
+        assert f'edge_agent_scheduler_rejected_total{{model="{LLM}",queue="generation"}} 1.0' in metrics
     results = await asyncio.wait_for(asyncio.gather(*waiting), timeout=60)
     assert [status for status, _, _ in results] == [200, 200]
     assert f'edge_agent_queue_wait_seconds_count{{model="{LLM}"}}' in await served.metrics()
@@ -264,3 +272,76 @@ def test_the_cli_client_turns_a_silent_or_broken_agent_into_api_client_errors(tm
             ApiClient(path, timeout=5).request("GET", "/v1/admin/status")
         thread.join()
         assert broken.value.status == 0
+
+
+# --- embeddings: admitted like generations ----------------------------------------------------------------------
+
+LONG_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 9  # ~130 tokens
+
+
+@contextlib.asynccontextmanager
+async def _embedding_held(served: Served) -> AsyncIterator[None]:
+    """A long embeddings request (256 texts) is being embedded for the duration of the block; its client then
+    disconnects."""
+    hog = asyncio.create_task(served.embed([LONG_TEXT] * 256))
+    for _ in range(600):
+        stats = served.pool.queue_stats().get(LLM, {}).get("embeddings")
+        if stats is not None and stats.slots_busy == 1:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"the embeddings request never started: {served.pool.queue_stats()}")
+    try:
+        yield
+    finally:
+        hog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hog
+
+
+async def _embeddings_waiting(served: Served, count: int) -> None:
+    for _ in range(200):
+        stats = served.pool.queue_stats().get(LLM, {}).get("embeddings")
+        if stats is not None and stats.waiting == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never saw {count} waiting embeddings requests: {served.pool.queue_stats()}")
+
+
+async def test_full_embeddings_queue_answers_429_with_retry_after_and_metrics_show_it(served: Served) -> None:
+    """With a long embeddings request running and two waiting, a third gets 429 + Retry-After; /metrics shows the
+    embeddings queue; once the long request's client leaves, the waiting ones are served."""
+    async with _embedding_held(served):
+        waiting = [asyncio.create_task(served.embed(["edge", "fleet"])) for _ in range(2)]
+        await _embeddings_waiting(served, 2)
+        status, headers, text = await served.embed(["one more"])
+        assert status == 429, text
+        assert int(headers["Retry-After"]) >= 1
+        assert json.loads(text)["error"]["code"] == "queue_full"
+        metrics = await served.metrics()
+        assert f'edge_agent_scheduler_waiting{{model="{LLM}",priority="interactive",queue="embeddings"}} 2.0' in metrics
+        assert f'edge_agent_scheduler_slots_busy{{model="{LLM}",queue="embeddings"}} 1.0' in metrics
+        assert f'edge_agent_scheduler_rejected_total{{model="{LLM}",queue="embeddings"}} 1.0' in metrics
+    results = await asyncio.wait_for(asyncio.gather(*waiting), timeout=60)
+    assert [status for status, _, _ in results] == [200, 200]
+
+
+async def test_embeddings_deadline_answers_504_while_waiting_and_between_texts(served: Served) -> None:
+    """An embeddings request gets 504 deadline_exceeded, with generation's error shape, when its deadline passes
+    while it waits behind another one (header) or while its own texts are embedded (body field)."""
+    async with _embedding_held(served):
+        status, _, text = await served.embed(["short"], headers={"X-Request-Deadline-Ms": "300"})
+        assert status == 504, text
+        error = json.loads(text)["error"]
+        assert error["code"] == "deadline_exceeded"
+        assert "while waiting for its turn" in error["message"]
+    status, _, text = await served.complete(timeout=0.001)
+    assert status == 504, text
+    generation = json.loads(text)["error"]
+    started = time.perf_counter()
+    status, _, text = await served.embed([LONG_TEXT] * 256, timeout=1.0)
+    assert status == 504, text
+    assert time.perf_counter() - started < 30  # not the minutes 256 texts take
+    error = json.loads(text)["error"]
+    assert "while embedding, after" in error["message"]
+    assert (set(error), error["type"], error["code"]) == (set(generation), generation["type"], generation["code"])

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import itertools
 import time
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
@@ -13,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import BadRequestError, EngineLoadError, InferenceError
+from agent.errors import BadRequestError, DeadlineExceededError, EngineLoadError, InferenceError
 from agent.inference import (
+    Admission,
     ChatMessage,
     Finished,
     GenerationEvent,
     LoadedModel,
     ModelSpec,
+    Priority,
     SamplingParams,
     TextDelta,
     load_model,
@@ -362,3 +365,120 @@ def test_text_with_a_lone_surrogate_is_a_bad_request(smollm2: LoadedModel) -> No
     """A lone UTF-16 surrogate cannot be encoded to UTF-8, so it cannot be tokenized: a 400, not an internal error."""
     with pytest.raises(BadRequestError, match="surrogate"):
         smollm2.count_tokens("abc \ud800")
+
+
+# --- embeddings next to generation: admitted, one text per decode step ------------------------------------------
+
+LONG_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 9  # ~130 tokens
+
+
+async def _embedding_unit_s(model: LoadedModel) -> float:
+    """Seconds one long text takes to embed on its own, measured now (the larger of two, after a warm-up)."""
+    await model.embed([LONG_TEXT])  # the embedding context is made on first use
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        await model.embed([LONG_TEXT])
+        times.append(time.perf_counter() - started)
+    return max(times)
+
+
+async def test_a_long_embeddings_request_does_not_stall_a_streaming_generation(smollm2: LoadedModel) -> None:
+    """While 12 texts are embedded, a streaming generation on the same model keeps producing tokens: its largest
+    gap between two tokens stays within a few single-text embedding times (not the whole request's)."""
+    assert 100 < smollm2.count_tokens(LONG_TEXT) < 512
+    unit = await _embedding_unit_s(smollm2)
+    stamps: list[float] = []
+    running = asyncio.Event()
+    done = asyncio.Event()
+
+    async def generate() -> None:
+        stream = smollm2.complete(ENDLESS, SamplingParams(temperature=0.0, max_tokens=1900))
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                assert isinstance(event, TextDelta), event
+                stamps.append(time.perf_counter())
+                if len(stamps) == 3:
+                    running.set()
+                if done.is_set():
+                    return
+
+    task = asyncio.create_task(generate())
+    await asyncio.wait_for(running.wait(), timeout=30)
+    started = time.perf_counter()
+    result = await smollm2.embed([LONG_TEXT] * 12)
+    ended = time.perf_counter()
+    done.set()
+    await asyncio.wait_for(task, timeout=30)
+    assert len(result.vectors) == 12
+    window = [s for s in stamps if s <= ended]
+    window = window[max(0, len([s for s in window if s < started]) - 1) :]  # the last token before it, and on
+    gaps = [b - a for a, b in itertools.pairwise(window)]
+    assert len(window) >= 6, f"only {len(window)} tokens in {ended - started:.2f} s of embedding"
+    # a few units at most (a loaded box adds jitter); the whole request in one job made a gap of all 12 units
+    assert max(gaps) < 6 * unit, f"largest gap {max(gaps):.3f} s; one text takes {unit:.3f} s"
+
+
+async def test_an_abandoned_embeddings_request_stops_at_its_next_text(smollm2: LoadedModel) -> None:
+    """Cancelling the caller of a long embeddings request (a client disconnect) stops it at its next text: the
+    next request is served at once, and the remaining texts are never embedded."""
+    unit = await _embedding_unit_s(smollm2)
+    before = smollm2._loop.embedded_texts  # type: ignore[attr-defined]
+    task = asyncio.create_task(smollm2.embed([LONG_TEXT] * 48))
+    await asyncio.sleep(2 * unit)
+    task.cancel()
+    at_cancel = smollm2._loop.embedded_texts  # type: ignore[attr-defined]
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.perf_counter()
+    await smollm2.embed(["next"])
+    waited = time.perf_counter() - started
+    # not the 46-odd texts left (a loaded box adds jitter to the unit measured before)
+    assert waited < 12 * unit, f"the next request waited {waited:.2f} s; one text takes {unit:.3f} s"
+    after = smollm2._loop.embedded_texts  # type: ignore[attr-defined]
+    assert at_cancel > before  # it had started...
+    assert after - at_cancel <= 2  # ...and stopped: at most the text in progress, then "next"
+
+
+async def test_an_embeddings_deadline_is_checked_between_texts(smollm2: LoadedModel) -> None:
+    """An embeddings request whose deadline passes while it is embedding ends with DeadlineExceededError at its next
+    text (saying how far it got), not after all of them."""
+    unit = await _embedding_unit_s(smollm2)
+    before = smollm2._loop.embedded_texts  # type: ignore[attr-defined]
+    started = time.perf_counter()
+    with pytest.raises(DeadlineExceededError, match=r"while embedding, after \d+ of 64 texts"):
+        await smollm2.embed([LONG_TEXT] * 64, Admission(timeout_s=3 * unit))
+    assert time.perf_counter() - started < 32 * unit  # not all 64 texts' time
+    at_error = smollm2._loop.embedded_texts  # type: ignore[attr-defined]
+    assert at_error - before < 64
+    await asyncio.sleep(2 * unit)  # the decode thread has seen the cancellation
+    assert smollm2._loop.embedded_texts - at_error <= 1  # type: ignore[attr-defined]  # the text in progress
+
+
+async def test_an_embeddings_deadline_passed_while_waiting_is_a_deadline_error(smollm2: LoadedModel) -> None:
+    """An embeddings request waiting behind a long one ends with DeadlineExceededError when its deadline passes,
+    and leaves the queue at once; a batch request waits behind an interactive one that came later."""
+    unit = await _embedding_unit_s(smollm2)
+    hog = asyncio.create_task(smollm2.embed([LONG_TEXT] * 64))
+    try:
+        await asyncio.sleep(unit)
+        with pytest.raises(DeadlineExceededError, match="while waiting for its turn"):
+            await smollm2.embed(["short"], Admission(timeout_s=2 * unit))
+        assert smollm2.queue_stats()["embeddings"].waiting == 0
+        order: list[str] = []
+
+        async def embed(tag: str, priority: Priority) -> None:
+            await smollm2.embed([tag], Admission(priority=priority))
+            order.append(tag)
+
+        batch = asyncio.create_task(embed("batch", "batch"))
+        await asyncio.sleep(0)
+        interactive = asyncio.create_task(embed("interactive", "interactive"))
+        await asyncio.sleep(0)
+        assert smollm2.queue_stats()["embeddings"].waiting == 2
+    finally:
+        hog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hog
+    await asyncio.wait_for(asyncio.gather(batch, interactive), timeout=30)
+    assert order == ["interactive", "batch"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +15,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.errors import BadRequestError, EngineLoadError
-from agent.inference import LoadedModel, ModelSpec, TensorSpec, load_model
+from agent.errors import BadRequestError, DeadlineExceededError, EngineLoadError, OverloadedError
+from agent.inference import Admission, LoadedModel, ModelSpec, TensorSpec, load_model
 
 pytestmark = pytest.mark.component
 
@@ -22,7 +25,7 @@ FRAME = 512
 CONTEXT = 64  # silero-vad v5/v6 expect the previous frame's last 64 samples before each 512-sample frame
 
 
-def onnx_spec(path: Path, name: str = "graph", n_threads: int = 1) -> ModelSpec:
+def onnx_spec(path: Path, name: str = "graph", n_threads: int = 1, max_queue: int = 64) -> ModelSpec:
     """A spec for an ONNX file on disk (hash and size computed from the file)."""
     data = path.read_bytes()
     return ModelSpec(
@@ -35,6 +38,7 @@ def onnx_spec(path: Path, name: str = "graph", n_threads: int = 1) -> ModelSpec:
         n_ctx=1,
         n_threads=n_threads,
         n_parallel=1,
+        max_queue=max_queue,
     )
 
 
@@ -261,3 +265,101 @@ async def test_silero_refuses_empty_tensors(
     }
     with pytest.raises(BadRequestError, match="is empty"):
         await silero.infer(feeds)
+
+
+# --- admission: a bounded queue per model, deadlines, cancellation ----------------------------------------------
+
+
+def _frame() -> dict[str, np.ndarray]:
+    return {
+        "input": np.zeros((1, FRAME + CONTEXT), np.float32),
+        "state": np.zeros((2, 1, 128), np.float32),
+        "sr": np.array(SAMPLE_RATE, dtype=np.int64),
+    }
+
+
+@contextlib.contextmanager
+def _worker_held(model: LoadedModel) -> Iterator[threading.Event]:
+    """Keep the model's worker thread busy until the block ends (the one seam: a task put on its executor)."""
+    gate = threading.Event()
+    model._executor.submit(gate.wait)  # type: ignore[attr-defined]
+    try:
+        yield gate
+    finally:
+        gate.set()
+
+
+@pytest.fixture
+async def small_queue_silero(silero_vad_path: Path) -> AsyncIterator[LoadedModel]:
+    """silero-vad with at most two requests waiting."""
+    model = await asyncio.to_thread(load_model, onnx_spec(silero_vad_path, name="silero-vad", max_queue=2))
+    yield model
+    await model.aclose()
+
+
+async def test_a_full_tensor_queue_refuses_with_retry_after(small_queue_silero: LoadedModel) -> None:
+    """With the worker busy and two runs waiting, a third is refused with OverloadedError carrying retry_after;
+    the waiting ones run once the worker is free."""
+    model = small_queue_silero
+    with _worker_held(model):
+        waiting = [asyncio.create_task(model.infer(_frame())) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(OverloadedError) as refused:
+            await asyncio.wait_for(model.infer(_frame()), timeout=5)
+        assert refused.value.retry_after >= 1
+        stats = model.queue_stats()["tensor"]
+        assert (stats.waiting, stats.rejected_total) == (2, 1)
+    results = await asyncio.wait_for(asyncio.gather(*waiting), timeout=30)
+    assert all(out["output"].shape == (1, 1) for out in results)
+
+
+async def test_a_tensor_run_past_its_deadline_or_abandoned_while_waiting_is_never_run(
+    small_queue_silero: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose deadline passes while it waits ends with DeadlineExceededError, and one whose caller leaves is
+    withdrawn: neither is ever run, and neither counts against the queue afterwards."""
+    model = small_queue_silero
+    runs: list[int] = []
+    real_run = model._run  # type: ignore[attr-defined]
+
+    def counted(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        runs.append(1)
+        return real_run(feeds)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(model, "_run", counted)
+    with _worker_held(model):
+        with pytest.raises(DeadlineExceededError, match="while waiting"):
+            await asyncio.wait_for(model.infer(_frame(), Admission(timeout_s=0.2)), timeout=5)
+        abandoned = asyncio.create_task(model.infer(_frame()))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        assert model.queue_stats()["tensor"].waiting == 0
+    await model.infer(_frame())
+    assert len(runs) == 1
+
+
+async def test_a_tensor_run_whose_deadline_passed_before_the_worker_took_it_is_not_run(
+    small_queue_silero: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker checks the deadline again before a run: a run it takes late (the event loop was too busy to
+    withdraw it in time) is not run and ends with DeadlineExceededError."""
+    model = small_queue_silero
+    runs: list[int] = []
+    real_run = model._run  # type: ignore[attr-defined]
+
+    def counted(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        runs.append(1)
+        return real_run(feeds)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(model, "_run", counted)
+    with _worker_held(model) as gate:
+        late = asyncio.create_task(model.infer(_frame(), Admission(timeout_s=0.1)))
+        await asyncio.sleep(0)  # submitted
+        time.sleep(0.3)  # noqa: ASYNC251 - on purpose: the event loop is blocked past the deadline...
+        gate.set()  # ...while the worker takes the run
+        time.sleep(0.2)  # noqa: ASYNC251 - on purpose, as above
+    with pytest.raises(DeadlineExceededError):
+        await late
+    assert runs == []

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.api.metrics import ApiMetrics
 from agent.errors import BadRequestError, OverloadedError
 from agent.inference import Admission
 from agent.inference.scheduler import AdmissionQueue
@@ -54,6 +55,34 @@ def test_token_limit_bounds_the_backlog_not_a_lone_prompt() -> None:
         queue.submit("overflows", 41, "batch")
     queue.submit("exactly", 40, "batch")
     assert queue.stats().waiting_tokens == 100
+
+
+def test_a_queue_of_another_cost_names_its_unit_when_it_refuses() -> None:
+    """A queue whose cost is not prompt tokens (input bytes of tensor runs) bounds that cost and names it."""
+    queue: AdmissionQueue[str] = AdmissionQueue("m", 1, 4, 1000, unit="input bytes")
+    queue.submit("a", 600, "interactive")
+    with pytest.raises(OverloadedError, match="600 input bytes waiting"):
+        queue.submit("b", 600, "interactive")
+
+
+def test_metrics_export_every_queue_of_a_model_with_its_kind() -> None:
+    """/metrics has one series per model and queue kind; a tensor queue's cost is in bytes, the others' in tokens."""
+    generation, embeddings, tensor = (AdmissionQueue("m", 1, 4, 1000) for _ in range(3))
+    embeddings.submit("e", 7, "batch")
+    tensor.submit("t", 2304, "interactive")
+    metrics = ApiMetrics()
+    metrics.watch_schedulers(
+        lambda: {
+            "llm": {"generation": generation.stats(), "embeddings": embeddings.stats()},
+            "vad": {"tensor": tensor.stats()},
+        }
+    )
+    text = metrics.render().decode()
+    assert 'edge_agent_scheduler_waiting{model="llm",priority="batch",queue="embeddings"} 1.0' in text
+    assert 'edge_agent_scheduler_waiting_tokens{model="llm",queue="embeddings"} 7.0' in text
+    assert 'edge_agent_scheduler_waiting_tokens{model="llm",queue="generation"} 0.0' in text
+    assert 'edge_agent_scheduler_waiting_bytes{model="vad",queue="tensor"} 2304.0' in text
+    assert 'edge_agent_scheduler_slots_busy{model="vad",queue="tensor"} 0.0' in text
 
 
 def test_withdraw_frees_room_and_reports_whether_it_was_waiting() -> None:
