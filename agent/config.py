@@ -93,6 +93,9 @@ class InferenceConfig:
     max_queue_bytes: int = 64 * MiB
     """Most input bytes of tensor (ONNX) runs waiting per model; past it 429."""
     request_timeout_s: float = 300.0
+    load_timeout_s: float = 600.0
+    """A model load running longer is a stall: the watchdog pings stop and systemd restarts the agent. Generous:
+    a big model on a slow disk takes minutes to load."""
     models: Mapping[str, ModelOverrides] = field(default_factory=dict)
 
 
@@ -108,6 +111,8 @@ class RegistryConfig:
     """Versions kept per name besides the active one (for instant rollback)."""
     crash_quarantine_after: int = 3
     """An install or activation that crashed the agent this many times is quarantined."""
+    load_crash_quarantine_after: int = 3
+    """A model whose load was in progress when the agent died this many times in a row is quarantined."""
 
 
 @dataclass(frozen=True, slots=True)

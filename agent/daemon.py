@@ -37,7 +37,7 @@ from agent.api.server import ApiServer
 from agent.api.tokens import TokenStore
 from agent.config import AgentConfig
 from agent.health import model_health_check
-from agent.inference import ModelPool
+from agent.inference import LoadedModel, ModelPool, ModelSpec, load_model
 from agent.link import bundle_path
 from agent.registry import Registry
 from agent.systemd import SystemdNotifier, watchdog_loop
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from agent.audit import AuditLog
     from agent.link.mqtt import AgentLink
 
-__all__ = ["INFERENCE_STALL_S", "inference_progress", "run"]
+__all__ = ["INFERENCE_STALL_S", "inference_progress", "marked_loader", "run"]
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +67,28 @@ def inference_progress(pool: ModelPool, limit_s: float = INFERENCE_STALL_S) -> C
         return not stalled
 
     return healthy
+
+
+def marked_loader(
+    registry: Registry, load: Callable[[ModelSpec], LoadedModel] | None = None
+) -> Callable[[ModelSpec], LoadedModel]:
+    """The pool's loader, with the registry's crash-loop breaker around each load (runs in the load's thread).
+
+    The mark is committed before the engine opens the file and cleared when the load ends, loaded or cleanly
+    refused; a load that kills the process leaves it, and :meth:`Registry.recover` counts it at the next start
+    (:mod:`agent.registry.loads`): a model that crashes the agent on load is quarantined, not retried forever.
+    """
+    if load is None:
+        load = load_model
+
+    def loader(spec: ModelSpec) -> LoadedModel:
+        registry.begin_load(spec.name, spec.sha256)
+        try:
+            return load(spec)
+        finally:  # loaded, or cleanly refused (an exception): either way the agent survived this load
+            registry.end_load(spec.name, spec.sha256)
+
+    return loader
 
 
 async def run(
@@ -142,7 +164,11 @@ async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.E
         tokens = await asyncio.to_thread(TokenStore.open, config.state_dir)
         stack.callback(tokens.close)
 
-        pool = ModelPool(config.inference.memory_budget_bytes)
+        pool = ModelPool(
+            config.inference.memory_budget_bytes,
+            marked_loader(registry),
+            load_timeout_s=config.inference.load_timeout_s,
+        )
         stack.push_async_callback(pool.aclose)
 
         state = ApiState(config=config, registry=registry, pool=pool, tokens=tokens)

@@ -58,7 +58,10 @@ def model_health_check(state: ApiState) -> Callable[[Any], Awaitable[Mapping[str
             await _audit(state, record, False, {"error": str(error)})
             raise error from exc
         except AgentError as exc:
-            await state.pool.unload(record.name)
+            try:
+                await state.pool.unload(record.name)
+            except AgentError as unload_error:  # stuck behind a wedged engine thread: the watchdog sees it
+                log.error("release.health_unload_failed", model=record.ref, error=str(unload_error))
             await _audit(state, record, False, {"error": str(exc)})
             raise
         await _audit(state, record, True, metrics)

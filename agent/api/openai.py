@@ -60,7 +60,14 @@ from agent.api.validation import (
     parse_model_ref,
     read_json,
 )
-from agent.errors import AgentError, BadRequestError, DeadlineExceededError, InvalidModelError, ModelNotFoundError
+from agent.errors import (
+    AgentError,
+    BadRequestError,
+    DeadlineExceededError,
+    InvalidModelError,
+    ModelNotFoundError,
+    QuarantinedError,
+)
 from agent.inference import (
     PRIORITIES,
     Admission,
@@ -113,6 +120,7 @@ async def resolve_model(state: ApiState, ref: ModelRef) -> ModelRecord:
     if ref.variant is None:
         record = await state.in_thread(state.registry.active, ref.name)
         if record is None:
+            await _raise_if_quarantined(state, ref)
             raise ModelNotFoundError(f"model {ref.name!r} does not exist or has no active variant")
         return record
     active = await state.in_thread(state.registry.active, ref.name)
@@ -124,8 +132,16 @@ async def resolve_model(state: ApiState, ref: ModelRef) -> ModelRecord:
         if record.variant == ref.variant and record.state in SERVABLE_STATES
     ]
     if not candidates:
+        await _raise_if_quarantined(state, ref)
         raise ModelNotFoundError(f"model {str(ref)!r} does not exist or is not active")
     return max(candidates, key=lambda r: r.version)
+
+
+async def _raise_if_quarantined(state: ApiState, ref: ModelRef) -> None:
+    """Nothing servable because the newest version is quarantined (e.g. its load crash-looped): say so."""
+    reason = await state.in_thread(state.registry.quarantine_reason, ref.name, ref.variant)
+    if reason is not None:
+        raise QuarantinedError(f"model {str(ref)!r} cannot be served: {reason}")
 
 
 def model_spec(state: ApiState, record: ModelRecord) -> ModelSpec:

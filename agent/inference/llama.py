@@ -1226,8 +1226,12 @@ class LlamaModel(LoadedModel):
         return {"generation": self._queue.stats(), "embeddings": self._embed_queue.stats()}
 
     def stalled_s(self) -> float:
-        """Seconds the decode thread has owed progress (see :meth:`LoadedModel.stalled_s`)."""
-        return 0.0 if self._closed else self._loop.stalled_s()
+        """Seconds the decode thread has owed progress (see :meth:`LoadedModel.stalled_s`).
+
+        A closed model's thread owes nothing only once it has ended: a close stuck behind a wedged native call
+        is reported like the wedge itself (the watchdog stops), not hidden by ``_closed``.
+        """
+        return 0.0 if self._loop.closed.done() else self._loop.stalled_s()
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` without special tokens (read-only tokenizer call, any thread)."""

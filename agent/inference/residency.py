@@ -36,9 +36,16 @@ import structlog
 from agent.errors import AgentError, EngineLoadError, InferenceError, MemoryBudgetError
 from agent.inference.base import LoadedModel, LoadStats, ModelSpec, QueueKind
 
-__all__ = ["LoadedInfo", "ModelPool"]
+__all__ = ["CLOSE_TIMEOUT_S", "LOAD_TIMEOUT_S", "LoadedInfo", "ModelPool"]
 
 _log = structlog.get_logger(__name__)
+
+LOAD_TIMEOUT_S = 600.0
+"""A load (the engine opening a file) running longer is reported as stalled: a big model on a slow disk takes
+minutes, a native open that never returns would otherwise hold the load lock (and every later load) forever."""
+CLOSE_TIMEOUT_S = 60.0
+"""Longest anything waits for an unload: freeing a model takes milliseconds to seconds; one that does not finish
+is stuck behind a wedged engine thread, which :meth:`ModelPool.stalled` reports (the watchdog restarts the agent)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +70,7 @@ class LoadedInfo:
 class _Entry:
     """One version of one model in the pool: loading, loaded, retiring or closing."""
 
-    __slots__ = ("last_used", "last_used_wall", "model", "refs", "spec", "task")
+    __slots__ = ("last_used", "last_used_wall", "loading_since", "model", "refs", "spec", "task")
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -72,6 +79,7 @@ class _Entry:
         self.refs = 0
         self.last_used = time.monotonic()
         self.last_used_wall = time.time()
+        self.loading_since: float | None = None  # monotonic start of the engine's open, while it runs
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -85,12 +93,22 @@ class _Entry:
 class ModelPool:
     """Loaded models under one memory budget (see the module docstring for the rules)."""
 
-    def __init__(self, budget_bytes: int, loader: Callable[[ModelSpec], LoadedModel] | None = None) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        loader: Callable[[ModelSpec], LoadedModel] | None = None,
+        *,
+        load_timeout_s: float = LOAD_TIMEOUT_S,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+    ) -> None:
         """Create an empty pool.
 
         Args:
             budget_bytes: most bytes all resident models may be charged together.
             loader: opens a spec (blocking; run in a thread); defaults to :func:`agent.inference.load_model`.
+            load_timeout_s: a load running longer is reported by :meth:`stalled` (``inference.load_timeout_s``).
+            close_timeout_s: longest a load (holding the load lock), :meth:`unload` or :meth:`aclose` waits for
+                unloads to finish before giving up with an error.
         """
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
@@ -100,6 +118,8 @@ class ModelPool:
             loader = load_model
         self._budget = budget_bytes
         self._loader = loader
+        self._load_timeout_s = load_timeout_s
+        self._close_timeout_s = close_timeout_s
         self._current: dict[str, _Entry] = {}
         self._retiring: set[_Entry] = set()
         self._closing: set[_Entry] = set()
@@ -183,13 +203,22 @@ class ModelPool:
         return stats
 
     def stalled(self, limit_s: float) -> dict[str, float]:
-        """Resident models whose engine thread has owed progress for more than ``limit_s`` seconds, by name."""
+        """Models whose engine has owed progress too long, by name, with the seconds owed.
+
+        A resident model (being unloaded included) whose engine thread has owed progress for more than
+        ``limit_s`` seconds, or a load that has run for more than the pool's ``load_timeout_s``.
+        """
         stalled: dict[str, float] = {}
+        now = time.monotonic()
         for entry in self._all():
             if entry.model is not None:
-                seconds = entry.model.stalled_s()
-                if seconds > limit_s:
-                    stalled[entry.spec.name] = max(seconds, stalled.get(entry.spec.name, 0.0))
+                seconds, limit = entry.model.stalled_s(), limit_s
+            elif entry.loading_since is not None:
+                seconds, limit = now - entry.loading_since, self._load_timeout_s
+            else:
+                continue
+            if seconds > limit:
+                stalled[entry.spec.name] = max(seconds, stalled.get(entry.spec.name, 0.0))
         return stalled
 
     async def unload(self, name: str) -> bool:
@@ -197,6 +226,10 @@ class ModelPool:
 
         Returns:
             Whether any version of ``name`` was resident or loading.
+
+        Raises:
+            InferenceError: an unload did not finish within ``close_timeout_s`` (it goes on; :meth:`stalled`
+                reports its engine thread).
         """
         found = False
         entry = self._current.get(name)
@@ -206,7 +239,11 @@ class ModelPool:
         found = found or any(e.spec.name == name for e in self._retiring)
         closing = [t for t in list(self._tasks) if t.get_name() == f"model-unload:{name}"]
         if closing:
-            await asyncio.wait(closing)
+            _, pending = await asyncio.wait(closing, timeout=self._close_timeout_s)
+            if pending:
+                raise InferenceError(
+                    f"model {name!r} did not unload within {self._close_timeout_s:g} s (its engine thread is stuck)"
+                )
         return found
 
     async def aclose(self) -> None:
@@ -214,16 +251,23 @@ class ModelPool:
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + self._close_timeout_s
         loading = [e.task for e in self._all() if e.task is not None and not e.task.done()]
         if loading:
-            await asyncio.wait(loading)
+            _, pending = await asyncio.wait(loading, timeout=self._close_timeout_s)
+            if pending:
+                _log.error("model_pool_close_abandoned", loading=sorted(e.spec.name for e in self._all()))
+                return  # a native open that does not return: stop without it
         for entry in list(itertools.chain(self._current.values(), self._retiring)):
             if entry.model is not None:
                 self._start_close(entry, reason="shutdown")
         self._current.clear()
         self._retiring.clear()
         while self._tasks:
-            await asyncio.wait(list(self._tasks))
+            _, pending = await asyncio.wait(list(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
+            if pending:
+                _log.error("model_pool_close_abandoned", unloading=sorted(e.spec.name for e in self._closing))
+                return  # a stuck unload: exit without it (its engine thread is a daemon thread)
 
     # -- bookkeeping (synchronous: atomic on the event loop)
 
@@ -299,13 +343,15 @@ class ModelPool:
                 if self._closed:
                     raise InferenceError("the model pool is closed")
                 await self._make_room(entry, spec.size)
-                started = time.monotonic()
+                started = entry.loading_since = time.monotonic()
                 try:
                     model = await asyncio.to_thread(self._loader, spec)
                 except AgentError:
                     raise
                 except Exception as exc:
                     raise EngineLoadError(f"model {spec.name!r} failed to load: {exc}") from exc
+                finally:
+                    entry.loading_since = None
                 entry.model = model
                 try:
                     await self._make_room(entry, 0)
@@ -330,7 +376,12 @@ class ModelPool:
         return model
 
     async def _make_room(self, entry: _Entry, need: int) -> None:
-        """Unload idle unpinned models (LRU first) until ``need`` more bytes fit, or raise."""
+        """Unload idle unpinned models (LRU first) until ``need`` more bytes fit, or raise.
+
+        Waiting for unloads (under the load lock) is bounded by ``close_timeout_s``: an unload stuck behind a
+        wedged engine thread must not hold every later load forever.
+        """
+        deadline = time.monotonic() + self._close_timeout_s
         while True:
             used = self.used_bytes
             if used + need <= self._budget:
@@ -356,7 +407,15 @@ class ModelPool:
             for victim in victims:
                 self._start_close(victim, reason="lru")
             changed = self._changed
-            await changed.wait()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await changed.wait()
+            except TimeoutError:
+                stuck = ", ".join(sorted({e.spec.name for e in self._closing})) or "none"
+                raise MemoryBudgetError(
+                    f"model {entry.spec.name!r} needs memory still held by models being unloaded ({stuck}): "
+                    f"their unload has not finished in {self._close_timeout_s:g} s"
+                ) from None
 
     def _no_room_message(self, entry: _Entry, need: int, used: int) -> str:
         held = [

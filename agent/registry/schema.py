@@ -79,6 +79,7 @@ EVENT_KINDS = (
     "model_rolled_back",
     "model_removed",
     "model_quarantined",
+    "model_load_crashed",
 )
 
 Migration = Callable[[sqlite_utils.Database], None]
@@ -223,6 +224,20 @@ def m003_audit_size_cap(db: sqlite_utils.Database) -> None:
     from agent.audit import add_size_columns
 
     add_size_columns(db)
+
+
+@MIGRATIONS()
+def m004_model_loads(db: sqlite_utils.Database) -> None:
+    """Loads in progress and the crashes in a row they caused (see :mod:`agent.registry.loads`)."""
+    db.execute("""
+        CREATE TABLE model_loads (
+            name TEXT NOT NULL,
+            sha256 TEXT NOT NULL CHECK (length(sha256) = 64),
+            in_progress INTEGER NOT NULL CHECK (in_progress IN (0, 1)),
+            crashes INTEGER NOT NULL CHECK (crashes >= 0),
+            started_ts REAL NOT NULL,
+            PRIMARY KEY (name, sha256)
+        )""")
 
 
 def open_database(path: Path) -> sqlite_utils.Database:

@@ -55,6 +55,7 @@ from agent.errors import (
 )
 from agent.registry import gc as _gc
 from agent.registry import install as _install
+from agent.registry import loads as _loads
 from agent.registry.formats import ModelFacts
 from agent.registry.schema import append_event, open_database
 
@@ -603,6 +604,14 @@ class Registry:
         rows = self._query(sql + " ORDER BY name, version DESC, variant, id DESC", params)
         return [_row_to_record(row) for row in rows]
 
+    def quarantine_reason(self, name: str, variant: str | None = None) -> str | None:
+        """Why the newest version of ``name`` (of ``variant``, if given) is quarantined; None if it is not."""
+        rows = self._select(name, variant, None)
+        if not rows or rows[0]["state"] != "quarantined":
+            return None
+        row = rows[0]
+        return f"{row['name']}/{row['variant']}/v{row['version']} is quarantined: {row['reason'] or 'no reason given'}"
+
     def get(self, name: str, variant: str | None = None, version: int | None = None) -> ModelRecord:
         """The model a selector means (see :meth:`_resolve`); removed models are not found.
 
@@ -759,12 +768,23 @@ class Registry:
             return _gc.collect_garbage(self)
 
     def recover(self) -> _install.RecoveryReport:
-        """Finish, resume or abandon installs a crash interrupted; quarantine crash loops; drop stale partials.
+        """Finish, resume or abandon installs a crash interrupted; quarantine crash loops (of installs and of
+        loads, :mod:`agent.registry.loads`); drop stale partials.
 
         Call once after :meth:`open`, before anything else changes the registry.
         """
         with self._heavy:
-            return _install.recover_installs(self)
+            report = _install.recover_installs(self)
+            _loads.recover_loads(self, report)
+            return report
+
+    def begin_load(self, name: str, sha256: str) -> None:
+        """Record durably that the engine starts loading ``(name, sha256)`` (see :mod:`agent.registry.loads`)."""
+        _loads.begin_load(self, name, sha256)
+
+    def end_load(self, name: str, sha256: str) -> None:
+        """The load of ``(name, sha256)`` ended without killing the agent (loaded, or cleanly refused)."""
+        _loads.end_load(self, name, sha256)
 
     def events(self, limit: int = 100, *, name: str | None = None) -> list[ModelEvent]:
         """The last ``limit`` events (optionally of one model name), oldest first."""
