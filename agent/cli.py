@@ -116,9 +116,14 @@ def run(ctx: AgentContext) -> None:
     """Run the agent daemon in the foreground (systemd runs exactly this)."""
     import asyncio
 
+    from agent.errors import EXIT_BAD_LOCAL_STATE, LocalStateError
     from agent.imports import import_without
 
-    config = ctx.config
+    try:
+        config = ctx.config
+    except click.ClickException as exc:  # an invalid configuration: a restart would read the same file
+        click.echo(f"edge-agent: bad configuration: {exc.format_message()}", err=True)
+        sys.exit(EXIT_BAD_LOCAL_STATE)
     # Before anything imports them: without numpy and rich, which they would load for features the daemon does
     # not use and keep resident for its whole life (agent/imports.py). The console renderer keeps rich.
     import_without("sqlite_utils", "numpy")
@@ -131,6 +136,12 @@ def run(ctx: AgentContext) -> None:
     configure_logging(config.log.level, json=config.log.json)
     try:
         status = asyncio.run(daemon.run(config, freeze_gc=True))
+    except LocalStateError as exc:  # one line; the unit's RestartPreventExitStatus= stops the restarts
+        import structlog
+
+        structlog.get_logger("agent.daemon").critical("agent.bad_local_state", error=str(exc))
+        click.echo(f"edge-agent: bad local state: {exc}", err=True)
+        sys.exit(EXIT_BAD_LOCAL_STATE)
     except AgentError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(status)

@@ -8,6 +8,7 @@ place (``agent/api/errors.py``) by reading these attributes, so adding an error 
 
     AgentError                         500 internal_error
      ├── ConfigError                   500 configuration file or environment is invalid
+     ├── LocalStateError               500 local state the agent cannot start with (exit EXIT_BAD_LOCAL_STATE)
      ├── RegistryError                 500
      │    ├── ModelNotFoundError       404 no such model / variant / version
      │    ├── ModelStateError          409 the operation does not fit the model's state (e.g. rollback with no previous)
@@ -28,11 +29,18 @@ place (``agent/api/errors.py``) by reading these attributes, so adding an error 
      └── LinkError                     503 the link to the controller (agent/link/)
           ├── EnrollmentError          500 no, or an invalid, enrollment bundle
           └── OutboxFullError          503 too many messages wait for the controller's ack
+
+``edge-agent run`` exits with :data:`EXIT_BAD_LOCAL_STATE` on a :class:`LocalStateError` (and on an invalid
+configuration): a restart would meet the same state, so the shipped unit lists that status in
+``RestartPreventExitStatus=`` and the operator fixes the state (docs/operations.md, "Bad local state").
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = [
+    "EXIT_BAD_LOCAL_STATE",
     "AgentError",
     "ApiError",
     "AuthenticationError",
@@ -46,6 +54,7 @@ __all__ = [
     "IntegrityError",
     "InvalidModelError",
     "LinkError",
+    "LocalStateError",
     "MemoryBudgetError",
     "ModelNotFoundError",
     "ModelStateError",
@@ -68,6 +77,16 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """The configuration file or environment is invalid."""
+
+
+EXIT_BAD_LOCAL_STATE: Final = 78
+"""``edge-agent run``'s exit status for bad local state or configuration (sysexits' ``EX_CONFIG``)."""
+
+
+class LocalStateError(AgentError):
+    """Local state the agent cannot start with and a restart would not change (a garbage ``registry.db``,
+    a state directory that is a file, a regular file at the socket path): the process exits with
+    :data:`EXIT_BAD_LOCAL_STATE` and systemd does not restart it."""
 
 
 class RegistryError(AgentError):

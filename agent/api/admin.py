@@ -334,6 +334,8 @@ async def status(request: web.Request) -> web.Response:
             "loaded_models": [_loaded_json(m) for m in state.pool.loaded()],
             "memory_rss_bytes": psutil.Process().memory_info().rss,
             "requests_in_flight": state.metrics.in_flight_now(),
+            # what runs degraded and why (agent.daemon.DaemonApiState; a bare ApiState has none)
+            "degraded": dict(getattr(state, "degraded", None) or {}),
         }
     )
 

@@ -445,6 +445,11 @@ _SCHEMAS: dict[str, Any] = {
             "loaded_models": {"type": "array", "items": {"type": "object"}},
             "memory_rss_bytes": {"type": "integer"},
             "requests_in_flight": {"type": "number"},
+            "degraded": {
+                "type": "object",
+                "description": "Components running degraded (tokens, registry, link, audit) and why.",
+                "additionalProperties": {"type": "string"},
+            },
         },
     },
 }

@@ -32,15 +32,20 @@ import structlog
 from aiohttp import web
 
 from agent.api.app import ApiState, create_app
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, LocalStateError
 
-__all__ = ["ApiServer", "SocketInUseError"]
+__all__ = ["ApiServer", "NotASocketError", "SocketInUseError"]
 
 log = structlog.get_logger(__name__)
 
 
 class SocketInUseError(AgentError):
     """Another process answers on the API socket, or a non-socket file is in its place."""
+
+
+class NotASocketError(SocketInUseError, LocalStateError):
+    """A file that is not a socket is at the socket path: it is never deleted, and a restart would meet it again
+    (bad local state: ``edge-agent run`` exits with :data:`~agent.errors.EXIT_BAD_LOCAL_STATE`)."""
 
 
 def _loopback_address(host: str) -> str:
@@ -78,7 +83,7 @@ def _prepare_socket_path(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise SocketInUseError(f"{path} exists and is not a socket; refusing to replace it")
+        raise NotASocketError(f"{path} exists and is not a socket; refusing to replace it (move it away)")
     if _someone_listens(path):
         raise SocketInUseError(f"another process is listening on {path}")
     log.info("api.stale_socket_removed", path=str(path))

@@ -22,6 +22,11 @@ Invariants:
 
 The store is synchronous and thread-safe (one connection behind a lock); the API calls it through
 :func:`asyncio.to_thread`.
+
+A ``tokens.db`` that cannot be opened (garbage, locked by another process, unreadable) raises
+:class:`TokenStoreUnavailableError`; the daemon then serves with an :class:`UnavailableTokenStore`: callers
+identified by their uid on the unix socket are served as usual, a caller presenting a token gets 503 naming the
+cause (never a silent 401 that would look like a wrong token).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ __all__ = [
     "TokenNotFoundError",
     "TokenRecord",
     "TokenStore",
+    "TokenStoreUnavailableError",
+    "UnavailableTokenStore",
     "parse_scopes",
 ]
 
@@ -68,6 +75,14 @@ class TokenNotFoundError(ApiError):
 
     http_status = 404
     error_code = "token_not_found"
+
+
+class TokenStoreUnavailableError(ApiError):
+    """The token database cannot be used; tokens can be neither checked nor managed until it is repaired."""
+
+    http_status = 503
+    error_type = "server_error"
+    error_code = "token_store_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,26 +184,36 @@ class TokenStore:
         self.path = path
 
     @classmethod
-    def open(cls, state_dir: Path) -> TokenStore:
+    def open(cls, state_dir: Path, *, timeout: float = 10.0) -> TokenStore:
         """Open (creating and migrating if needed) ``state_dir/tokens.db``.
 
+        Args:
+            state_dir: the agent's state directory.
+            timeout: how long to wait for a lock another process holds on the database (seconds).
+
         Raises:
-            OSError: the state directory cannot be created or the file cannot be opened.
+            TokenStoreUnavailableError: the file cannot be created or opened, is not a token database (garbage),
+                or stays locked by another process for ``timeout`` seconds.
         """
-        state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / TOKENS_DB
-        if not path.exists():
-            # Create it 0600 before SQLite does (SQLite would use the umask); its -wal/-shm copy this mode.
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Create it 0600 before SQLite does (SQLite would use the umask); its -wal/-shm copy this mode.
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout)
+        except (OSError, sqlite3.Error) as exc:
+            raise TokenStoreUnavailableError(f"cannot open the token store {path}: {exc}") from exc
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
             store = cls(conn, path)
             store._migrate()
-        except BaseException:
+        except BaseException as exc:
             conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise TokenStoreUnavailableError(f"cannot use the token store {path}: {exc}") from exc
             raise
         return store
 
@@ -320,3 +345,41 @@ class TokenStore:
             created_ts=float(created_ts),  # type: ignore[arg-type]
             revoked_ts=None if revoked_ts is None else float(revoked_ts),  # type: ignore[arg-type]
         )
+
+
+class UnavailableTokenStore(TokenStore):
+    """Stands in for a token store that could not be opened: every operation raises
+    :class:`TokenStoreUnavailableError` naming the cause, so token callers get 503 (not 401) and callers
+    identified by their uid, which never touch the store, are served as usual."""
+
+    def __init__(self, path: Path, reason: str) -> None:  # no connection: nothing to lock or close
+        self.path = path
+        self.reason = reason
+
+    def _unavailable(self) -> TokenStoreUnavailableError:
+        return TokenStoreUnavailableError(
+            f"API tokens are unavailable: {self.reason} (uid-authenticated socket callers are still served)"
+        )
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def create(self, name: str, scopes: Iterable[str]) -> tuple[TokenRecord, str]:
+        """Refused: :class:`TokenStoreUnavailableError`."""
+        raise self._unavailable()
+
+    def list(self, *, include_revoked: bool = True) -> list[TokenRecord]:
+        """Refused: :class:`TokenStoreUnavailableError`."""
+        raise self._unavailable()
+
+    def get(self, token_id: str) -> TokenRecord:
+        """Refused: :class:`TokenStoreUnavailableError`."""
+        raise self._unavailable()
+
+    def revoke(self, token_id: str) -> TokenRecord:
+        """Refused: :class:`TokenStoreUnavailableError`."""
+        raise self._unavailable()
+
+    def verify(self, token: str) -> TokenRecord:
+        """Refused: :class:`TokenStoreUnavailableError` (a token cannot be checked, so it is not accepted)."""
+        raise self._unavailable()

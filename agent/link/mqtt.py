@@ -668,8 +668,9 @@ async def open_agent_link(
 ) -> AsyncIterator[AgentLink | None]:
     """The link if the device is enrolled (and the link enabled), else None; closes its database on exit.
 
-    An invalid installed enrollment is logged and yields None: the agent serves without a link rather than
-    not at all. Run :meth:`AgentLink.run` as a task while inside.
+    An invalid installed enrollment, or a ``link.db`` that cannot be opened (garbage, locked), is logged and
+    yields None: the agent serves without a link rather than not at all. Run :meth:`AgentLink.run` as a task
+    while inside.
     """
     enrollment: Enrollment | None = None
     tls: ssl.SSLContext | None = None
@@ -686,7 +687,13 @@ async def open_agent_link(
     if enrollment is None or tls is None:
         yield None
         return
-    store = await asyncio.to_thread(LinkStore.open, link_dir(config.state_dir) / "link.db")
+    store_path = link_dir(config.state_dir) / "link.db"
+    try:
+        store = await asyncio.to_thread(LinkStore.open, store_path)
+    except (LinkError, OSError) as exc:  # garbage, locked by another process, or link/ unusable
+        log.error("link.store_unusable", path=str(store_path), error=str(exc))
+        yield None
+        return
     try:
         state = StateBuilder(
             device=enrollment.device,

@@ -61,6 +61,8 @@ from hashlib import sha256 as new_sha256
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from agent.errors import (
     AgentError,
     InsufficientSpaceError,
@@ -75,6 +77,8 @@ from protocols.limits import MODEL_NAME_RE, VARIANT_RE
 
 if TYPE_CHECKING:
     from agent.registry.store import ModelRecord, Registry
+
+log = structlog.get_logger(__name__)
 
 __all__ = [
     "FAULT_ENV",
@@ -206,6 +210,8 @@ class RecoveryReport:
     stale_partials: int = 0
     broken_models: list[str] = field(default_factory=list)
     """Active or previous models whose blob was missing or the wrong size, quarantined."""
+    unreadable_models: list[str] = field(default_factory=list)
+    """Live models whose blob could not be examined (``EACCES``, ``EIO``), with the reason; left as they are."""
 
     @property
     def changed(self) -> bool:
@@ -717,8 +723,18 @@ def recover_installs(reg: Registry) -> RecoveryReport:
 
     # live models whose blob vanished or was truncated cannot be served: quarantine them
     for model in reg._query("SELECT * FROM models WHERE state IN ('staged', 'active', 'previous')"):
-        if not reg._blobs.has_blob(model["sha256"], model["size"]):
+        try:
+            present = reg._blobs.has_blob(model["sha256"], model["size"])
+        except RegistryError as exc:
+            # EACCES/EIO: unknown is not missing. Quarantine is persistent, so a permission slip fixed by the
+            # operator must not cost the model its release; loading it will fail (and say why) until then.
+            log.warning("registry.blob_unreadable", model=_ref(model), reason=str(exc))
+            report.unreadable_models.append(f"{_ref(model)}: {exc}")
+            continue
+        if not present:
+            reason = "blob missing or wrong size at recovery"
+            log.warning("registry.model_quarantined", model=_ref(model), sha256=model["sha256"], reason=reason)
             with reg._transaction() as tx:
-                reg._quarantine_in_tx(tx, model, "blob missing or wrong size at recovery")
+                reg._quarantine_in_tx(tx, model, reason)
             report.broken_models.append(_ref(model))
     return report

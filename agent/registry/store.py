@@ -177,11 +177,19 @@ class BlobStore:
         return self.partial_dir / f"{install_id}.part"
 
     def has_blob(self, sha256: str, size: int) -> bool:
-        """A regular file of the right size is at the blob's address."""
+        """A regular file of the right size is at the blob's address.
+
+        Raises:
+            RegistryError: the blob's address cannot be examined (``EACCES``, ``EIO``, ...): whether the blob is
+                there is unknown, which is not the same as missing.
+        """
+        path = self.blob_path(sha256)
         try:
-            st = os.stat(self.blob_path(sha256), follow_symlinks=False)
-        except FileNotFoundError:
+            st = os.stat(path, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
             return False
+        except OSError as exc:
+            raise RegistryError(f"cannot examine blob {path}: {exc.strerror or exc}") from exc
         return stat.S_ISREG(st.st_mode) and st.st_size == size
 
     def blob_intact(self, sha256: str, size: int) -> bool:
