@@ -7,26 +7,29 @@ SQLite's write lock, one upload after the other, and caps ``serve`` well below w
 
 How (``[controller] audit_workers`` > 0, see :mod:`controller.config`):
 
-- :class:`AuditShards` runs N worker processes (a :class:`~concurrent.futures.ProcessPoolExecutor` of one
-  process each, ``spawn``ed so that no lock of ``serve``'s threads is inherited). An upload goes to shard
+- :class:`AuditShards` runs N worker processes (``spawn``ed, so that no lock of ``serve``'s threads is
+  inherited; each fed through a pipe of its own by :class:`_Worker`). An upload goes to shard
   ``crc32(device) % N``: one device always to the same worker, so its batches are applied in arrival order.
 - In front of each worker is a :class:`controller.ingest.GroupCommitter`: while the worker is busy, uploads for
   it queue, and the next call hands it all of them (up to ``max_group``) as one list of picklable
   ``(topic, device, payload, now)``. Two groups are in flight per worker (``max_in_flight=2``): the next group
-  is handed over while one runs and waits in the worker's call queue, whose pipe is widened
-  (:func:`_widen_call_pipe`), so the worker starts it the instant it committed the previous one instead of
-  idling through a round trip to ``serve``'s loop (≈ 2 ms per group, 10-15 % of a worker's time at one upload
-  per commit). The worker runs its groups one after the other, in the order handed over. The worker
-  (:func:`ingest_group`) first prepares every upload of the group with no lock held
+  is handed over while one runs. The worker (:class:`_GroupLoop`) prepares each upload with no lock held
   (:func:`controller.audit_ingest.prepare_upload`: parse, every record hashed, the checkpoint signature with the
-  device's enrolled key, the chain within the batch, the rows to insert: all of the CPU work
-  that does not depend on the device's accepted head), then runs them with :func:`controller.ingest.run_group`
+  device's enrolled key, the chain within the batch, the rows to insert: all of the CPU work that does not
+  depend on the device's accepted head), then stores the group with :func:`controller.ingest.run_group`
   semantics — one ``BEGIN IMMEDIATE`` … ``COMMIT`` on its own connection to the fleet DB, a savepoint per upload,
   a failed upload undone alone — relating each to the device's head read inside that transaction and storing it
   (:func:`controller.audit_ingest.ingest_upload`, which the in-process path runs too; a check made with a key
   that is no longer the device's enrolled one is not used). One worker's preparing overlaps another's insert
   and commit: that is the speed-up. Several writers on one SQLite file is ADR 0012's setting (WAL, 30 s busy
   timeout).
+- A worker does not idle while another holds the write turn (below) and it has a group to prepare: when its
+  prepared group must wait for the turn, it prepares the next group handed over, one upload at a time, trying
+  the turn again in between (with nothing left to prepare, it waits for the turn); it reads what ``serve``
+  sends between two uploads, so the next group crosses the pipe while the worker works. Groups are still
+  stored one after the other in the order handed over (ADR 0014, second addendum).
+- The WAL checkpoints of a worker's commits run on a thread of the worker (:class:`_Checkpointer`), not inside
+  its ``COMMIT``: the other worker does not wait for them.
 - The workers hand SQLite's write lock to each other through an ``flock`` on ``<fleet.db>-shards.lock``, taken
   around the transaction: the next worker starts the instant the previous one committed, where SQLite's own busy
   handler would poll with sleeps of up to 100 ms. The kernel releases an ``flock`` when its process dies, so a
@@ -38,7 +41,7 @@ How (``[controller] audit_workers`` > 0, see :mod:`controller.config`):
 
 Failures:
 
-- A worker that dies (killed, out of memory) breaks its pool: every upload of that shard queued in it fails with
+- A worker that dies (killed, out of memory): every upload of that shard handed to it fails with
   :class:`~controller.errors.AuditShardError` (not acked: the devices re-send; what the worker had committed is
   stored once, by the primary key), and the shard starts a new worker for its next group. Other shards go on.
   A worker found dead when a group is handed to it (it died while idle) is replaced first, and the group goes
@@ -56,22 +59,21 @@ Failures:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.util
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
 import traceback
 import zlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -92,7 +94,6 @@ __all__ = [
     "AuditShards",
     "Upload",
     "default_workers",
-    "ingest_group",
 ]
 
 log = structlog.get_logger(__name__)
@@ -135,77 +136,188 @@ def shard_of(device: str, shards: int) -> int:
 
 # --- the worker process ------------------------------------------------------------------------------------
 
+CHECKPOINT_BYTES = 4 << 20
+"""Uploads' bytes a worker commits between two WAL checkpoints it asks for: about SQLite's own
+``wal_autocheckpoint`` of 1,000 pages, the threshold it would checkpoint at inside the ``COMMIT``."""
 
-@dataclass
-class _WorkerState:
-    store: FleetStore
-    limits: Limits
-    lock_path: Path
-
-
-# Set once per worker process by the pool's initializer: a ProcessPoolExecutor hands per-process state to the
-# functions it runs only through a module global. Never set in serve's own process.
-_worker: _WorkerState | None = None
+BACKSTOP_CHECKPOINT_PAGES = 10_000
+"""The workers' connections still checkpoint inside their ``COMMIT`` past this many WAL pages (40 MB), should
+their checkpoint threads fall behind: the WAL is bounded either way."""
 
 
-def _start_worker(db_path: str, lock_path: str, limits: Limits) -> None:
-    """The pool's initializer: ignore stop signals, open the fleet DB (migrated by serve already), watch serve."""
-    global _worker
+class _Checkpointer:
+    """A worker's WAL checkpoints, on a thread and a connection of their own, outside the write turn.
+
+    SQLite runs a checkpoint (copy the WAL into the database file, fsync it) inside the ``COMMIT`` that crosses
+    ``wal_autocheckpoint`` pages, that is while this worker holds the shards' write turn: the other worker waited
+    for it although a ``PASSIVE`` checkpoint needs no write lock (ADR 0014 addendum). Here it runs beside the
+    worker's next preparing and the other worker's transaction; ``sqlite3`` releases the GIL for the whole
+    checkpoint. Best effort: a failed checkpoint is reported on stderr and the next one is tried; the workers'
+    connections keep a :data:`BACKSTOP_CHECKPOINT_PAGES` autocheckpoint.
+    """
+
+    def __init__(self, db_path: str) -> None:
+        self._conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._wanted = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="audit-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Checkpoint soon (once, however often it is asked while one runs)."""
+        self._wanted.set()
+
+    def close(self) -> None:
+        """Let a running checkpoint finish (bounded), then close the connection."""
+        self._closing = True
+        self._wanted.set()
+        self._thread.join(STOP_TIMEOUT_S)
+        if not self._thread.is_alive():
+            self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closing:
+                return
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                traceback.print_exc(file=sys.stderr)
+
+
+class _GroupLoop:
+    """A worker's loop: the groups ``serve`` hands over, stored in that order, the next one prepared meanwhile.
+
+    A group is prepared upload by upload (no lock: :func:`controller.audit_ingest.prepare_upload`), then stored in
+    one transaction inside the shards' write turn (:func:`run_group`). While a prepared group waits for the turn,
+    the loop prepares the next group handed over (one upload at a time, trying the turn again in between), and it
+    reads what ``serve`` sends whenever it is between two uploads: neither core idles while the other worker
+    stores, and a group crosses the pipe while the previous one is worked on. Groups are stored strictly in the
+    order they arrived (a device's uploads stay in order), each one's outcome sent back after its ``COMMIT``.
+    """
+
+    def __init__(
+        self,
+        store: FleetStore,
+        limits: Limits,
+        turn: int,
+        calls: multiprocessing.connection.Connection,
+        results: multiprocessing.connection.Connection,
+        checkpoints: _Checkpointer,
+    ) -> None:
+        self.store = store
+        self.limits = limits
+        self.turn = turn
+        self.calls = calls
+        self.results = results
+        self.checkpoints = checkpoints
+        store.db.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_CHECKPOINT_PAGES}")  # the checkpointer's job
+        self.received: collections.deque[tuple[int, list[Upload]]] = collections.deque()
+        self.preparing: list[Job] = []
+        """The jobs of ``received[0]`` prepared so far."""
+        self.ready: collections.deque[tuple[int, list[Job], int]] = collections.deque()
+        """Prepared groups waiting for the write turn: ``(id, jobs, the uploads' bytes)``."""
+        self.stopping = False
+        self.committed_bytes = 0
+        """Uploads' bytes committed since the last checkpoint asked for."""
+
+    def run(self) -> None:
+        """Until ``serve`` says stop (``None``) and everything handed over before it is stored."""
+        while self.received or self.ready or not self.stopping:
+            self._take_calls(wait=not (self.received or self.ready))
+            if self.ready and self._store_next(wait=not self.received):
+                continue
+            if self.received:  # the write turn is taken (or nothing is ready): prepare one more upload
+                self._prepare_next()
+
+    def _take_calls(self, *, wait: bool) -> None:
+        while not self.stopping and (wait or self.calls.poll()):
+            wait = False
+            try:
+                call: tuple[int, list[Upload]] | None = self.calls.recv()
+            except EOFError:  # serve is gone without a stop: nothing more will be acked
+                os._exit(0)
+            if call is None:
+                self.stopping = True
+            else:
+                self.received.append(call)
+
+    def _prepare_next(self) -> None:
+        group_id, uploads = self.received[0]
+        if len(self.preparing) < len(uploads):
+            topic, device, payload, now = uploads[len(self.preparing)]
+            try:
+                prepared = prepare_upload(self.store, device, payload, now=now, limits=self.limits)
+            except Exception as exc:  # a bug or a DB error: this upload fails alone (like a job that raises)
+                self.preparing.append(_raising(exc))
+            else:
+                self.preparing.append(_storing(topic, device, prepared, now, self.limits))
+        if len(self.preparing) == len(uploads):
+            self.received.popleft()
+            self.ready.append((group_id, self.preparing, sum(len(upload[2]) for upload in uploads)))
+            self.preparing = []
+
+    def _store_next(self, *, wait: bool) -> bool:
+        """Store the oldest prepared group in the write turn; False if the turn is taken and ``wait`` is not set."""
+        try:
+            fcntl.flock(self.turn, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        group_id, jobs, size = self.ready.popleft()
+        try:
+            outcomes = run_group(self.store, jobs)
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the group is durable
+            traceback.print_exc(file=sys.stderr)
+            reply: tuple[str, int, Any] = ("failed", group_id, f"{type(exc).__name__}: {exc}")
+        else:
+            for ok, value in outcomes:
+                if not ok:  # serve gets the text only: the traceback goes to the worker's stderr (the journal)
+                    traceback.print_exception(value, file=sys.stderr)
+            texts = [(True, value) if ok else (False, f"{type(value).__name__}: {value}") for ok, value in outcomes]
+            reply = ("done", group_id, texts)
+        finally:
+            fcntl.flock(self.turn, fcntl.LOCK_UN)
+        self.results.send(reply)
+        self.committed_bytes += size
+        if self.committed_bytes >= CHECKPOINT_BYTES:
+            self.committed_bytes = 0
+            self.checkpoints.request()
+        return True
+
+
+def _worker_main(
+    calls: multiprocessing.connection.Connection,
+    results: multiprocessing.connection.Connection,
+    db_path: str,
+    lock_path: str,
+    limits: Limits,
+) -> None:
+    """A shard's worker process: ignore stop signals, watch serve, open the fleet DB (migrated by serve), run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    store = FleetStore.open(Path(db_path))
-    # Workers end through os._exit (multiprocessing), which runs these finalizers but not atexit handlers.
-    multiprocessing.util.Finalize(None, store.close, exitpriority=10)
-    _worker = _WorkerState(store, limits, Path(lock_path))
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
+    store = FleetStore.open(Path(db_path))  # raises: the worker exits non-zero, serve reports it did not start
+    try:
+        checkpoints = _Checkpointer(db_path)
+        turn = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            results.send(("ready", 0, os.getpid()))
+            _GroupLoop(store, limits, turn, calls, results, checkpoints).run()
+        finally:
+            os.close(turn)  # releases the flock, should a failure leave it held
+            checkpoints.close()
+    finally:
+        store.close()
 
 
 def _exit_with_parent(sentinel: int) -> None:
     """Exit when serve's process is gone (its end of the pipe closed): an orphan would hold the DB open forever."""
     multiprocessing.connection.wait([sentinel])
     os._exit(0)  # an open transaction is rolled back by SQLite; nothing of it was acked
-
-
-@contextlib.contextmanager
-def _write_turn(path: Path) -> Iterator[None]:
-    """Hold the shards' hand-over lock (see the module docstring) for one transaction."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
-
-
-def ingest_group(uploads: list[Upload]) -> list[tuple[bool, IngestResult | str]]:
-    """In a worker: prepare the uploads with no lock, then verify and store them in one transaction (a savepoint each).
-
-    Returns, per upload in order, ``(True, IngestResult)`` or ``(False, "ExceptionName: text")`` (the text, not
-    the exception: an exception may not survive pickling back to serve).
-
-    Raises:
-        sqlite3.Error, StoreError: the transaction could not begin or commit (no upload of the group is durable).
-    """
-    worker = _worker
-    if worker is None:
-        raise RuntimeError("ingest_group runs in an audit shard's worker process")
-    limits = worker.limits
-    jobs: list[Job] = []
-    for topic, device, payload, now in uploads:  # before the transaction: this is where workers run in parallel
-        try:
-            prepared = prepare_upload(worker.store, device, payload, now=now, limits=limits)
-        except Exception as exc:  # a bug or a DB error: this upload fails alone (like a job that raises)
-            jobs.append(_raising(exc))
-            continue
-        jobs.append(_storing(topic, device, prepared, now, limits))
-    with _write_turn(worker.lock_path):
-        outcomes = run_group(worker.store, jobs)
-    for ok, value in outcomes:
-        if not ok:  # serve gets the text only: the traceback goes to the worker's stderr (serve's, the journal)
-            traceback.print_exception(value, file=sys.stderr)
-    return [(True, value) if ok else (False, f"{type(value).__name__}: {value}") for ok, value in outcomes]
 
 
 def _storing(topic: str, device: str, prepared: PreparedUpload, now: float, limits: Limits) -> Job:
@@ -230,22 +342,124 @@ process (``/proc/sys/fs/pipe-max-size``; ``serve`` runs as ``edge-fleet``), four
 running as root, so that ``bench/audit.py`` measures what ``serve`` gets."""
 
 
-def _widen_call_pipe(pool: ProcessPoolExecutor) -> None:
-    """Best effort: let the pipe to ``pool``'s worker hold :data:`CALL_PIPE_BYTES` instead of 64 KiB.
+class _WorkerDied(Exception):
+    """The worker process ended (killed, crashed, out of memory) with this group handed to it."""
 
-    An upload is up to 256 KiB, a group megabytes. Through a 64 KiB pipe the worker and serve's feeder thread take
-    turns, one wake-up per 64 KiB, and with both cores busy each turn waits for a time slice: part of the ≈ 2 ms a
-    worker idled between groups of one upload, and of the 10-60 ms between groups of 16. With a wider pipe the
-    group that waits behind the running one (two in flight, :meth:`_run`) is in the pipe already (one upload) or
-    a quarter of it (16) when the worker reads it. Reaches into the pool's call queue (CPython's
-    ``concurrent.futures.process``); without it (another Python, a refused size) everything works as before, only
-    slower.
+
+class _Worker:
+    """One worker process as serve sees it: two pipes, a sender thread, a receiver thread, the groups handed over.
+
+    Groups go out through the call pipe in the order :meth:`hand` was called (one sender thread: a send blocks
+    while the pipe is full), widened to :data:`CALL_PIPE_BYTES` (best effort) so that the next group is mostly in
+    the pipe already when the worker reads it. The receiver thread waits for the worker's replies and for its
+    exit, and resolves the futures on serve's loop: ``("done", id, outcomes)`` after the group's ``COMMIT``,
+    ``("failed", id, text)`` when the transaction failed; when the process ends, every group not answered fails
+    with :class:`_WorkerDied` (replies sent before it died are delivered first).
     """
-    try:
-        writer = pool._call_queue._writer  # type: ignore[attr-defined]
-        fcntl.fcntl(writer.fileno(), fcntl.F_SETPIPE_SZ, CALL_PIPE_BYTES)
-    except (AttributeError, OSError):
-        pass
+
+    def __init__(self, index: int, context: Any, initargs: tuple[str, str, Limits]) -> None:
+        self.index = index
+        self._loop = asyncio.get_running_loop()
+        calls_out, self._calls = context.Pipe(duplex=False)
+        self._results, results_in = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=_worker_main, args=(calls_out, results_in, *initargs), name=f"audit-shard-{index}"
+        )
+        self.process.start()
+        calls_out.close()  # the worker's ends: serve keeps none, so that a dead worker means EOF
+        results_in.close()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._calls.fileno(), fcntl.F_SETPIPE_SZ, CALL_PIPE_BYTES)
+        self.pid: int | None = self.process.pid
+        self.dead = False
+        self._ready: asyncio.Future[None] = self._loop.create_future()
+        self._answers: dict[int, asyncio.Future[list[tuple[bool, Any]]]] = {}
+        self._next_id = 0
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"audit-shard-{index}-send")
+        self._receiver = threading.Thread(target=self._receive, name=f"audit-shard-{index}-receive", daemon=True)
+        self._receiver.start()
+
+    async def started(self) -> None:
+        """Wait until the worker opened the DB and runs its loop; raises :class:`_WorkerDied` if it did not."""
+        await self._ready
+
+    def hand(self, uploads: list[Upload]) -> asyncio.Future[list[tuple[bool, Any]]]:
+        """Send one group; the future resolves with its outcomes after its ``COMMIT`` (see the class docstring)."""
+        group_id, self._next_id = self._next_id, self._next_id + 1
+        answer: asyncio.Future[list[tuple[bool, Any]]] = self._loop.create_future()
+        if self.dead:
+            answer.set_exception(_WorkerDied())
+            return answer
+        self._answers[group_id] = answer
+        self._sender.submit(self._send, (group_id, uploads))
+        return answer
+
+    def _send(self, call: tuple[int, list[Upload]] | None) -> None:
+        with contextlib.suppress(OSError):  # the worker is gone: the receiver reports it
+            self._calls.send(call)
+
+    def kill(self) -> None:
+        """SIGKILL the worker (its groups fail once the receiver sees it gone)."""
+        if self.process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+
+    async def stop(self) -> bool:
+        """Tell the worker to stop after the groups handed to it, wait for it (killed after
+        :data:`STOP_TIMEOUT_S`); True if it had to be killed."""
+        self._sender.submit(self._send, None)
+        await asyncio.to_thread(self.process.join, STOP_TIMEOUT_S)
+        killed = bool(self.process.is_alive())
+        if killed:
+            self.kill()
+            await asyncio.to_thread(self.process.join)
+        await asyncio.to_thread(self._sender.shutdown, wait=True)  # a send blocked on the dead worker failed
+        await asyncio.to_thread(self._receiver.join)
+        self._calls.close()
+        self._results.close()
+        return killed
+
+    def _receive(self) -> None:
+        """The receiver thread (see the class docstring)."""
+        try:
+            while True:
+                ready = multiprocessing.connection.wait([self._results, self.process.sentinel])
+                if self._results not in ready:
+                    return  # exited, and every reply it sent has been read
+                try:
+                    reply = self._results.recv()
+                except (EOFError, OSError):
+                    return
+                self._on_loop(self._answer, reply)
+        finally:
+            self._on_loop(self._ended)
+
+    def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # serve's loop is closed: nobody waits for the answer
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _answer(self, reply: tuple[str, Any, Any]) -> None:
+        kind, group_id, value = reply
+        if kind == "ready":
+            if not self._ready.done():
+                self._ready.set_result(None)
+            return
+        answer = self._answers.pop(group_id, None)
+        if answer is None or answer.done():
+            return
+        if kind == "done":
+            answer.set_result(value)
+        else:
+            answer.set_exception(AuditShardError(f"audit shard {self.index}: its transaction failed: {value}"))
+
+    def _ended(self) -> None:
+        self.dead = True
+        if not self._ready.done():
+            self._ready.set_exception(_WorkerDied())
+        answers, self._answers = self._answers, {}
+        for answer in answers.values():
+            if not answer.done():
+                answer.set_exception(_WorkerDied())
 
 
 class _Shard:
@@ -254,7 +468,7 @@ class _Shard:
     def __init__(
         self,
         index: int,
-        new_pool: Callable[[], ProcessPoolExecutor],
+        new_worker: Callable[[int], _Worker],
         *,
         max_group: int,
         max_pending: int,
@@ -262,88 +476,77 @@ class _Shard:
     ) -> None:
         self.index = index
         self.group_timeout = group_timeout
-        self._new_pool = new_pool
-        self._pool: ProcessPoolExecutor | None = None
+        self._new_worker = new_worker
+        self._worker: _Worker | None = None
+        self._closed = False
         self.pid: int | None = None
         """The worker's process id (None until started)."""
         self.restarts: list[float] = []
         """When the worker was restarted (monotonic clock)."""
-        # Two groups in flight: the next group waits in the worker's call queue while one runs (see _run).
+        # Two groups in flight: the worker prepares the next group while the one ahead waits for the write turn.
         self.committer: GroupCommitter[Upload] = GroupCommitter(
             self._run, max_group=max_group, max_pending=max_pending, max_in_flight=2
         )
-        self._pool_lock = asyncio.Lock()  # one coroutine at a time hands groups over or replaces the worker
+        self._worker_lock = asyncio.Lock()  # one coroutine at a time hands groups over or replaces the worker
         self._last_handed: asyncio.Future[Any] | None = None
 
     async def start(self) -> None:
-        """Start the worker and wait until it runs (its initializer opened the DB)."""
-        self._pool = self._new_pool()
-        _widen_call_pipe(self._pool)
+        """Start the worker and wait until it runs (it opened the DB)."""
         try:
-            self.pid = await asyncio.get_running_loop().run_in_executor(self._pool, os.getpid)
-        except BrokenProcessPool as exc:
-            await self.stop()
+            self._worker = self._new_worker(self.index)
+        except OSError as exc:  # could not spawn (no memory, no processes left)
+            raise AuditShardError(f"audit shard {self.index}: cannot start its worker: {exc}") from exc
+        self.pid = self._worker.pid
+        try:
+            await self._worker.started()
+        except _WorkerDied as exc:
+            await self._stop_worker()
             raise AuditShardError(f"audit shard {self.index}: its worker did not start (see its stderr)") from exc
 
     async def stop(self) -> None:
-        """Let the worker finish the groups handed to it (at most two), then end it (queued calls are cancelled);
-        a worker still busy after :data:`STOP_TIMEOUT_S` is killed."""
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        shutdown = asyncio.ensure_future(asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True))
-        try:
-            await asyncio.wait_for(asyncio.shield(shutdown), STOP_TIMEOUT_S)
-        except TimeoutError:
-            log.error("audit.shard_stop_timeout", shard=self.index, pid=self.pid, timeout_s=STOP_TIMEOUT_S)
-            self._kill()
-            await shutdown
+        """Let the worker finish the groups handed to it (at most two), then end it; a worker still busy after
+        :data:`STOP_TIMEOUT_S` is killed. No group is handed over afterwards."""
+        self._closed = True
+        await self._stop_worker()
 
-    def _kill(self) -> None:
-        if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+    async def _stop_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None and await worker.stop():
+            log.error("audit.shard_stop_timeout", shard=self.index, pid=worker.pid, timeout_s=STOP_TIMEOUT_S)
 
     async def _run(self, uploads: list[Upload]) -> list[tuple[bool, Any]]:
-        loop = asyncio.get_running_loop()
-        async with self._pool_lock:
-            if self._pool is None:  # the last start failed: try again for this group
-                await self._restart()
-            assert self._pool is not None
-            try:
-                running = loop.run_in_executor(self._pool, ingest_group, uploads)
-            except BrokenProcessPool:  # the worker died while idle: nothing of this group reached it
-                log.error("audit.shard_died", shard=self.index, pid=self.pid, uploads=0)
-                await self._restart()
-                assert self._pool is not None
-                running = loop.run_in_executor(self._pool, ingest_group, uploads)
-            pool, ahead, self._last_handed = self._pool, self._last_handed, running
+        async with self._worker_lock:
+            if self._closed:
+                raise AuditShardError(f"audit shard {self.index}: stopped")
+            worker = self._worker
+            if worker is None or worker.dead:  # the last start failed, or the worker died while idle
+                if worker is not None:
+                    log.error("audit.shard_died", shard=self.index, pid=self.pid, uploads=0)
+                await self._restart()  # nothing of this group reached the dead one
+                worker = self._worker
+                assert worker is not None
+            running = worker.hand(uploads)
+            ahead, self._last_handed = self._last_handed, running
         if ahead is not None:  # the worker runs its groups in order: this one's time starts when the one ahead ends
             await asyncio.wait([ahead])
         try:
             outcomes = await asyncio.wait_for(asyncio.shield(running), self.group_timeout)
-        except TimeoutError:  # hung: killed, so that the pool breaks and the shard starts a new worker
-            log.error("audit.shard_hung", shard=self.index, pid=self.pid, timeout_s=self.group_timeout)
-            async with self._pool_lock:
-                if self._pool is pool:  # not replaced yet (by the group behind or ahead of this one)
-                    self._kill()
-                    with contextlib.suppress(BrokenProcessPool):
+        except TimeoutError:  # hung: killed, so that the shard starts a new worker
+            log.error("audit.shard_hung", shard=self.index, pid=worker.pid, timeout_s=self.group_timeout)
+            async with self._worker_lock:
+                if self._worker is worker and not self._closed:  # not replaced yet (by the other group in flight)
+                    worker.kill()
+                    with contextlib.suppress(_WorkerDied):
                         await running
                     with contextlib.suppress(AuditShardError):  # counted; the next group tries again
                         await self._restart()
             raise AuditShardError(
                 f"audit shard {self.index}: its worker did not finish the group in {self.group_timeout:.0f} s: killed"
             ) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if running.cancelled() and task is not None and not task.cancelling():
-                # the pool cancelled the call (shut down before the call reached the worker), not a stop of ours
-                raise AuditShardError(f"audit shard {self.index}: its group was cancelled by the pool") from None
-            raise
-        except BrokenProcessPool as exc:  # died during the group: it may or may not have committed it
-            log.error("audit.shard_died", shard=self.index, pid=self.pid, uploads=len(uploads))
-            async with self._pool_lock:
-                if self._pool is pool:  # the other group in flight may have replaced the worker already
+        except _WorkerDied as exc:  # died during the group: it may or may not have committed it
+            log.error("audit.shard_died", shard=self.index, pid=worker.pid, uploads=len(uploads))
+            async with self._worker_lock:
+                if self._worker is worker and not self._closed:  # the other group in flight may have replaced it
                     with contextlib.suppress(AuditShardError):  # counted; the next group tries again
                         await self._restart()
             raise AuditShardError(f"audit shard {self.index}: its worker died during the group") from exc
@@ -352,7 +555,7 @@ class _Shard:
     async def _restart(self) -> None:
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW_S] + [now]
-        await self.stop()
+        await self._stop_worker()
         await self.start()
         log.warning("audit.shard_restarted", shard=self.index, pid=self.pid, recent_restarts=len(self.restarts))
 
@@ -394,12 +597,12 @@ class AuditShards:
         context = multiprocessing.get_context("spawn")
         initargs = (str(db_path), str(db_path) + "-shards.lock", limits)
 
-        def new_pool() -> ProcessPoolExecutor:
-            return ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=initargs)
+        def new_worker(index: int) -> _Worker:
+            return _Worker(index, context, initargs)
 
         share = max(1, max_pending // workers)
         self.shards = [
-            _Shard(i, new_pool, max_group=max_group, max_pending=share, group_timeout=group_timeout)
+            _Shard(i, new_worker, max_group=max_group, max_pending=share, group_timeout=group_timeout)
             for i in range(workers)
         ]
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
+import multiprocessing
 import os
 import signal
 import sqlite3
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from controller.errors import AuditShardError
 from controller.store import FleetStore
 from protocols.audit import CheckedUpload
 from protocols.keys import Ed25519PrivateKey, keyid, public_key_to_pem
+from protocols.limits import DEFAULT_LIMITS
 
 pytestmark = [pytest.mark.component, pytest.mark.timeout(120)]
 
@@ -525,3 +530,102 @@ async def test_a_worker_killed_with_two_groups_fails_both_and_is_replaced_once(t
         assert len(shard.restarts) == 1, shard.restarts
         result = await (await shards.submit(topic(device), device, batches[0][0], now=1.0))
         assert result.head.seq == batches[0][1]
+
+
+# --- a worker's own loop: the next group prepared while the one ahead waits for the write turn (ADR 0014) -------
+
+
+@contextlib.contextmanager
+def group_loop(db: Path, monkeypatch: pytest.MonkeyPatch, calls: list[Any]) -> Any:
+    """A worker's _GroupLoop on a thread of this process (real pipes, a real fleet DB, the real turn lock), with
+    every upload prepared and every group stored recorded in ``events``; ``calls`` are in its pipe before it
+    starts. Yields (replies, events)."""
+    events: list[tuple[str, Any]] = []
+    real_prepare, real_run_group = audit_shards.prepare_upload, audit_shards.run_group
+
+    def prepare(store: FleetStore, device: str, payload: bytes, **kwargs: Any) -> Any:
+        events.append(("prepared", payload))
+        return real_prepare(store, device, payload, **kwargs)
+
+    def run_group(store: FleetStore, jobs: list[Any]) -> Any:
+        events.append(("stored", len(jobs)))
+        return real_run_group(store, jobs)
+
+    monkeypatch.setattr(audit_shards, "prepare_upload", prepare)
+    monkeypatch.setattr(audit_shards, "run_group", run_group)
+    calls_out, calls_in = multiprocessing.Pipe(duplex=False)
+    results_out, results_in = multiprocessing.Pipe(duplex=False)
+    store = FleetStore.open(db)
+    checkpoints = audit_shards._Checkpointer(str(db))
+    turn = os.open(str(db) + "-shards.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    loop = audit_shards._GroupLoop(store, DEFAULT_LIMITS, turn, calls_out, results_in, checkpoints)
+    for call in calls:
+        calls_in.send(call)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    try:
+        yield results_out, events
+    finally:
+        calls_in.send(None)  # stop (an EOF would end this process: the worker's exit when serve is gone)
+        thread.join(30)
+        checkpoints.close()
+        os.close(turn)
+        store.close()
+    assert not thread.is_alive()
+
+
+def wait_until(condition: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_worker_prepares_the_next_group_while_the_one_ahead_waits_for_the_write_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another writer holds the shards' write turn, the worker prepares both groups handed to it (nothing is
+    stored); once the turn is free it stores them in the order handed over, one transaction each, each reply
+    after its commit."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    batches = uploads("dev-0", 4, 20)
+    other_writer = os.open(str(db) + "-shards.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other_writer, fcntl.LOCK_EX)
+    first = [(topic("dev-0"), "dev-0", payload, 1.0) for payload, _ in batches[:2]]
+    second = [(topic("dev-0"), "dev-0", payload, 1.0) for payload, _ in batches[2:]]
+    try:
+        with group_loop(db, monkeypatch, [(7, first), (8, second)]) as (replies, events):
+            try:
+                wait_until(lambda: len(events) == 4)
+                time.sleep(0.2)  # a worker that waited for the turn instead would have stored by now if it could
+                assert events == [("prepared", payload) for payload, _ in batches]
+                assert not replies.poll()
+                assert query(db, "SELECT count(*) FROM audit_records") == [(0,)]
+            finally:
+                fcntl.flock(other_writer, fcntl.LOCK_UN)  # the turn is free: the loop can store (and stop)
+            answers = [replies.recv(), replies.recv()]
+        assert [(kind, group) for kind, group, _ in answers] == [("done", 7), ("done", 8)]
+        assert [result.head.seq for _, _, outcomes in answers for _, result in outcomes] == [s for _, s in batches]
+        assert events[4:] == [("stored", 2), ("stored", 2)]
+    finally:
+        os.close(other_writer)
+    seqs = [r[0] for r in query(db, "SELECT seq FROM audit_records ORDER BY seq")]
+    assert seqs == list(range(80))
+
+
+def test_a_worker_checkpoints_its_commits_on_its_own_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The WAL pages of a worker's commits reach the database file through its checkpoint thread (the worker's
+    connection only checkpoints past the backstop, far above one small group)."""
+    monkeypatch.setattr(audit_shards, "CHECKPOINT_BYTES", 1)
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # everything so far in the database file
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = db.stat().st_size
+    payload, seq = uploads("dev-0", 1, 200)[0]
+    with group_loop(db, monkeypatch, [(1, [(topic("dev-0"), "dev-0", payload, 1.0)])]) as (replies, _):
+        kind, _, outcomes = replies.recv()
+        assert kind == "done"
+        assert outcomes[0][1].head.seq == seq
+        wait_until(lambda: db.stat().st_size > before)
