@@ -127,7 +127,7 @@ from agent.inference.base import (
     resident_bytes,
     trim_heap,
 )
-from agent.inference.scheduler import AdmissionQueue, Ticket
+from agent.inference.scheduler import AdmissionQueue, Ticket, await_turn
 from agent.inference.streams import Inbox, StopScanner, WakeBatch
 
 
@@ -1285,28 +1285,25 @@ class LlamaModel(LoadedModel):
             self._check_open()
             work.ticket = self._embed_queue.submit(work, sum(len(b) for b in batches), admission.priority)
         self._loop.wake()
-        ticket = work.ticket
-        future = work.future
-        try:
-            async with asyncio.timeout(timeout):
-                return await asyncio.wrap_future(future)
-        except TimeoutError:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                return future.result()  # finished as the deadline passed
-            ahead = self._embed_queue.position(ticket)
-            if ahead is not None and self._embed_queue.withdraw(ticket):
-                where = f"while waiting for its turn ({ahead} embeddings requests ahead of it)"
-            else:
-                where = f"while embedding, after {len(work.vectors)} of {len(batches)} texts"
-            raise DeadlineExceededError(
+
+        def deadline_error(ahead: int | None) -> DeadlineExceededError:
+            where = (
+                f"while waiting for its turn ({ahead} embeddings requests ahead of it)"
+                if ahead is not None
+                else f"while embedding, after {len(work.vectors)} of {len(batches)} texts"
+            )
+            return DeadlineExceededError(
                 f"the embeddings request to model {self._spec.name!r} passed its {admission.timeout_s:g} s "
                 f"deadline {where}"
-            ) from None
-        finally:
-            if not future.done() or future.cancelled():  # caller gone or deadline passed: stop at the next text
-                work.cancelled = True
-                self._embed_queue.withdraw(ticket)  # or leave the queue at once if it never started
-                self._loop.wake()
+            )
+
+        def abandon() -> None:  # caller gone or deadline passed: the decode thread stops at the next text
+            work.cancelled = True
+            self._loop.wake()
+
+        return await await_turn(
+            self._embed_queue, work.ticket, work.future, timeout, abandon=abandon, deadline_error=deadline_error
+        )
 
     def _tokenize_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Tokenize the texts of an embeddings request, refusing one too long (any thread)."""

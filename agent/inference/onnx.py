@@ -51,7 +51,7 @@ from agent.inference.base import (
     resident_bytes,
     trim_heap,
 )
-from agent.inference.scheduler import AdmissionQueue, Ticket
+from agent.inference.scheduler import AdmissionQueue, Ticket, await_turn
 
 __all__ = ["OnnxModel"]
 
@@ -252,26 +252,23 @@ class OnnxModel(LoadedModel):
         run = _Run(feeds, admission.timeout_s)
         ticket = self._queue.submit(run, sum(a.nbytes for a in feeds.values()), admission.priority)
         self._start_pump()
-        future = run.future
-        try:
-            async with asyncio.timeout(admission.timeout_s):
-                result: dict[str, np.ndarray] = await asyncio.wrap_future(future)
-                return result
-        except TimeoutError:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                return future.result()  # finished as the deadline passed
-            ahead = self._queue.position(ticket)
-            if ahead is not None and self._queue.withdraw(ticket):
-                where = f"while waiting for the model ({ahead} requests ahead of it)"
-            else:
-                where = "while running (its result is discarded)"
-            raise DeadlineExceededError(
+
+        def deadline_error(ahead: int | None) -> DeadlineExceededError:
+            where = (
+                f"while waiting for the model ({ahead} requests ahead of it)"
+                if ahead is not None
+                else "while running (its result is discarded)"
+            )
+            return DeadlineExceededError(
                 f"the request to model {self._spec.name!r} passed its {admission.timeout_s:g} s deadline {where}"
-            ) from None
-        finally:
-            if not future.done() or future.cancelled():  # caller gone or deadline passed: never started
-                run.cancelled = True
-                self._queue.withdraw(ticket)
+            )
+
+        def abandon() -> None:  # caller gone or deadline passed: never started
+            run.cancelled = True
+
+        return await await_turn(
+            self._queue, ticket, run.future, admission.timeout_s, abandon=abandon, deadline_error=deadline_error
+        )
 
     def _start_pump(self) -> None:
         """Make sure a pump task is in the executor (event loop), so the queue is worked off."""

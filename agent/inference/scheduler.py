@@ -28,19 +28,23 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
-from agent.errors import OverloadedError
+from agent.errors import DeadlineExceededError, OverloadedError
 from agent.inference.base import LoadStats, Priority
 
-__all__ = ["AdmissionQueue", "Ticket"]
+__all__ = ["AdmissionQueue", "Ticket", "await_turn"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _SERVICE_PRIOR_S: Final = 1.0
 """Assumed service time of a request before any was measured (for the first Retry-After estimates)."""
@@ -227,3 +231,33 @@ class AdmissionQueue(Generic[T]):
         """Seconds until the backlog ahead of a new request has drained, by recent service times."""
         rounds = math.ceil((self._waiting_count + 1) / self._slots)
         return min(_RETRY_AFTER_MAX_S, max(1.0, rounds * self._service_s))
+
+
+async def await_turn(
+    queue: AdmissionQueue[T],
+    ticket: Ticket[T],
+    future: concurrent.futures.Future[R],
+    timeout_s: float | None,
+    *,
+    abandon: Callable[[], None],
+    deadline_error: Callable[[int | None], DeadlineExceededError],
+) -> R:
+    """Wait at most ``timeout_s`` for ``future``, the result of the work ``ticket`` queued in ``queue``.
+
+    Past the deadline a result that is already there is returned; otherwise the ticket leaves the queue if it
+    still waits, and ``deadline_error(ahead)`` is raised: ``ahead`` is how many requests were ahead of it, or
+    ``None`` when its work had started. Whenever the caller stops waiting without a result (deadline, caller
+    cancelled), ``abandon()`` marks the work so that whoever holds it stops, and the ticket is withdrawn.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.wrap_future(future)
+    except TimeoutError:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()  # finished as the deadline passed
+        ahead = queue.position(ticket)
+        raise deadline_error(ahead if ahead is not None and queue.withdraw(ticket) else None) from None
+    finally:
+        if not future.done() or future.cancelled():  # caller gone or deadline passed
+            abandon()
+            queue.withdraw(ticket)  # or leave the queue at once if it never started
