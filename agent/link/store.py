@@ -167,23 +167,23 @@ class LinkStore:
             raise
         self.db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def joined_transaction(self) -> Iterator[sqlite_utils.Database]:
+        """The caller's open transaction, or one of its own (as :meth:`transaction`) when there is none."""
+        if self.db.conn.in_transaction:
+            yield self.db
+        else:
+            with self.transaction() as db:
+                yield db
+
     def add_event(self, kind: str, data: Mapping[str, Any], *, now: float | None = None) -> None:
         """Append a link event (inside the caller's transaction, or its own)."""
-        own = not self.db.conn.in_transaction
-        if own:
-            self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.execute(
+        with self.joined_transaction() as db:
+            db.execute(
                 "INSERT INTO events (ts, kind, data) VALUES (?, ?, ?)",
                 [now if now is not None else time.time(), kind, json.dumps(dict(data), sort_keys=True)],
             )
-            self.db.execute("DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - ?", [MAX_EVENTS])
-        except BaseException:
-            if own:
-                self.db.execute("ROLLBACK")
-            raise
-        if own:
-            self.db.execute("COMMIT")
+            db.execute("DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - ?", [MAX_EVENTS])
 
     def events(self, kind: str | None = None, *, limit: int = 100) -> list[dict[str, Any]]:
         """Link events, newest first."""
@@ -244,18 +244,9 @@ class LinkStore:
     def forget_health_check(self, key: HealthCheckKey, *, passed_only: bool = False) -> None:
         """Drop the record of ``key`` (only a passed one with ``passed_only``), in the caller's transaction or its
         own."""
-        own = not self.db.conn.in_transaction
-        if own:
-            self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.execute(
+        with self.joined_transaction() as db:
+            db.execute(
                 "DELETE FROM health_checks WHERE name = ? AND variant = ? AND version = ? AND sha256 = ? "
                 "AND (state = 'passed' OR NOT ?)",
                 [*key, passed_only],
             )
-        except BaseException:
-            if own:
-                self.db.execute("ROLLBACK")
-            raise
-        if own:
-            self.db.execute("COMMIT")
