@@ -13,7 +13,8 @@ name=smollm2-135m-instruct
 work=$(mktemp -d /tmp/edgefleet-demo.XXXXXX)
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # fleet/agent are shell functions: a "fleet serve &" pid is a subshell, the daemon its child; stop both.
+  for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
