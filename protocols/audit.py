@@ -24,10 +24,11 @@ Invariants of a valid chain (DESIGN.md §6):
   :data:`CHECKPOINT_DOMAIN` + its canonical JSON. The signed bytes travel as they were signed and are
   verified before they are parsed (never re-serialised to verify).
 
-A controller decodes canonical uploads with :func:`read_canonical_records` (through
-:meth:`protocols.messages.AuditBatch.decode_canonical`), which checks each record as :meth:`AuditRecord.read`
-does and hashes the bytes :func:`canonical_record` would give, once the caller has checked they are the
-received ones; the digest is kept on the record, so :func:`record_hash` does not encode it again.
+A controller decodes canonical uploads with :func:`scan_canonical_records` (through
+:meth:`protocols.messages.AuditBatch.decode_canonical`), which reads each record from the received text,
+checks it as :meth:`AuditRecord.read` does and hashes its received bytes, which are the bytes
+:func:`canonical_record` would give; the digest is kept on the record, so :func:`record_hash` does not encode it
+again.
 
 How a list of records relates to the last accepted head (:func:`verify_chain`, :class:`ChainVerifier`):
 records at or before the head are *duplicates* when the record at the head's seq has the head's hash
@@ -65,6 +66,7 @@ from protocols.canonical import (
     canonical_json,
     canonical_text,
     loads_object,
+    scan_plain,
 )
 from protocols.errors import ChainError, DecodeError, RollbackError, UnknownKeyError, VerificationError
 from protocols.keys import SIGNATURE_BYTES, Ed25519PrivateKey, Ed25519PublicKey, keyid, verify_signature
@@ -92,8 +94,8 @@ __all__ = [
     "canonical_record",
     "gap_data",
     "make_record",
-    "read_canonical_records",
     "record_hash",
+    "scan_canonical_records",
     "sign_checkpoint",
     "start_epoch",
     "verify_chain",
@@ -173,12 +175,12 @@ class AuditRecord(JSONStruct):
     data: dict[str, Any]
     prev_hash: str
     hash: str
-    # The canonical JSON text of ``data`` as :meth:`read` (or :func:`read_canonical_records`) computed it for
+    # The canonical JSON text of ``data`` as :meth:`read` (or :func:`scan_canonical_records`) read it, for
     # the size check, kept so that hashing and storing a received record do not encode ``data`` twice more
     # (the controller's ingest rate depends on it). Not an init argument: ``dataclasses.replace`` and direct
     # construction leave it unset, so a record built with other data can never carry a stale encoding.
     _data_text: str | None = field(default=None, init=False, repr=False, compare=False)
-    # The sha256 of :func:`canonical_record`, set only by :func:`read_canonical_records`, which hashed exactly
+    # The sha256 of :func:`canonical_record`, set only by :func:`scan_canonical_records`, which hashed exactly
     # that encoding, checked to be the received bytes (same rule as ``_data_text``: never carried over).
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -293,114 +295,158 @@ def _read_plain(reader: ObjectReader) -> tuple[Any, ...] | None:
     return epoch, seq, ts_ms, kind, actor, data, prev_hash, hash_, encoded
 
 
-def read_canonical_records(
-    items: list[Any], *, epoch: int, limits: Limits = DEFAULT_LIMITS
-) -> tuple[list[AuditRecord], str] | None:
-    """The records of a canonical upload in one pass, each hashed from its received bytes; None if any doubt.
+_CANONICAL_RECORD = re.compile(
+    r'(\{"actor":"(' + ACTOR_RE.pattern + r')","data":(\{[^{}]*\}|\{.*?\}),"epoch":(0|[1-9][0-9]{0,18}),)'
+    r'"hash":"(.{64})",'
+    r'("kind":"(' + KIND_RE.pattern + r')","prev_hash":"(.{64})",'
+    r'"seq":(0|[1-9][0-9]{0,18}),"ts_ms":(0|[1-9][0-9]{0,18})\})'
+    r"([,\]])",
+    re.DOTALL,
+)
+"""One record as :func:`~protocols.canonical.canonical_json` writes it (keys sorted; kind and actor need no
+escapes, numbers have no leading zeros), then the ``,`` or ``]`` after it in the array. Groups 1 and 6 are the
+record's text before and after its ``hash`` member: together, the bytes the hash covers. ``data`` is taken up to
+the first ``}`` that the rest of the record follows (flat data, the usual, without trying character by
+character): when that cuts a nested ``data`` short, the piece is not valid JSON and
+:func:`scan_canonical_records` gives up. The two hashes are any 64 characters here, cheaper to match than a
+class; the scan checks them (``hash`` equals the digest it computes, ``prev_hash`` links or is lower-case hex).
+No nested quantifier: a match attempt is linear in the text it covers, and a failed one ends the scan."""
 
-    The controller's fast path (:meth:`protocols.messages.AuditBatch.decode_canonical`). ``items`` are the
-    objects :func:`~protocols.canonical.loads_plain` parsed from the ``records`` array of an upload. For each,
-    this checks what :meth:`AuditRecord.read` checks (exactly the eight fields; types, bounds and patterns;
-    ``data`` an object of at most ``limits.max_list`` keys and ``limits.max_audit_data_bytes`` encoded, no
-    integer outside the signed 64-bit range) and that it is of ``epoch``, and builds two texts from the fields:
-    the record's canonical JSON, and the same without ``hash``, which is :func:`canonical_record` — the bytes
-    the hash covers. The caller must check that the returned array text (the records' canonical JSON, joined
-    by commas) is exactly what was received: only then are those the received bytes, and the kept digests
-    (:func:`record_hash` does not encode the records again) and ``data`` encodings (for storage) theirs.
 
-    The hash is compared here too: a record whose ``hash`` is not the sha256 of its contents gives None, so
-    that :meth:`AuditRecord.read` and then :class:`ChainVerifier` report it exactly as for any other input.
+def scan_canonical_records(
+    text: str, start: int, *, limits: Limits = DEFAULT_LIMITS
+) -> tuple[list[AuditRecord], int] | None:
+    """The records of a canonical upload's ``records`` array, read from its text; None if any doubt.
+
+    The controller's fast path (:meth:`protocols.messages.AuditBatch.decode_canonical`). ``text`` is the
+    upload and ``start`` the index just after the array's ``[``. Each record must match
+    :data:`_CANONICAL_RECORD`, the canonical encoding of exactly the eight fields with the patterns and bounds of
+    :meth:`AuditRecord.read`, every one of the same epoch, each followed by ``,`` or by the ``]`` that ends the
+    array, at most ``limits.max_audit_batch`` of them. Each ``data`` text must be exactly one JSON value (the
+    C parser, from where it starts), and together they must re-encode to exactly themselves: objects of at most
+    ``limits.max_list`` keys and
+    ``limits.max_audit_data_bytes``, no integer outside the signed 64-bit range, nesting within the upload's
+    bound. JSON's grammar has one parse per text, so pieces that are each valid and canonical and that make up
+    the array's text exactly are the records any parser reads there: each record's hash is computed over its
+    received bytes with the ``hash`` member cut out (:func:`canonical_record`), and kept.
+
+    A record whose ``hash`` is not the sha256 of its contents gives None, so that :meth:`AuditRecord.read` and
+    then :class:`ChainVerifier` report it exactly as for any other input.
 
     Returns:
-        The records and the text of their array's items, or None: the caller then decodes with the strict
-        parser (:func:`protocols.messages.decode`), which accepts or names the invalid field.
+        The records and the index just after the array's ``]``, or None: the caller then decodes with the
+        strict parser (:func:`protocols.messages.decode`), which accepts or names the invalid field.
     """
+    if text.startswith("]", start):
+        return [], start + 1
     records: list[AuditRecord] = []
-    pieces: list[str] = []
-    max_list, max_data, depth_budget = limits.max_list, limits.max_audit_data_bytes, MAX_DEPTH - 3
-    previous_hash = None
-    for obj in items:
-        if type(obj) is not dict or len(obj) != 8:  # exactly the eight fields: nothing unhashed to skip
+    texts: list[str] = []
+    datas: list[Any] = []
+    match, sha256, max_int, max_records = _CANONICAL_RECORD.match, hashlib.sha256, MAX_INT, limits.max_audit_batch
+    epoch_text = previous_hash = None
+    position = start
+    while True:
+        found = match(text, position)
+        if found is None or len(records) == max_records:
             return None
-        try:
-            record_epoch, seq, ts_ms, kind, actor, data, prev_hash, hash_ = _record_fields(obj)
-        except KeyError:
-            return None
-        if not (
-            type(record_epoch) is int
-            and record_epoch == epoch
-            and type(seq) is int
-            and type(ts_ms) is int
-            and 0 <= seq <= MAX_INT
-            and 0 <= ts_ms <= MAX_INT
-            and type(kind) is str
-            and type(actor) is str
-            and len(kind) <= 64
-            and len(actor) <= 128
-            and _names_ok(kind, actor)
-            and type(prev_hash) is str
-            and (prev_hash == previous_hash or SHA256_RE.fullmatch(prev_hash) is not None)
-            and type(hash_) is str
-            and type(data) is dict
-            and len(data) <= max_list
-        ):
-            return None
-        try:
-            data_text = canonical_text(data)
-        except (ValueError, TypeError, RecursionError):
-            return None
-        # canonical_json(data) refuses integers outside the signed 64-bit range and nesting past its bound
-        # (data sits at depth 4 of the upload). Flat data (the usual) is checked value by value; in nested data
-        # 19 digits in a row anywhere, and more containers than the depth budget (both counted in strings too,
-        # so only ever too cautious), send the batch to the strict reader.
-        nested = False
-        for value in data.values():
-            kind_of = type(value)
-            if kind_of is int:
-                if not MIN_INT <= value <= MAX_INT:
-                    return None
-            elif kind_of is dict or kind_of is list:
-                nested = True
-        if nested and (
-            _LONG_DIGITS.search(data_text) is not None or data_text.count("{") + data_text.count("[") > depth_budget
-        ):
-            return None
-        # kind, actor and the hashes match patterns without any character JSON escapes: encoded, each is its
-        # text in quotes. Keys in sorted order, as canonical_json writes them.
-        try:
-            if len(data_text) > max_data // 4 and len(data_text.encode("utf-8")) > max_data:  # <= 4 bytes a char
+        before, actor, data_text, record_epoch, hash_, behind, kind, prev_hash, seq_text, ts_text, after = (
+            found.groups()
+        )
+        if record_epoch != epoch_text:  # canonical digits: equal texts, equal numbers
+            if epoch_text is not None or int(record_epoch) > max_int:
                 return None
-            # the record's text without and with ``hash``, which sorts between ``epoch`` and ``kind``
-            head = f'{{"actor":"{actor}","data":{data_text},"epoch":{epoch},'
-            tail = f'"kind":"{kind}","prev_hash":"{prev_hash}","seq":{seq},"ts_ms":{ts_ms}}}'
-            hashed = (head + tail).encode()
-        except UnicodeEncodeError:  # a lone surrogate in data: the strict decoder refuses it and says so
+            epoch_text = record_epoch
+        seq, ts_ms = int(seq_text), int(ts_text)
+        if seq > max_int or ts_ms > max_int:
             return None
-        digest = hashlib.sha256(hashed).hexdigest()
-        if digest != hash_:
+        if prev_hash != previous_hash and SHA256_RE.fullmatch(prev_hash) is None:
             return None
-        pieces.append(f'{head}"hash":"{hash_}",{tail}')
+        try:  # the bytes the hash covers: the record without ``"hash":"<64>",``, which sorts between epoch and kind
+            hashed = (before + behind).encode()
+        except UnicodeEncodeError:  # a lone surrogate: the strict decoder refuses it and says so
+            return None
+        digest = sha256(hashed).hexdigest()
+        if digest != hash_:  # also makes ``hash`` lower-case hex
+            return None
+        previous_hash = hash_
+        # ``data`` must be one JSON value that ends where the pattern's piece ends (its canonical form is checked
+        # below, for all records at once): else the piece is not this record's data, or not JSON.
+        data_start = found.start(3)
+        try:
+            data, data_end = scan_plain(text, data_start)
+        except (StopIteration, ValueError, RecursionError):
+            return None
+        if data_end - data_start != len(data_text):
+            return None
         # AuditRecord(...) plus the two cached fields, set through the slots directly: a frozen dataclass's
         # __init__ goes through object.__setattr__ once per field, which cost more than hashing the record.
+        # ``epoch`` is set below, once every record is known to be of the same one.
         record = _new_record(AuditRecord)
-        _set_epoch(record, record_epoch)
         _set_seq(record, seq)
         _set_ts_ms(record, ts_ms)
         _set_kind(record, kind)
         _set_actor(record, actor)
-        _set_data(record, data)
         _set_prev_hash(record, prev_hash)
         _set_hash(record, hash_)
+        _set_data(record, data)
         _set_data_text(record, data_text)
         _set_digest(record, digest)
         records.append(record)
-        previous_hash = hash_
-    return records, ",".join(pieces)
+        datas.append(data)
+        texts.append(data_text)
+        position = found.end()
+        if after == "]":
+            break
+    # Each text is exactly one JSON value, so the joined texts are canonical only if each one is: where a text
+    # and its value's canonical form first differ, one of them would end a value the other continues.
+    joined = "[" + ",".join(texts) + "]"
+    try:
+        if canonical_text(datas) != joined:
+            return None
+    except (ValueError, TypeError, RecursionError):  # the encoder's recursion can run out where the parser's did not
+        return None
+    if not _data_within_bounds(datas, texts, joined, limits):
+        return None
+    epoch = int(record_epoch)  # the last record's: all are the same
+    for record in records:
+        _set_epoch(record, epoch)
+    return records, position
+
+
+def _data_within_bounds(datas: list[Any], texts: list[str], joined: str, limits: Limits) -> bool:
+    """Every ``data`` of :func:`scan_canonical_records` is an object :meth:`AuditRecord.read` accepts.
+
+    Each text is the canonical form of the value beside it in ``datas``; ``joined`` is ``[`` + the texts joined by
+    commas + ``]``.
+    Checked for all at once where it can be, record by record only where the joint check is in doubt.
+    """
+    if not all(type(data) is dict for data in datas) or max(map(len, datas)) > limits.max_list:
+        return False
+    max_data = limits.max_audit_data_bytes
+    # a character takes at most 4 bytes: below a quarter of the bound, every text fits without encoding it
+    if max(map(len, texts)) > max_data // 4 and any(len(text.encode("utf-8")) > max_data for text in texts):
+        return False
+    # canonical_json(data) refuses integers outside the signed 64-bit range (19 digits or more) and nesting past
+    # its bound (data sits at depth 4 of the upload). Both are counted in strings too, so only ever too cautious:
+    # a flat object's integers are then checked one by one, nested data goes to the strict reader.
+    depth_budget = MAX_DEPTH - 3
+    flat = joined.count("{") + joined.count("[") == len(texts) + 1  # one brace each: flat, no brace in a string
+    if not flat and any(text.count("{") + text.count("[") > depth_budget for text in texts):
+        return False
+    if _DIGIT_RUN in joined.encode("utf-8").translate(_DIGITS_TO_ZERO):
+        for data, text in zip(datas, texts, strict=True):
+            if _LONG_DIGITS.search(text) is None:
+                continue
+            for value in data.values():
+                kind_of = type(value)
+                if kind_of is dict or kind_of is list or (kind_of is int and not MIN_INT <= value <= MAX_INT):
+                    return False
+    return True
 
 
 _RECORD_FIELDS = ("epoch", "seq", "ts_ms", "kind", "actor", "data", "prev_hash", "hash", "_data_text", "_digest")
 if tuple(f.name for f in dataclasses.fields(AuditRecord)) != _RECORD_FIELDS:  # pragma: no cover
-    raise ImportError("AuditRecord's fields changed: update read_canonical_records, which sets every one of them")
+    raise ImportError("AuditRecord's fields changed: update scan_canonical_records, which sets every one of them")
 _record_fields = operator.itemgetter("epoch", "seq", "ts_ms", "kind", "actor", "data", "prev_hash", "hash")
 _new_record = object.__new__
 (
@@ -428,6 +474,12 @@ def _names_ok(kind: str, actor: str) -> bool:
 
 _LONG_DIGITS = re.compile(r"[0-9]{19}")
 """A run of digits that could be an integer outside the signed 64-bit range (19 digits or more)."""
+
+_DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_DIGIT_RUN = b"0" * 19
+""":data:`_LONG_DIGITS` over a whole text at once: translated with ``_DIGITS_TO_ZERO`` (every digit a ``0``,
+every other byte a space), it contains ``_DIGIT_RUN`` exactly where the pattern matches, found several times
+faster than the pattern's search."""
 
 
 def canonical_record(record: AuditRecord) -> bytes:
@@ -469,7 +521,7 @@ def record_hash(record: AuditRecord) -> str:
         ValueError, TypeError: a field cannot be encoded.
     """
     digest = record._digest
-    if digest is not None:  # hashed from the received canonical bytes by read_canonical_records
+    if digest is not None:  # hashed from the received canonical bytes by scan_canonical_records
         return digest
     return hashlib.sha256(canonical_record(record)).hexdigest()
 
@@ -890,7 +942,7 @@ def _check_links(records: Sequence[AuditRecord]) -> None:
         if record.epoch != epoch:
             raise ChainError(f"seq {record.seq}: epoch {record.epoch} in a list of epoch {epoch} records")
         # _check_record would find nothing wrong (and is skipped, a call per record less) when the record's hash
-        # is its digest kept from read_canonical_records and no rule for seq 0, epoch_start or gap applies.
+        # is its digest kept from scan_canonical_records and no rule for seq 0, epoch_start or gap applies.
         digest = record._digest
         if digest is None or digest != record.hash or record.seq == 0 or record.kind in _RULED_KINDS:
             _check_record(record)

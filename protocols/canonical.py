@@ -50,6 +50,8 @@ __all__ = [
     "check_str",
     "loads_object",
     "loads_plain",
+    "parse_plain",
+    "scan_plain",
 ]
 
 MAX_INT = 2**63 - 1
@@ -237,10 +239,24 @@ def loads_plain(data: bytes, *, max_bytes: int) -> tuple[str, dict[str, Any]] | 
         return None
     try:
         text = bytes(data).decode("utf-8")
-        value = _PLAIN_DECODER.decode(text)
-    except (ValueError, RecursionError):  # not UTF-8, not JSON, a float/constant, too many digits, too deep
+    except ValueError:
         return None
+    value = parse_plain(text)
     return (text, value) if type(value) is dict else None
+
+
+def parse_plain(text: str) -> Any:
+    """The value the C parser reads from ``text``, with no per-object hook and no checks; None if it gives up.
+
+    :func:`loads_plain` for text, any JSON value (the caller tells a parsed ``null`` from giving up, or only
+    asks for containers). Not strict in the same ways, with the same rule: accept the value only if
+    :func:`canonical_text` reproduces ``text``. None: not JSON, a float or ``NaN``/``Infinity``, an integer past
+    the interpreter's digit limit, or nested beyond its recursion limit.
+    """
+    try:
+        return _PLAIN_DECODER.decode(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def canonical_text(value: object) -> str:
@@ -261,6 +277,13 @@ def _refuse_number(text: str) -> Any:
 
 _PLAIN_DECODER = json.JSONDecoder(parse_float=_refuse_number, parse_constant=_refuse_number)
 """The C parser with no per-object hook; floats and NaN/Infinity make :func:`loads_plain` give up."""
+
+scan_plain: Callable[[str, int], tuple[Any, int]] = _PLAIN_DECODER.scan_once  # type: ignore[attr-defined]
+"""``scan_plain(text, index)``: the one JSON value that starts at ``index`` of ``text`` and the index just after
+it, read as :func:`parse_plain` reads (no hook, no checks; accept it only if :func:`canonical_text` reproduces
+its text). Text after the value is not looked at. Raises StopIteration when no value starts at ``index``,
+ValueError when it is not JSON (or holds a float or ``NaN``/``Infinity``), RecursionError when nested beyond the
+interpreter's limit."""
 
 _TEXT_ENCODER: Callable[[object, int], Any] = (
     json.encoder.c_make_encoder(  # type: ignore[attr-defined]

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Self
 
-from protocols.audit import AuditHead, AuditRecord, SignedCheckpoint, read_canonical_records
+from protocols.audit import AuditHead, AuditRecord, SignedCheckpoint, scan_canonical_records
 from protocols.canonical import (
     HEX32_RE,
     MAX_DEPTH,
@@ -51,7 +51,7 @@ from protocols.canonical import (
     check_number,
     check_str,
     loads_object,
-    loads_plain,
+    parse_plain,
 )
 from protocols.errors import DecodeError, UnknownTypeError, UnsupportedVersionError
 from protocols.limits import DEFAULT_LIMITS, DEVICE_ID_RE, MODEL_NAME_RE, VARIANT_RE, Limits
@@ -724,20 +724,34 @@ class AuditBatch(Message):
         """The batch in ``data`` when ``data`` is its canonical JSON and :func:`decode` accepts it, else None.
 
         The controller's fast path for uploads (the agent encodes every message with
-        :func:`~protocols.canonical.canonical_json`): :func:`~protocols.canonical.loads_plain` parses without
-        the strict parser's per-object hook, :func:`~protocols.audit.read_canonical_records` checks every record
-        and hashes its canonical bytes, the top-level fields go through the same reader as :meth:`read`, and
-        the canonical text rebuilt from all of it must be exactly the received text (which rules out duplicate
-        keys, key order, whitespace and escapes, and makes the hashed bytes the received ones). The result
-        equals what :func:`decode` returns; on None, call :func:`decode`, which accepts a valid non-canonical
-        encoding or names what is wrong.
+        :func:`~protocols.canonical.canonical_json`). The records, nearly all of an upload, are read from the text
+        by :func:`~protocols.audit.scan_canonical_records`, which checks every one and hashes its received bytes;
+        the rest (the upload with an empty ``records`` array) is parsed by
+        :func:`~protocols.canonical.parse_plain`, goes through the same reader as :meth:`read`, and must
+        re-encode to exactly its text. Every piece is then valid canonical JSON and together they are exactly the
+        received text, which JSON parses one way only: duplicate keys, key order, whitespace and escapes are
+        ruled out, and the hashed bytes are the received ones. The result equals what :func:`decode` returns; on
+        None, call :func:`decode`, which accepts a valid non-canonical encoding or names what is wrong.
         """
-        parsed = loads_plain(data, max_bytes=limits.max_message_bytes)
-        if parsed is None:
+        if len(data) > limits.max_message_bytes:
             return None
-        text, obj = parsed
-        items = obj.get("records")
-        if type(items) is not list or len(items) > limits.max_audit_batch:
+        try:
+            text = bytes(data).decode("utf-8")
+        except ValueError:
+            return None
+        # The top-level "records" member: keys sort "checkpoint", "device", "epoch", "records", so the first
+        # occurrence is it, unless the checkpoint holds that text, which the reader below then refuses.
+        opening = text.find('"records":[')
+        if opening < 0:
+            return None
+        start = opening + len('"records":[')
+        scanned = scan_canonical_records(text, start, limits=limits)
+        if scanned is None:
+            return None
+        records, end = scanned
+        rest = text[:start] + text[end - 1 :]  # the upload with "records":[]
+        obj = parse_plain(rest)
+        if type(obj) is not dict or obj.get("records") != []:
             return None
         reader = ObjectReader(obj, limits=limits)
         try:
@@ -745,41 +759,19 @@ class AuditBatch(Message):
                 return None
             device, epoch = _device(reader), reader.integer("epoch")
             checkpoint = reader.struct("checkpoint", SignedCheckpoint)
-        except DecodeError:
+            # A value with n containers nests at most n deep below the top level: bounded without a walk.
+            if any((value := canonical_text(obj[key])).count("{") + value.count("[") > MAX_DEPTH - 1 for key in obj):
+                return None
+            if canonical_text(obj) != rest:
+                return None
+            # The array read above is the top-level one only if the members before it are all that precede it
+            # (a "records" member inside the checkpoint, which the reader tolerates, could come first).
+            before = {key: obj[key] for key in obj if key < "records"}
+            if canonical_text(before)[:-1] + ("," if before else "") + '"records":[' != text[:start]:
+                return None
+        except (DecodeError, ValueError, TypeError, RecursionError):  # the encoder's recursion can run out
             return None
-        read = read_canonical_records(items, epoch=epoch, limits=limits)
-        if read is None:
-            return None
-        records, records_text = read
-        before: list[str] = []  # the members before "records" and after it, in canonical (sorted) order
-        after: list[str] = []
-        members = before
-        try:
-            for key in sorted(obj):
-                if key == "records":
-                    members = after
-                    continue
-                value = canonical_text(obj[key])
-                # A value with n containers nests at most n deep below the top level: bounded without a walk.
-                if value.count("{") + value.count("[") > MAX_DEPTH - 1:
-                    return None
-                members.append(f"{canonical_text(key)}:{value}")
-        except (
-            ValueError,
-            TypeError,
-            RecursionError,
-        ):  # the encoder's recursion can run out where the parser's did not
-            return None
-        # text == "{" + ",".join([*before, f'"records":[{records_text}]', *after]) + "}", compared in place: the
-        # records are nearly all of an upload, and building that text would copy them four times.
-        head = "{" + "".join(member + "," for member in before) + '"records":['
-        tail = "]" + "".join("," + member for member in after) + "}"
-        if not (
-            len(text) == len(head) + len(records_text) + len(tail)
-            and text.startswith(head)
-            and text.startswith(records_text, len(head))
-            and text.endswith(tail)
-        ):
+        if records and records[0].epoch != epoch:
             return None
         return cls(device=device, epoch=epoch, records=tuple(records), checkpoint=checkpoint)
 
