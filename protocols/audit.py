@@ -47,9 +47,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import functools
 import hashlib
-import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -447,7 +445,6 @@ def _data_within_bounds(datas: list[Any], texts: list[str], joined: str, limits:
 _RECORD_FIELDS = ("epoch", "seq", "ts_ms", "kind", "actor", "data", "prev_hash", "hash", "_data_text", "_digest")
 if tuple(f.name for f in dataclasses.fields(AuditRecord)) != _RECORD_FIELDS:  # pragma: no cover
     raise ImportError("AuditRecord's fields changed: update scan_canonical_records, which sets every one of them")
-_record_fields = operator.itemgetter("epoch", "seq", "ts_ms", "kind", "actor", "data", "prev_hash", "hash")
 _new_record = object.__new__
 (
     _set_epoch,
@@ -461,15 +458,6 @@ _new_record = object.__new__
     _set_data_text,
     _set_digest,
 ) = (getattr(AuditRecord, name).__set__ for name in _RECORD_FIELDS)
-
-
-@functools.lru_cache(maxsize=1024)
-def _names_ok(kind: str, actor: str) -> bool:
-    """``kind`` and ``actor`` (at most 64 and 128 characters) fit their patterns.
-
-    Remembered, since a device's records repeat a few of each; the length bounds keep the cache small.
-    """
-    return KIND_RE.fullmatch(kind) is not None and ACTOR_RE.fullmatch(actor) is not None
 
 
 _LONG_DIGITS = re.compile(r"[0-9]{19}")

@@ -49,7 +49,6 @@ __all__ = [
     "check_number",
     "check_str",
     "loads_object",
-    "loads_plain",
     "parse_plain",
     "scan_plain",
 ]
@@ -214,44 +213,23 @@ def loads_object(data: bytes, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> 
     return value
 
 
-def loads_plain(data: bytes, *, max_bytes: int) -> tuple[str, dict[str, Any]] | None:
-    """First step of a canonical-input fast path: ``data`` as text and the object the C parser reads from it.
-
-    No per-object hook and no tree walk, so this is much cheaper than :func:`loads_object` and by itself NOT
-    strict: a duplicate key keeps its last value, and whitespace, key order and escapes are not checked. The
-    caller must accept the result only if :func:`canonical_text` of the value reproduces ``text`` exactly
-    (a duplicate key then makes the re-encoding shorter; keys out of order, whitespace, an escape the encoder
-    would not write — so no lone surrogate — and a non-shortest number make it differ), and bound the nesting
-    itself; it is written for senders that always encode with :func:`canonical_json` (audit uploads). Anything
-    that passes that check, :func:`loads_object` accepts and decodes to an equal value; on None or a failed
-    check the caller decodes with :func:`loads_object`, which accepts a valid non-canonical encoding or names
-    the error.
-
-    Args:
-        data: The received bytes.
-        max_bytes: Largest accepted input; checked before any parsing.
-
-    Returns:
-        ``(text, object)``, or None: too large, not UTF-8, not JSON, not an object at the top level, a float
-        or ``NaN``/``Infinity`` (never in canonical hashed data), or nested beyond the interpreter's limit.
-    """
-    if len(data) > max_bytes:
-        return None
-    try:
-        text = bytes(data).decode("utf-8")
-    except ValueError:
-        return None
-    value = parse_plain(text)
-    return (text, value) if type(value) is dict else None
-
-
 def parse_plain(text: str) -> Any:
     """The value the C parser reads from ``text``, with no per-object hook and no checks; None if it gives up.
 
-    :func:`loads_plain` for text, any JSON value (the caller tells a parsed ``null`` from giving up, or only
-    asks for containers). Not strict in the same ways, with the same rule: accept the value only if
-    :func:`canonical_text` reproduces ``text``. None: not JSON, a float or ``NaN``/``Infinity``, an integer past
-    the interpreter's digit limit, or nested beyond its recursion limit.
+    A step of a canonical-input fast path (audit uploads, whose senders always encode with
+    :func:`canonical_json`). No per-object hook and no tree walk, so this is much cheaper than
+    :func:`loads_object` and by itself NOT strict: a duplicate key keeps its last value, and whitespace, key order
+    and escapes are not checked. The caller must accept the value only if :func:`canonical_text` of it reproduces
+    ``text`` exactly (a duplicate key then makes the re-encoding shorter; keys out of order, whitespace, an escape
+    the encoder would not write — so no lone surrogate — and a non-shortest number make it differ), and bound the
+    nesting and the value's type itself. Anything that passes that check, :func:`loads_object` accepts and decodes
+    to an equal value; otherwise the caller decodes with :func:`loads_object`, which accepts a valid
+    non-canonical encoding or names the error.
+
+    Returns:
+        The value (a parsed ``null`` is None too: check the type), or None: not JSON, a float or
+        ``NaN``/``Infinity`` (never in canonical hashed data), an integer past the interpreter's digit limit, or
+        nested beyond its recursion limit.
     """
     try:
         return _PLAIN_DECODER.decode(text)
@@ -260,13 +238,13 @@ def parse_plain(text: str) -> Any:
 
 
 def canonical_text(value: object) -> str:
-    """The canonical JSON text of a value returned by :func:`loads_plain` (the C encoder alone, no checks).
+    """The canonical JSON text of a value returned by :func:`parse_plain` (the C encoder alone, no checks).
 
     Only for values parsed from JSON without floats: it does not check types, integer range or nesting, which
     :func:`canonical_json` does.
 
     Raises:
-        ValueError, TypeError: the value is not JSON (never for what :func:`loads_plain` returns).
+        ValueError, TypeError: the value is not JSON (never for what :func:`parse_plain` returns).
     """
     return "".join(_TEXT_ENCODER(value, 0))
 
@@ -276,7 +254,7 @@ def _refuse_number(text: str) -> Any:
 
 
 _PLAIN_DECODER = json.JSONDecoder(parse_float=_refuse_number, parse_constant=_refuse_number)
-"""The C parser with no per-object hook; floats and NaN/Infinity make :func:`loads_plain` give up."""
+"""The C parser with no per-object hook; floats and NaN/Infinity make :func:`parse_plain` give up."""
 
 scan_plain: Callable[[str, int], tuple[Any, int]] = _PLAIN_DECODER.scan_once  # type: ignore[attr-defined]
 """``scan_plain(text, index)``: the one JSON value that starts at ``index`` of ``text`` and the index just after

@@ -759,15 +759,21 @@ class AuditBatch(Message):
                 return None
             device, epoch = _device(reader), reader.integer("epoch")
             checkpoint = reader.struct("checkpoint", SignedCheckpoint)
-            # A value with n containers nests at most n deep below the top level: bounded without a walk.
-            if any((value := canonical_text(obj[key])).count("{") + value.count("[") > MAX_DEPTH - 1 for key in obj):
-                return None
-            if canonical_text(obj) != rest:
-                return None
+            # Each member encoded once: its nesting bounded without a walk (a value with n containers nests at most
+            # n deep below the top level), the whole re-encoded as the canonical encoder would (keys sorted).
+            before: list[str] = []  # the members that sort before "records", and those after it
+            after: list[str] = []
+            for key in sorted(obj):
+                if key == "records":
+                    continue
+                value = canonical_text(obj[key])
+                if value.count("{") + value.count("[") > MAX_DEPTH - 1:
+                    return None
+                (before if key < "records" else after).append(f"{canonical_text(key)}:{value}")
             # The array read above is the top-level one only if the members before it are all that precede it
             # (a "records" member inside the checkpoint, which the reader tolerates, could come first).
-            before = {key: obj[key] for key in obj if key < "records"}
-            if canonical_text(before)[:-1] + ("," if before else "") + '"records":[' != text[:start]:
+            head = "{" + "".join(member + "," for member in before) + '"records":['
+            if head != text[:start] or rest != head + "]" + "".join("," + member for member in after) + "}":
                 return None
         except (DecodeError, ValueError, TypeError, RecursionError):  # the encoder's recursion can run out
             return None
