@@ -111,19 +111,27 @@ def _head(db: sqlite_utils.Database, device: str) -> AuditHead | None:
 
 
 def _classify(exc: ProtocolError, batch: AuditBatch, head: AuditHead | None) -> str:
-    checkpoint_behind = head is not None and (
-        batch.epoch < head.epoch
-        or (batch.epoch == head.epoch and bool(batch.records) and batch.records[-1].seq < head.seq)
-    )
-    if isinstance(exc, RollbackError) or checkpoint_behind:
-        return "regression"
+    """The alert kind for a refused batch: by what failed (docs/audit.md's table).
+
+    A bad signature, a wrong key or a checkpoint that does not name the batch's last record is ``bad_signature``
+    and a record that does not hash or link is ``chain``, wherever the batch lies. Where it lies decides only
+    between a ``fork`` and a ``regression`` (a differing record at or behind the accepted head), read from the
+    batch's records, which the signature covered by then (a fork is found only after it verified), never from its
+    unsigned ``epoch`` field.
+    """
     if isinstance(exc, DecodeError):
         return "malformed"
+    if isinstance(exc, RollbackError):
+        return "regression"
     if not isinstance(exc, ChainError):
         return "bad_signature"  # signature, key, or a checkpoint that does not name the last record
     text = str(exc)
     if "fork" in text:
-        return "fork"
+        if not batch.records:  # a bare checkpoint: behind the head if it was compared with a stored record
+            return "regression" if "stored record" in text else "fork"
+        last = batch.records[-1]
+        behind = head is not None and (last.epoch, last.seq) < (head.epoch, head.seq)
+        return "regression" if behind else "fork"
     if "no GAP record" in text:
         return "gap"
     return "chain"

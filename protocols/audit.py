@@ -960,7 +960,14 @@ def _relate(
     epoch_change: EpochChange | None = None
     expected_seq, expected_prev = 0, ZERO_HASH
     if after is not None and epoch < after.epoch:
-        raise RollbackError(f"records of epoch {epoch}, older than the accepted epoch {after.epoch}")
+        # A re-sent batch of an older epoch (its ack was lost before the device moved on) is all duplicates if
+        # its last record is stored: the chain makes every earlier one identical too.
+        stored = known(epoch, last.seq) if known is not None else None
+        if stored is None:
+            raise RollbackError(f"records of epoch {epoch}, older than the accepted epoch {after.epoch}")
+        if stored != last.hash:
+            raise ChainError(f"fork: epoch {epoch} seq {last.seq} differs from the stored record")
+        return _Outcome(after, (), len(records), (), None)
     if after is not None and epoch == after.epoch:
         if first.seq <= after.seq:
             if last.seq >= after.seq:
@@ -1185,17 +1192,19 @@ class ChainVerifier:
     def _check_bare_checkpoint(checkpoint: Checkpoint, after: AuditHead | None, known: KnownHash | None) -> None:
         if after is None:
             raise VerificationError("a checkpoint without records, and no accepted head to compare it with")
-        if checkpoint.epoch < after.epoch:
-            raise RollbackError(f"checkpoint of epoch {checkpoint.epoch}, older than accepted {after.epoch}")
-        if checkpoint.epoch > after.epoch or checkpoint.seq > after.seq:
+        if checkpoint.epoch > after.epoch or (checkpoint.epoch == after.epoch and checkpoint.seq > after.seq):
             raise VerificationError("checkpoint is ahead of the accepted head but the batch has no records")
-        if checkpoint.seq == after.seq:
+        if (checkpoint.epoch, checkpoint.seq) == (after.epoch, after.seq):
             if checkpoint.head_hash != after.hash:
                 raise ChainError(f"fork: checkpoint hash at seq {after.seq} differs from the accepted head")
             return
+        # behind the head, in its epoch or an older one: a re-sent checkpoint if it names a stored record
         stored = known(checkpoint.epoch, checkpoint.seq) if known is not None else None
         if stored is None:
-            raise RollbackError(f"checkpoint at seq {checkpoint.seq}, before the accepted head seq {after.seq}")
+            raise RollbackError(
+                f"checkpoint at epoch {checkpoint.epoch} seq {checkpoint.seq}, before the accepted head "
+                f"(epoch {after.epoch} seq {after.seq})"
+            )
         if stored != checkpoint.head_hash:
             raise ChainError(f"fork: checkpoint hash at seq {checkpoint.seq} differs from the stored record")
 

@@ -180,6 +180,61 @@ def test_checkpoint_signed_by_another_key_is_a_bad_signature(device: Device) -> 
     assert result.alert == "bad_signature"
 
 
+def test_a_refused_batch_behind_the_head_is_alerted_by_what_failed(device: Device) -> None:
+    """Behind the accepted head, another key is still a bad signature and a tampered record still a chain error.
+
+    Fails before the fix: both were filed as ``regression`` (an old state restored), hiding a key or impostor
+    problem and an edited record behind the head.
+    """
+    device.append(9)
+    assert device.upload().head is not None
+    behind = device.records()[:5]
+    honest_key, device.key = device.key, Ed25519PrivateKey.generate()
+    assert device.upload(behind).alert == "bad_signature"
+    device.key = honest_key
+    edited = [*behind[:3], AuditRecord(**{**behind[3].to_dict(), "data": {"edited": True}}), behind[4]]
+    assert device.upload(edited).alert == "chain"
+
+
+def test_a_bare_checkpoint_s_alert_does_not_follow_the_unsigned_batch_epoch(device: Device) -> None:
+    """A checkpoint without records, signed by another key: ``bad_signature`` whatever epoch the batch claims."""
+    device.append(3)
+    head = device.upload().head
+    assert head is not None
+    other = Ed25519PrivateKey.generate()
+    checkpoint = sign_checkpoint(Checkpoint(DEVICE, head.epoch, head.seq, head.hash, 1), other)
+    for claimed_epoch in (0, head.epoch):
+        payload = AuditBatch(DEVICE, claimed_epoch, (), checkpoint).encode()
+        assert ingest_batch(device.store, DEVICE, payload, now=1.0).alert == "bad_signature"
+
+
+def test_a_stored_batch_of_an_older_epoch_re_sent_is_acked_as_duplicates(device: Device) -> None:
+    """Its ack was lost and the device moved to a new epoch: the re-sent batch is all duplicates, not a regression.
+
+    Fails before the fix: refused as ``regression`` and never acked, so the device re-sent it without end.
+    """
+    device.append(9)
+    first = device.records()
+    assert device.upload(first).head == first[-1].head
+    device.registry.close()  # registry.db lost (reinstalled): a new log, a new epoch
+    for path in device.state_dir.glob("registry.db*"):
+        path.unlink()
+    device.registry = Registry.open(device.state_dir, RegistryConfig())
+    device.log = AuditLog.open(device.registry, DEVICE)
+    device.append(2)
+    newer = device.records()
+    assert newer[-1].epoch > first[-1].epoch
+    assert device.upload(newer).head == newer[-1].head
+    result = device.upload(first)
+    assert result.alert is None
+    assert result.head == first[-1].head  # the ack names the batch's own last record (ADR 0016)
+    assert result.stored == 0
+    assert result.duplicates == len(first)
+    assert device.alerts() <= {"epoch_reset"}
+    forged = [*first[:-1], AuditRecord(**{**first[-1].to_dict(), "data": {"forged": True}})]
+    assert device.upload(rechain(forged)).alert == "regression"
+
+
 def test_gap_record_is_accepted_and_alerted(device: Device) -> None:
     """A capped log's GAP record explains its hole: the batch is stored and a `dropped` alert recorded."""
     device.registry.run_in_transaction(lambda db: db.execute("UPDATE audit_state SET max_records = 20"))
