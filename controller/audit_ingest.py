@@ -26,7 +26,8 @@ the device deletes its records only then. A batch that does not verify is never 
 records, the evidence) and raises an alert: ``bad_signature``, ``regression``, ``fork``, ``gap`` (a hole no
 GAP record explains), ``chain`` (a record that does not hash or link), ``malformed``, plus ``dropped`` and
 ``epoch_reset`` for what verified but lost records. Alerts are unique per ``(device, kind, detail)`` with a
-count, so a device re-sending the same bad batch does not flood the table.
+count, so a device re-sending the same bad batch does not flood the table; beyond :data:`ALERT_FLOOD_CAP` new
+rows an hour per ``(device, kind)`` further ones are only counted, so varying the detail does not either.
 """
 
 from __future__ import annotations
@@ -42,7 +43,15 @@ import sqlite_utils
 import structlog
 
 from controller.store import FleetStore
-from protocols.audit import AuditHead, AuditRecord, ChainVerifier, CheckedUpload, VerifiedBatch, verify_chain
+from protocols.audit import (
+    KIND_EPOCH_START,
+    AuditHead,
+    AuditRecord,
+    ChainVerifier,
+    CheckedUpload,
+    VerifiedBatch,
+    verify_chain,
+)
 from protocols.errors import ChainError, DecodeError, ProtocolError, RollbackError, VerificationError
 from protocols.keys import public_key_from_pem
 from protocols.limits import DEFAULT_LIMITS, Limits
@@ -53,12 +62,15 @@ if TYPE_CHECKING:
     from controller.link.mqtt import InboundMessage
 
 __all__ = [
+    "ALERT_FLOOD_CAP",
     "EXPORT_FIELDS",
     "AuditIngest",
     "IngestResult",
     "PreparedUpload",
     "StoredChain",
+    "alert_count",
     "alerts",
+    "batch_cursor",
     "decode_batch",
     "export_rows",
     "format_export",
@@ -66,6 +78,7 @@ __all__ = [
     "ingest_upload",
     "prepare_upload",
     "record_alert",
+    "records_after",
     "store_batch",
     "tail",
     "verify_stored",
@@ -96,12 +109,33 @@ class IngestResult:
     detail: str = ""
 
 
+ALERT_FLOOD_CAP = 100
+"""New ``(device, kind)`` alert rows per hour; beyond it :func:`record_alert` only counts (see there)."""
+
+
 def record_alert(db: sqlite_utils.Database, device: str, kind: str, detail: str, *, now: float) -> None:
-    """Add an alert, or count one more of the same (inside the caller's transaction)."""
+    """Add an alert, or count one more of the same (inside the caller's transaction).
+
+    Alerts are unique per ``(device, kind, detail)``, but a hostile device can vary the detail (a bad record at
+    a new seq each time) to add a row per upload. So once a ``(device, kind)`` has :data:`ALERT_FLOOD_CAP` rows
+    first seen within the last hour, a new detail is folded into one counting row per ``(device, kind)``
+    instead: the table grows by at most that many rows an hour per device and kind, and the count is kept.
+    """
+    detail = detail[:1000]
+    known = db.execute(
+        "SELECT 1 FROM audit_alerts WHERE device = ? AND kind = ? AND detail = ?", [device, kind, detail]
+    ).fetchone()
+    if known is None:
+        (recent,) = db.execute(
+            "SELECT count(*) FROM audit_alerts WHERE device = ? AND kind = ? AND first_ts > ?",
+            [device, kind, now - 3600.0],
+        ).fetchone()
+        if recent >= ALERT_FLOOD_CAP:
+            detail = f"more than {ALERT_FLOOD_CAP} different {kind} alerts within an hour: the rest are counted here"
     db.execute(
         "INSERT INTO audit_alerts (device, kind, detail, first_ts, last_ts) VALUES (?, ?, ?, ?, ?) "
         "ON CONFLICT (device, kind, detail) DO UPDATE SET count = count + 1, last_ts = excluded.last_ts",
-        [device, kind, detail[:1000], now, now],
+        [device, kind, detail, now, now],
     )
 
 
@@ -311,13 +345,24 @@ def _store(
         "received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
+    if new:
+        # One row per batch, not per record: the commit order ``audit tail --follow`` follows (store.py, m004).
+        # A batch's records share one epoch and are the only stored records of that epoch in first..last.
+        db.execute(
+            "INSERT INTO audit_batches (device, epoch, first_seq, last_seq, stored_ts) VALUES (?, ?, ?, ?, ?)",
+            [device, new[0].epoch, new[0].seq, new[-1].seq, now],
+        )
     checkpoint = json.dumps(verified.checkpoint.to_dict(), sort_keys=True)
+    # A batch of duplicates wholly behind the head leaves the head where it is: keep the checkpoint (and its time)
+    # that signs the head, not this batch's older one. The counters count every batch.
+    moved = verified.head != verified.previous
     db.execute(
         "INSERT INTO audit_heads (device, epoch, seq, hash, checkpoint, updated_ts, records, duplicates) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device) DO UPDATE SET epoch = excluded.epoch, "
-        "seq = excluded.seq, hash = excluded.hash, checkpoint = excluded.checkpoint, "
-        "updated_ts = excluded.updated_ts, records = records + excluded.records, "
-        "duplicates = duplicates + excluded.duplicates",
+        "seq = excluded.seq, hash = excluded.hash, "
+        "checkpoint = CASE WHEN ? THEN excluded.checkpoint ELSE checkpoint END, "
+        "updated_ts = CASE WHEN ? THEN excluded.updated_ts ELSE updated_ts END, "
+        "records = records + excluded.records, duplicates = duplicates + excluded.duplicates",
         [
             device,
             verified.head.epoch,
@@ -327,6 +372,8 @@ def _store(
             now,
             len(verified.records),
             verified.duplicates,
+            moved,
+            moved,
         ],
     )
     for dropped in verified.dropped:
@@ -405,25 +452,72 @@ def _record(row: dict[str, Any]) -> AuditRecord:
     )
 
 
-def tail(store: FleetStore, *, device: str | None = None, limit: int = 20, after: float = 0.0) -> list[dict[str, Any]]:
-    """The newest ``limit`` records (received after ``after``), oldest first."""
-    where, params = "received_ts > ?", list[Any]([after])
+def tail(store: FleetStore, *, device: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` records (by the time ``serve`` received them), oldest first."""
+    where, params = "", list[Any]()
     if device is not None:
-        where += " AND device = ?"
+        where = "WHERE device = ?"
         params.append(device)
     rows = list(
         store.db.query(
-            f"SELECT * FROM audit_records WHERE {where} ORDER BY received_ts DESC, device, epoch DESC, seq DESC "  # noqa: S608
-            "LIMIT ?",
+            f"SELECT * FROM audit_records {where} ORDER BY received_ts DESC, device, epoch DESC, seq DESC LIMIT ?",  # noqa: S608
             [*params, limit],
         )
     )
     return rows[::-1]
 
 
+def batch_cursor(store: FleetStore) -> int:
+    """The id of the last committed ``audit_batches`` row (0: none): where :func:`records_after` starts.
+
+    Read it *before* reading what is already there (e.g. :func:`tail`): every batch committed after that read
+    has a larger id, so none is missed (ids grow in commit order, see ``m004_audit_batches`` in store.py).
+    """
+    row = store.db.execute("SELECT coalesce(max(id), 0) FROM audit_batches").fetchone()
+    return int(row[0])
+
+
+def records_after(
+    store: FleetStore, cursor: int, *, device: str | None = None, batches: int = 50
+) -> tuple[int, list[dict[str, Any]]]:
+    """The records of up to ``batches`` batches committed after ``cursor``, in commit order; and the new cursor.
+
+    Follows ``audit_batches`` (commit order), not ``received_ts``: a batch received earlier but committed later
+    (another audit shard) is still found, and a burst of any size is read in bounded chunks (call again until
+    no records come back). Memory is bounded by ``batches`` batches; nothing is remembered between calls but the
+    cursor. Batches stored before the ``audit_batches`` migration are not found.
+    """
+    db = store.db
+    top = int(db.execute("SELECT coalesce(max(id), 0) FROM audit_batches").fetchone()[0])
+    where, params = "id > ? AND id <= ?", list[Any]([cursor, top])
+    if device is not None:
+        where += " AND device = ?"
+        params.append(device)
+    found = db.execute(
+        f"SELECT id, device, epoch, first_seq, last_seq FROM audit_batches WHERE {where} ORDER BY id LIMIT ?",  # noqa: S608
+        [*params, batches],
+    ).fetchall()
+    # With fewer than ``batches`` matches every id up to ``top`` was looked at: skip past the other devices' ones.
+    new_cursor = top if len(found) < batches else int(found[-1][0])
+    rows: list[dict[str, Any]] = []
+    for _, dev, epoch, first_seq, last_seq in found:
+        rows.extend(
+            db.query(
+                "SELECT * FROM audit_records WHERE device = ? AND epoch = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+                [dev, epoch, first_seq, last_seq],
+            )
+        )
+    return new_cursor, rows
+
+
 def export_rows(store: FleetStore, *, since_ms: int = 0, device: str | None = None) -> Iterator[dict[str, Any]]:
-    """Every stored record with ``ts_ms >= since_ms``, by device, epoch and seq (streamed)."""
-    where, params = "ts_ms >= ?", list[Any]([since_ms])
+    """Every stored record that happened or was received since ``since_ms``, by device, epoch and seq (streamed).
+
+    "Happened" is the device's clock (``ts_ms``), which can be wrong (a board without a real-time clock says 1970
+    until NTP); "received" is the controller's (``received_ts``). Either being recent selects the record, so a
+    record received now is never left out because of its device's clock.
+    """
+    where, params = "(ts_ms >= ? OR received_ts >= ?)", list[Any]([since_ms, since_ms / 1000])
     if device is not None:
         where += " AND device = ?"
         params.append(device)
@@ -450,13 +544,31 @@ def format_export(rows: Iterator[dict[str, Any]], fmt: str) -> Iterator[str]:
         yield buffer.getvalue()
 
 
-def alerts(store: FleetStore, *, device: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-    """Alerts, newest first."""
-    if device is None:
-        return list(store.db.query("SELECT * FROM audit_alerts ORDER BY last_ts DESC LIMIT ?", [limit]))
+def _alert_filter(device: str | None, kind: str | None) -> tuple[str, list[Any]]:
+    clauses, params = [], list[Any]()
+    if device is not None:
+        clauses.append("device = ?")
+        params.append(device)
+    if kind is not None:
+        clauses.append("kind = ?")
+        params.append(kind)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def alerts(
+    store: FleetStore, *, device: str | None = None, kind: str | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` alerts (by last occurrence), newest first; :func:`alert_count` says how many match."""
+    where, params = _alert_filter(device, kind)
     return list(
-        store.db.query("SELECT * FROM audit_alerts WHERE device = ? ORDER BY last_ts DESC LIMIT ?", [device, limit])
+        store.db.query(f"SELECT * FROM audit_alerts {where} ORDER BY last_ts DESC, id DESC LIMIT ?", [*params, limit])  # noqa: S608
     )
+
+
+def alert_count(store: FleetStore, *, device: str | None = None, kind: str | None = None) -> int:
+    """How many alerts match (to tell the operator what :func:`alerts`' limit left out)."""
+    where, params = _alert_filter(device, kind)
+    return int(store.db.execute(f"SELECT count(*) FROM audit_alerts {where}", params).fetchone()[0])  # noqa: S608
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,22 +583,98 @@ class StoredChain:
 
 
 def verify_stored(store: FleetStore, *, device: str | None = None, chunk: int = 5000) -> list[StoredChain]:
-    """Re-verify every stored chain (hashes, links; holes only where a stored GAP record explains them)."""
-    params: Sequence[Any] = [] if device is None else [device]
+    """Re-verify every stored chain, and that nothing the controller accepted is missing.
+
+    Per epoch: hashes and links, holes only where a stored GAP record explains them. Per device (every device
+    with an accepted head or a stored record, so one whose records were all deleted still shows, as failed):
+    the accepted head is stored and is the last record of its epoch; each epoch whose ``epoch_start`` names a
+    previous head in a stored older epoch finds that record stored with that hash (deleting the end of an older
+    epoch leaves a chain that verifies on its own); and ``audit_heads.records`` equals the records stored.
+    """
     where = "" if device is None else "WHERE device = ?"
-    pairs = store.db.execute(
-        f"SELECT device, epoch, count(*) FROM audit_records {where} GROUP BY device, epoch ORDER BY device, epoch",  # noqa: S608
-        params,
+    params: list[Any] = [] if device is None else [device]
+    devices = store.db.execute(
+        f"SELECT device FROM audit_heads {where} UNION SELECT device FROM audit_records {where} ORDER BY 1",  # noqa: S608
+        params * 2,
     ).fetchall()
-    out = []
-    for dev, epoch, count in pairs:
-        head, errors = _verify_epoch(store, dev, epoch, chunk)
-        stored_head = store.db.execute("SELECT epoch, seq, hash FROM audit_heads WHERE device = ?", [dev]).fetchone()
-        accepted = stored_head is not None and stored_head[0] == epoch and head is not None
-        if accepted and head is not None and (stored_head[1], stored_head[2]) != (head.seq, head.hash):
-            errors.append(f"epoch {epoch}: the accepted head seq {stored_head[1]} is not the last stored record")
-        out.append(StoredChain(dev, epoch, count, head, tuple(errors)))
+    out: list[StoredChain] = []
+    for (dev,) in devices:
+        out.extend(_verify_device(store, dev, chunk))
     return out
+
+
+def _verify_device(store: FleetStore, device: str, chunk: int) -> list[StoredChain]:
+    db = store.db
+    counts = dict(
+        db.execute(
+            "SELECT epoch, count(*) FROM audit_records WHERE device = ? GROUP BY epoch ORDER BY epoch", [device]
+        ).fetchall()
+    )
+    chains: dict[int, tuple[AuditHead | None, list[str]]] = {}
+    for epoch in counts:
+        head, errors = _verify_epoch(store, device, epoch, chunk)
+        errors += _epoch_link_errors(store, device, epoch, counts)
+        chains[epoch] = head, errors
+    accepted = db.execute("SELECT epoch, seq, hash, records FROM audit_heads WHERE device = ?", [device]).fetchone()
+    if accepted is not None:
+        epoch, seq, hash_, accepted_records = accepted
+        head, errors = chains.setdefault(epoch, (None, []))
+        stored = _stored_hash(store, device, epoch, seq)
+        if stored is None:
+            errors.append(f"epoch {epoch}: the accepted head seq {seq} is not stored (records deleted)")
+        elif stored != hash_:
+            errors.append(f"epoch {epoch}: the accepted head seq {seq} is stored with another hash")
+        elif head is not None and (seq, hash_) != (head.seq, head.hash):
+            errors.append(f"epoch {epoch}: the accepted head seq {seq} is not the last stored record")
+        total = sum(counts.values())
+        if total != accepted_records:
+            errors.append(
+                f"{accepted_records} records were accepted from this device but {total} are stored (records deleted)"
+            )
+    return [
+        StoredChain(device, epoch, counts.get(epoch, 0), head, tuple(errors))
+        for epoch, (head, errors) in sorted(chains.items())
+    ]
+
+
+def _stored_hash(store: FleetStore, device: str, epoch: int, seq: int) -> str | None:
+    row = store.db.execute(
+        "SELECT hash FROM audit_records WHERE device = ? AND epoch = ? AND seq = ?", [device, epoch, seq]
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _epoch_link_errors(store: FleetStore, device: str, epoch: int, stored_epochs: dict[int, int]) -> list[str]:
+    """Epoch ``epoch``'s ``epoch_start`` names a previous head in a stored older epoch: is that record stored?
+
+    An epoch change the controller accepted as not continuing the accepted head (an ``epoch_reset`` alert) may
+    name a record it never received; that loss is already alerted, so it is not reported again here.
+    """
+    row = store.db.execute(
+        "SELECT kind, data FROM audit_records WHERE device = ? AND epoch = ? AND seq = 0", [device, epoch]
+    ).fetchone()
+    if row is None or row[0] != KIND_EPOCH_START:
+        return []
+    try:
+        previous = json.loads(row[1]).get("previous")
+        claimed = AuditHead(int(previous["epoch"]), int(previous["seq"]), str(previous["hash"]))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []  # no previous head named (or not readable: the chain check of seq 0 reports that)
+    if claimed.epoch not in stored_epochs or claimed.epoch >= epoch:
+        return []
+    stored = _stored_hash(store, device, claimed.epoch, claimed.seq)
+    if stored == claimed.hash:
+        return []
+    reset = store.db.execute(
+        "SELECT 1 FROM audit_alerts WHERE device = ? AND kind = 'epoch_reset' AND detail LIKE ?",
+        [device, f"new epoch {epoch} does not continue %"],
+    ).fetchone()
+    if reset is not None:
+        return []
+    what = "is not stored (records deleted)" if stored is None else "is stored with another hash"
+    return [
+        f"epoch {epoch}: its epoch_start continues from epoch {claimed.epoch} seq {claimed.seq}, but that record {what}"
+    ]
 
 
 def _verify_epoch(store: FleetStore, device: str, epoch: int, chunk: int) -> tuple[AuditHead | None, list[str]]:

@@ -1,8 +1,13 @@
 """``edge-fleet audit ...``: read the devices' verified audit logs from the fleet DB (docs/audit.md).
 
-``tail`` shows the newest records (``--follow`` keeps polling), ``verify`` re-verifies every stored chain,
-``export`` streams records as JSON lines or CSV, ``alerts`` lists what verification flagged. They read the
-fleet DB only (``serve`` fills it), so they work whether or not ``serve`` runs.
+``tail`` shows the newest records (``--follow`` keeps printing batches in the order ``serve`` committed them),
+``verify`` re-verifies every stored chain, ``export`` streams records as JSON lines or CSV, ``alerts`` lists what
+verification flagged. They read the fleet DB only (``serve`` fills it), so they work whether or not ``serve``
+runs, and they never create it: a missing ``fleet.db`` is an error, not an empty log that verifies.
+
+What a device wrote is shown to the operator's terminal escaped (control, format and line/paragraph separator
+characters as ``\\uXXXX``): a device must not be able to move the cursor, clear the screen or reorder text with
+bidi overrides. ``export`` writes the stored text unchanged (it is data for programs).
 """
 
 from __future__ import annotations
@@ -11,12 +16,25 @@ import datetime as dt
 import json
 import re
 import time
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from controller.audit_ingest import alerts, export_rows, format_export, tail, verify_stored
+from controller.audit_ingest import (
+    alert_count,
+    alerts,
+    batch_cursor,
+    export_rows,
+    format_export,
+    records_after,
+    tail,
+    verify_stored,
+)
+from controller.cli_common import reports_errors
+from controller.errors import StoreError
 from controller.home import FleetHome
+from controller.store import FleetStore
 
 if TYPE_CHECKING:
     from controller.cli import FleetContext
@@ -27,16 +45,25 @@ pass_context = click.pass_obj
 
 _DURATION_RE = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_INT64 = 1 << 63
 FOLLOW_INTERVAL_S = 1.0
-"""How often ``tail --follow`` polls the fleet DB."""
+"""How often ``tail --follow`` polls the fleet DB when it has caught up."""
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def parse_since(text: str, *, now: float | None = None) -> int:
-    """``--since``: a duration back from now (``30m``, ``2h``, ``7d``) or an ISO-8601 time; milliseconds."""
+    """``--since``: a duration back from now (``30m``, ``2h``, ``7d``) or an ISO-8601 time (UTC without a zone); ms.
+
+    Raises:
+        click.BadParameter: neither, or too far back to compare (SQLite integers are 64-bit).
+    """
     now = time.time() if now is None else now
     match = _DURATION_RE.fullmatch(text.strip())
     if match:
-        return int((now - int(match[1]) * _UNITS[match[2]]) * 1000)
+        since_ms = int(now * 1000) - int(match[1]) * _UNITS[match[2]] * 1000
+        if since_ms < -_INT64:
+            raise click.BadParameter(f"{text!r} is too far back")
+        return since_ms
     try:
         when = dt.datetime.fromisoformat(text.strip())
     except ValueError:
@@ -46,9 +73,45 @@ def parse_since(text: str, *, now: float | None = None) -> int:
     return int(when.timestamp() * 1000)
 
 
+def _since_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else parse_since(value)
+
+
+def _printable(text: str) -> str:
+    """``text`` safe for a terminal: control/format/separator characters as ``\\uXXXX``; é and the like kept."""
+    if text.isprintable():
+        return text
+    return "".join(
+        (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+        if unicodedata.category(c) in _UNSAFE_CATEGORIES
+        else c
+        for c in text
+    )
+
+
+def _open_store(ctx: FleetContext) -> FleetStore:
+    """The existing fleet DB of the home; never creates one (an empty new DB would "verify" fine).
+
+    Raises:
+        HomeError: no home there.
+        StoreError: no ``fleet.db`` in it, or it cannot be opened.
+    """
+    home = FleetHome.open(ctx.home)
+    if not home.db_path.exists():
+        missing = StoreError(f"no fleet database at {home.db_path}: nothing to read")
+        missing.hint = "Point --home / EDGE_FLEET_HOME at the home `serve` uses, or restore fleet.db from a backup."
+        raise missing
+    return home.open_store()
+
+
 def _line(row: dict[str, Any]) -> str:
     when = dt.datetime.fromtimestamp(row["ts_ms"] / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    return f"{when}  {row['device']}  {row['epoch']}:{row['seq']}  {row['kind']}  {row['actor']}  {row['data']}"
+    fields = (row["device"], f"{row['epoch']}:{row['seq']}", row["kind"], row["actor"], row["data"])
+    return "  ".join([when, *(_printable(str(f)) for f in fields)])
+
+
+def _key(row: dict[str, Any]) -> tuple[str, int, int]:
+    return row["device"], row["epoch"], row["seq"]
 
 
 @click.group("audit")
@@ -59,30 +122,37 @@ def audit_group() -> None:
 @audit_group.command("tail")
 @click.option("--device", "-d", default=None, help="Only this device.")
 @click.option("--lines", "-n", type=click.IntRange(1, 100_000), default=20, show_default=True)
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new records as `serve` stores them.")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Keep printing new records, batch by batch in the order `serve` stored them.",
+)
 @pass_context
+@reports_errors
 def audit_tail(ctx: FleetContext, device: str | None, lines: int, follow: bool) -> None:
     """Show the newest stored audit records."""
-    store = FleetHome.open(ctx.home).open_store()
+    store = _open_store(ctx)
     try:
+        # The cursor is read before the newest records: a batch committed in between is then printed by the
+        # first poll, not lost. Records of batches up to ``overlap`` may have been printed by tail() already.
+        cursor = batch_cursor(store)
         rows = tail(store, device=device, limit=lines)
         for row in rows:
             click.echo(_line(row))
         if not follow:
             return
-        seen = {(r["device"], r["epoch"], r["seq"]) for r in rows}
-        after = max((r["received_ts"] for r in rows), default=0.0)
+        overlap = batch_cursor(store)
+        shown = {_key(r) for r in rows} if overlap > cursor else set()  # at most --lines keys, dropped below
         while True:
-            time.sleep(FOLLOW_INTERVAL_S)
-            fresh = [
-                r
-                for r in tail(store, device=device, limit=10_000, after=after - 1e-6)
-                if (r["device"], r["epoch"], r["seq"]) not in seen
-            ]
+            cursor, fresh = records_after(store, cursor, device=device)
             for row in fresh:
-                click.echo(_line(row))
-                seen.add((row["device"], row["epoch"], row["seq"]))
-                after = max(after, row["received_ts"])
+                if _key(row) not in shown:
+                    click.echo(_line(row))
+            if cursor >= overlap:
+                shown = set()  # later batches were committed after tail() read: nothing to skip
+            if not fresh:
+                time.sleep(FOLLOW_INTERVAL_S)
     finally:
         store.close()
 
@@ -90,9 +160,10 @@ def audit_tail(ctx: FleetContext, device: str | None, lines: int, follow: bool) 
 @audit_group.command("verify")
 @click.option("--device", "-d", default=None, help="Only this device.")
 @pass_context
+@reports_errors
 def audit_verify(ctx: FleetContext, device: str | None) -> None:
-    """Re-verify the stored chains (hashes, links, GAP records); exit 1 if one does not verify."""
-    store = FleetHome.open(ctx.home).open_store()
+    """Re-verify the stored chains and that no accepted record is missing; exit 1 if one fails."""
+    store = _open_store(ctx)
     try:
         chains = verify_stored(store, device=device)
     finally:
@@ -113,15 +184,22 @@ def audit_verify(ctx: FleetContext, device: str | None) -> None:
 
 @audit_group.command("export")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("--since", default=None, help="Only records from then on: a duration (30m, 2h, 7d) or ISO-8601.")
+@click.option(
+    "--since",
+    "since_ms",
+    default=None,
+    callback=_since_option,
+    help="Only records that happened (device clock) or were received (controller clock) since then: "
+    "a duration (30m, 2h, 7d) or an ISO-8601 time, UTC unless it names a zone.",
+)
 @click.option("--device", "-d", default=None, help="Only this device.")
 @pass_context
-def audit_export(ctx: FleetContext, fmt: str, since: str | None, device: str | None) -> None:
+@reports_errors
+def audit_export(ctx: FleetContext, fmt: str, since_ms: int | None, device: str | None) -> None:
     """Write stored records to stdout as JSON lines or CSV, by device, epoch and seq."""
-    since_ms = 0 if since is None else parse_since(since)
-    store = FleetHome.open(ctx.home).open_store()
+    store = _open_store(ctx)
     try:
-        for line in format_export(export_rows(store, since_ms=since_ms, device=device), fmt):
+        for line in format_export(export_rows(store, since_ms=since_ms or 0, device=device), fmt):
             click.echo(line)
     finally:
         store.close()
@@ -129,20 +207,27 @@ def audit_export(ctx: FleetContext, fmt: str, since: str | None, device: str | N
 
 @audit_group.command("alerts")
 @click.option("--device", "-d", default=None, help="Only this device.")
+@click.option("--kind", "-k", default=None, help="Only this kind of alert (fork, gap, dropped, ...).")
+@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True, help="Show at most N alerts.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_context
-def audit_alerts(ctx: FleetContext, device: str | None, as_json: bool) -> None:
-    """List what verification flagged: dropped records, forks, regressions, bad signatures, epoch resets."""
-    store = FleetHome.open(ctx.home).open_store()
+@reports_errors
+def audit_alerts(ctx: FleetContext, device: str | None, kind: str | None, limit: int, as_json: bool) -> None:
+    """List what verification flagged, newest first: dropped records, forks, regressions, bad signatures, ..."""
+    store = _open_store(ctx)
     try:
-        rows = alerts(store, device=device)
+        rows = alerts(store, device=device, kind=kind, limit=limit)
+        more = alert_count(store, device=device, kind=kind) - len(rows) if len(rows) == limit else 0
     finally:
         store.close()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo("no audit alerts")
-    for row in rows:
-        when = dt.datetime.fromtimestamp(row["last_ts"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        click.echo(f"{when}  {row['device']}  {row['kind']}  x{row['count']}  {row['detail']}")
+    else:
+        if not rows:
+            click.echo("no audit alerts")
+        for row in rows:
+            when = dt.datetime.fromtimestamp(row["last_ts"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            fields = (row["device"], row["kind"], f"x{row['count']}", row["detail"])
+            click.echo("  ".join([when, *(_printable(str(f)) for f in fields)]))
+    if more > 0:
+        click.echo(f"{more} more alerts not shown (--limit)", err=as_json)

@@ -19,7 +19,8 @@ Tables (migrations in :data:`MIGRATIONS`):
 - ``meta``: counters such as the CRL number.
 - ``audit_records``, ``audit_heads``, ``audit_alerts``: the devices' verified audit logs, unique by
   ``(device, epoch, seq)``, each device's last accepted head, and what verification flagged
-  (:mod:`controller.audit_ingest`).
+  (:mod:`controller.audit_ingest`). ``audit_batches``: one row per stored batch, in commit order (what
+  ``audit tail --follow`` follows).
 - ``device_labels``, ``device_groups``: what rollout selectors match (``key=value``, ``group:G``).
 - ``rollouts``, ``rollout_devices``: each rollout's waves, status and deadlines, and per device its wave,
   chosen variant, previous desired models (for rollback), assignment generation and outcome
@@ -266,6 +267,28 @@ def m003_rollouts(db: sqlite_utils.Database) -> None:
             caught_up INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (rollout_id, device)
         )""")
+
+
+@MIGRATIONS()
+def m004_audit_batches(db: sqlite_utils.Database) -> None:
+    """The commit order of stored audit batches (``audit tail --follow``), and indexes for alert listing and caps.
+
+    ``audit_batches`` gets one row per batch that stored new records, inserted in the same transaction as the
+    records. SQLite serialises writers and ``AUTOINCREMENT`` never reuses a committed id, so ids grow in commit
+    order: a reader that has seen every id up to ``n`` has seen every batch committed before ``n``, whatever
+    ``received_ts`` (when ``serve`` received the message) says. Batches stored before this migration have no row.
+    """
+    db.execute("""
+        CREATE TABLE audit_batches (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            stored_ts REAL NOT NULL
+        )""")
+    db.execute("CREATE INDEX audit_alerts_recent ON audit_alerts (device, kind, first_ts)")
+    db.execute("CREATE INDEX audit_alerts_last ON audit_alerts (last_ts)")
 
 
 @dataclass(frozen=True, slots=True)
