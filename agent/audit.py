@@ -4,8 +4,8 @@ Storage: three tables in ``registry.db`` (created by the registry's migration ``
 
 - ``audit_state``: one row: the device, the current ``epoch``, the head (``head_seq``, ``head_hash``), the
   highest seq the controller acknowledged (``acked_seq``) and how many records are stored (``stored``).
-- ``audit_log``: the records not yet acknowledged, one row per record (the hashed fields as columns, ``data``
-  as canonical JSON).
+- ``audit_log``: the records kept (unacknowledged ones, and acknowledged ones until a cap needs the room), one row
+  per record (the hashed fields as columns, ``data`` as canonical JSON).
 - ``audit_checkpoints``: the latest signed checkpoints made while offline (a few are kept).
 
 Invariants:
@@ -20,10 +20,12 @@ Invariants:
   controller acknowledged them (``edge-agent audit tail`` shows them) and are deleted only when the log is over
   a cap, oldest acknowledged first. :meth:`AuditLog.acked` moves ``acked_seq`` and refuses an ack whose hash
   differs from the local record at that seq. Only when the unacknowledged records alone are over a cap does
-  the log drop a consecutive range of them *just before the newest record* (the oldest records, which anchor
-  the chain to what the controller has, are kept) and append a chained ``gap`` record naming it, so the GAP
-  record always directly follows the hole, within one upload batch, and a drop is never silent. A later drop
-  that touches an earlier GAP record merges the two ranges.
+  the log, before it appends the next record, drop a consecutive range of them *ending at the head* (the oldest
+  records, which anchor the chain to what the controller has, are kept) and append a chained ``gap`` record
+  naming it, then the new record: the GAP record directly follows the hole, so every upload that starts after
+  the hole starts with it (:meth:`AuditLog.batch` also keeps a GAP record written after the first record past
+  the hole, by earlier versions, in the batch), and a drop is never silent. A later drop that touches an earlier
+  GAP record merges the two ranges.
 - A new ``registry.db`` (first start, reinstall) starts a new epoch whose number is the wall-clock second, or one
   more than the highest epoch the device used (kept outside ``registry.db`` in ``STATE_DIR/audit-epoch``) if that
   is higher: epochs go up across lost logs even with a clock that is behind, unless both files are lost; the
@@ -74,7 +76,7 @@ from protocols.audit import (
     verify_checkpoint,
 )
 from protocols.canonical import canonical_json
-from protocols.errors import ProtocolError
+from protocols.errors import ChainError, ProtocolError
 from protocols.limits import DEFAULT_LIMITS, Limits
 from protocols.messages import Ack, AuditBatch, Report
 from protocols.topics import TopicKind
@@ -321,21 +323,27 @@ def append_record(
     cleaned = _clean(dict(data))
     if len(canonical_json(cleaned)) > DEFAULT_LIMITS.max_audit_data_bytes // 2:
         cleaned = {"truncated": True, "keys": sorted(cleaned)[:32]}
-    record = make_record(AuditHead(epoch, head_seq, head_hash), _kind(kind), _actor(actor), cleaned, ts)
+    head = AuditHead(epoch, head_seq, head_hash)
+    record = make_record(head, _kind(kind), _actor(actor), cleaned, ts)
+    # Room is made *before* the record is appended: a GAP record then directly follows the hole it names, and the
+    # new record follows the GAP record (an upload that starts after the hole starts with its explanation).
+    room = _make_room(db, head, record_bytes(record), ts)
+    if room != head:
+        record = make_record(room, record.kind, record.actor, record.data, ts)
     db.execute(_INSERT, _row(record))
     db.execute(
         "UPDATE audit_state SET head_seq = ?, head_hash = ?, stored = stored + 1, stored_bytes = stored_bytes + ?",
         [record.seq, record.hash, record_bytes(record)],
     )
-    return _enforce_caps(db, record, ts)
+    return record
 
 
-def _over(db: sqlite_utils.Database) -> tuple[bool, int, int]:
-    """``(over a cap, acked_seq, max_records)``."""
+def _over(db: sqlite_utils.Database, records: int, size: int) -> tuple[bool, int, int]:
+    """``(over a cap once ``records`` more records of ``size`` bytes are stored, acked_seq, max_records)``."""
     stored, stored_bytes, max_records, max_bytes, acked_seq = db.execute(
         "SELECT stored, stored_bytes, max_records, max_bytes, acked_seq FROM audit_state"
     ).fetchone()
-    return stored > max_records or stored_bytes > max_bytes, acked_seq, max_records
+    return stored + records > max_records or stored_bytes + size > max_bytes, acked_seq, max_records
 
 
 def _delete(db: sqlite_utils.Database, first: int, last: int) -> int:
@@ -350,16 +358,17 @@ def _delete(db: sqlite_utils.Database, first: int, last: int) -> int:
     return int(removed)
 
 
-def _enforce_caps(db: sqlite_utils.Database, newest: AuditRecord, ts_ms: int) -> AuditRecord:
-    """Bring the log under its caps: oldest acknowledged records first, then a range and a GAP record."""
-    over, acked_seq, max_records = _over(db)
+def _make_room(db: sqlite_utils.Database, head: AuditHead, size: int, ts_ms: int) -> AuditHead:
+    """Make room under the caps for one more record of ``size`` bytes: oldest acknowledged records first, then a
+    range ending at ``head`` and a GAP record. Returns the head the new record follows (the GAP record's, if any)."""
+    over, acked_seq, max_records = _over(db, 1, size)
     if not over:
-        return newest
+        return head
     # 1. acknowledged records (the controller has them): drop the oldest, down to 90 % of the caps (so that
     #    a log at its cap does not delete on every append)
     stored, stored_bytes, max_bytes = db.execute("SELECT stored, stored_bytes, max_bytes FROM audit_state").fetchone()
-    excess_records = stored - (max_records - max_records // 10)
-    excess_bytes = stored_bytes - (max_bytes - max_bytes // 10)
+    excess_records = stored + 1 - (max_records - max_records // 10)
+    excess_bytes = stored_bytes + size - (max_bytes - max_bytes // 10)
     row = db.execute(
         "SELECT seq FROM (SELECT seq, COUNT(*) OVER w AS n, "
         "SUM(length(data) + length(kind) + length(actor) + ?) OVER w AS b FROM audit_log WHERE seq <= ? "
@@ -370,46 +379,62 @@ def _enforce_caps(db: sqlite_utils.Database, newest: AuditRecord, ts_ms: int) ->
     if db.execute("SELECT 1 FROM audit_log WHERE seq <= ? LIMIT 1", [last_acked]).fetchone() is not None:
         removed = _delete(db, -1, last_acked)
         log.info("audit.retention", dropped_acked=removed, up_to_seq=last_acked)
-        over, acked_seq, max_records = _over(db)
+        over, acked_seq, max_records = _over(db, 1, size)
         if not over:
-            return newest
+            return head
     # 2. still over: unacknowledged records must go, never silently
-    return _drop(db, newest, max_records, ts_ms)
+    return _drop(db, head, max_records, ts_ms)
 
 
-def _drop(db: sqlite_utils.Database, newest: AuditRecord, max_records: int, ts_ms: int) -> AuditRecord:
-    """Drop the unacknowledged range between the oldest half of the caps and ``newest``, then chain a GAP record."""
+def _drop(db: sqlite_utils.Database, head: AuditHead, max_records: int, ts_ms: int) -> AuditHead:
+    """Drop the unacknowledged range from past the oldest half of the caps up to ``head``, then chain a GAP record
+    right after it; returns the GAP record's head (``head`` if there was nothing to drop)."""
     max_bytes = db.execute("SELECT max_bytes FROM audit_state").fetchone()[0]
     keep_oldest = max(1, max_records // 2)
     # the first record past half of either cap (counting from the oldest stored one) starts the range
     rows = db.execute(
         "SELECT seq FROM (SELECT seq, COUNT(*) OVER w AS n, "
-        "SUM(length(data) + length(kind) + length(actor) + ?) OVER w AS b FROM audit_log WHERE seq < ? "
+        "SUM(length(data) + length(kind) + length(actor) + ?) OVER w AS b FROM audit_log WHERE seq <= ? "
         "WINDOW w AS (ORDER BY seq)) WHERE n > ? OR b > ? ORDER BY seq LIMIT 1",
-        [RECORD_OVERHEAD, newest.seq, keep_oldest, max(1, max_bytes // 2)],
+        [RECORD_OVERHEAD, head.seq, keep_oldest, max(1, max_bytes // 2)],
     ).fetchone()
     if rows is None:
-        return newest
+        return head
     first = rows[0]
     if first == db.execute("SELECT MIN(seq) FROM audit_log").fetchone()[0]:
         first += 1  # keep at least the oldest record: it anchors the chain to what the controller has
-    # The range ends just before ``newest``: the GAP record then comes right after it, in the same batch.
-    last, last_hash = newest.seq - 1, newest.prev_hash
+    # The range ends at the head: the GAP record is the first record after the hole, so any upload that starts
+    # after the hole starts with the record that explains it (protocols.audit: same upload), whatever its size.
+    last, last_hash = head.seq, head.hash
     if first > last:
-        return newest
+        return head
     for (earlier,) in db.execute(
         "SELECT data FROM audit_log WHERE kind = ? AND seq >= ? AND seq <= ?", [KIND_GAP, first, last]
     ).fetchall():
         first = min(first, json.loads(earlier)["first_seq"])
     _delete(db, first, last)
-    gap = make_record(newest, KIND_GAP, "agent", gap_data(first, last, last_hash), ts_ms)
+    gap = make_record(head, KIND_GAP, "agent", gap_data(first, last, last_hash), ts_ms)
     db.execute(_INSERT, _row(gap))
     db.execute(
         "UPDATE audit_state SET head_seq = ?, head_hash = ?, stored = stored + 1, stored_bytes = stored_bytes + ?",
         [gap.seq, gap.hash, record_bytes(gap)],
     )
     log.warning("audit.gap", first_seq=first, last_seq=last, count=last - first + 1)
-    return gap
+    return gap.head
+
+
+def _explains(record: AuditRecord, start: AuditRecord, expected_seq: int) -> bool:
+    """True if ``record`` is a GAP record accounting for the hole from ``expected_seq`` to just before ``start``
+    (the controller's rule, :func:`protocols.audit.verify_chain`)."""
+    if record.kind != KIND_GAP or record.epoch != start.epoch:
+        return False
+    data = record.data
+    return (
+        isinstance(data.get("first_seq"), int)
+        and data["first_seq"] <= expected_seq
+        and data.get("last_seq") == start.seq - 1
+        and data.get("last_hash") == start.prev_hash
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,7 +575,12 @@ class AuditLog:
         return [_record(r) for r in rows]
 
     def batch(self, *, max_bytes: int, max_records: int) -> list[AuditRecord]:
-        """The oldest stored records, consecutive, whose encodings fit ``max_bytes`` (at least one)."""
+        """The oldest stored records, consecutive, whose encodings fit ``max_bytes`` (at least one).
+
+        A batch that starts after a hole always reaches the GAP record that explains it, whatever the budget: the
+        controller accepts a hole only with its GAP record in the same upload. (The log writes the GAP record
+        first after the hole; a log written by an earlier version has it after the first record past the hole.)
+        """
         out: list[AuditRecord] = []
         used = 0
         rows = self.registry.query_readonly(
@@ -564,35 +594,76 @@ class AuditLog:
                 break
             out.append(record)
             used += size
+        if out:
+            acked_seq = self.registry.query_readonly("SELECT acked_seq FROM audit_state")[0]["acked_seq"]
+            start = out[0]
+            if start.seq > acked_seq + 1 and not any(_explains(r, start, acked_seq + 1) for r in out):
+                out.extend(self._through_gap(out, acked_seq))
         return out
 
+    def _through_gap(self, records: list[AuditRecord], acked_seq: int, look_ahead: int = 16) -> list[AuditRecord]:
+        """The consecutive records after ``records`` up to the GAP record that explains the hole before them
+        (none if no such record follows within ``look_ahead``: the controller then refuses the batch, and says so)."""
+        start, more = records[0], list[AuditRecord]()
+        rows = self.registry.query_readonly(
+            "SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", [records[-1].seq, look_ahead]
+        )
+        for row in rows:
+            record = _record(row)
+            if record.seq != (more or records)[-1].seq + 1 or record.epoch != start.epoch:
+                return []
+            more.append(record)
+            if _explains(record, start, acked_seq + 1):
+                return more
+        return []
+
     def verify(self, public_key: Any | None = None) -> LocalVerification:
-        """Re-verify the stored records' chain (and the offline checkpoints' signatures, given the key)."""
+        """Re-verify what is stored: the chain, its holes, the head, and the offline checkpoints.
+
+        The controller's rules applied to the stored records (:func:`protocols.audit.verify_chain`): every hash
+        and link; a hole (between stored records, or between the acknowledged seq and the first stored record)
+        only where a GAP record after it names it (its first and last seq and the last hash); the stored head is
+        the last record. Each offline checkpoint must name the stored record at its seq with that record's hash,
+        and no seq past the head; its signature is checked when ``public_key`` is given (the device's enrollment).
+        """
         errors: list[str] = []
-        rows = self.registry.query_readonly("SELECT * FROM audit_log ORDER BY seq")
-        records = [_record(r) for r in rows]
-        head: AuditHead | None = None
-        run: list[AuditRecord] = []
-        for record in [*records, None]:
-            if record is not None and (not run or (record.seq == run[-1].seq + 1 and record.epoch == run[-1].epoch)):
-                run.append(record)
-                continue
-            if run:
-                try:
-                    head = verify_chain(run, after=None) if run[0].seq == 0 else _verify_suffix(run)
-                except ProtocolError as exc:
-                    errors.append(str(exc))
-            run = [record] if record is not None else []
+        records = [_record(r) for r in self.registry.query_readonly("SELECT * FROM audit_log ORDER BY seq")]
         state = self.status()
+        acked_seq = int(state.get("acked_seq", -1))
+        runs: list[list[AuditRecord]] = []
+        for record in records:
+            if runs and record.seq == runs[-1][-1].seq + 1 and record.epoch == runs[-1][-1].epoch:
+                runs[-1].append(record)
+            else:
+                runs.append([record])
+        head: AuditHead | None = None
+        for run in runs:
+            first = run[0]
+            try:
+                if head is not None:
+                    # after a hole: a GAP record in this run must account for it, as the controller requires
+                    head = verify_chain(run, after=head)
+                elif first.seq == 0 or first.seq <= acked_seq + 1:
+                    # the records before it (if any) were acknowledged and deleted by retention
+                    head = verify_chain(run, after=None) if first.seq == 0 else _verify_suffix(run)
+                else:
+                    # unacknowledged records are missing at the front: only a GAP record explains that
+                    _verify_suffix(run)
+                    if not any(_explains(r, first, acked_seq + 1) for r in run):
+                        raise ChainError(
+                            f"epoch {first.epoch} seqs {acked_seq + 1}..{first.seq - 1} are missing (not "
+                            "acknowledged) and no GAP record accounts for them"
+                        )
+                    head = run[-1].head
+            except ProtocolError as exc:
+                errors.append(str(exc))
+                head = run[-1].head  # go on: report every problem, not only the first
         if records and state and head is not None and (head.seq, head.hash) != (state["head_seq"], state["head_hash"]):
             errors.append(f"the stored head seq {state['head_seq']} is not the last record (seq {head.seq})")
-        checkpoints = self.registry.query_readonly("SELECT signed FROM audit_checkpoints")
-        if public_key is not None:
-            for row in checkpoints:
-                try:
-                    verify_checkpoint(SignedCheckpoint.decode(row["signed"].encode()), public_key)
-                except ProtocolError as exc:
-                    errors.append(f"checkpoint: {exc}")
+        checkpoints = self.registry.query_readonly("SELECT epoch, seq, signed FROM audit_checkpoints ORDER BY seq")
+        stored = {(r.epoch, r.seq): r.hash for r in records}
+        for row in checkpoints:
+            errors.extend(_check_offline_checkpoint(row["signed"], state, stored, public_key))
         return LocalVerification(len(records), head, len(checkpoints), tuple(errors))
 
     # --- acks and checkpoints -----------------------------------------------------------------------------
@@ -637,6 +708,39 @@ class AuditLog:
             )
 
         self.registry.run_in_transaction(write)
+
+
+def _check_offline_checkpoint(
+    text: str, state: Mapping[str, Any], stored: Mapping[tuple[int, int], str], public_key: Any | None
+) -> list[str]:
+    """What is wrong with one stored offline checkpoint, compared with the stored records (and its signature, given
+    the device's public key). Without the key the body is read unverified: then it only catches an edit that left
+    the checkpoints alone."""
+    try:
+        signed = SignedCheckpoint.decode(text.encode())
+        if public_key is not None:
+            checkpoint = verify_checkpoint(signed, public_key)
+        else:
+            checkpoint = Checkpoint.from_dict(json.loads(signed.body))
+    except (ProtocolError, ValueError) as exc:
+        return [f"checkpoint: {exc}"]
+    where = f"checkpoint of epoch {checkpoint.epoch} seq {checkpoint.seq}"
+    if not state:
+        return [f"{where}: the log has no state"]
+    if checkpoint.device != state["device"]:
+        return [f"{where}: signed for device {checkpoint.device!r}, the log is {state['device']!r}"]
+    if checkpoint.epoch > state["epoch"]:
+        return [f"{where}: newer than the log's epoch {state['epoch']} (the log was replaced by an older one)"]
+    if checkpoint.epoch < state["epoch"]:
+        return []  # an earlier epoch's records are not in this log
+    if checkpoint.seq > state["head_seq"]:
+        return [f"{where}: past the stored head seq {state['head_seq']} (records were removed from the end)"]
+    found = stored.get((checkpoint.epoch, checkpoint.seq))
+    if found is not None and found != checkpoint.head_hash:
+        return [f"{where}: names hash {checkpoint.head_hash[:16]}…, the stored record has {found[:16]}… (rewritten)"]
+    if found is None and checkpoint.seq == state["head_seq"] and checkpoint.head_hash != state["head_hash"]:
+        return [f"{where}: names another hash than the stored head"]
+    return []
 
 
 def _verify_suffix(run: list[AuditRecord]) -> AuditHead:
@@ -690,10 +794,11 @@ class AuditUploader:
     - Batches fit ``limits.max_message_bytes`` *and* the broker's maximum packet size (as the link learnt it).
     - A batch the link set aside as undeliverable (too large for the broker, or in flight on every connection
       that died) is dropped from the outbox (``registry.db`` is the source of truth) and rebuilt with half as
-      many records, under a new id, down to one record; the budget doubles back after each ack. A single record
-      the link cannot deliver is retried after a pause of :data:`HOLD_S`, doubling up to :data:`HOLD_MAX_S`
-      until an ack moves the log: the link reports each failure to the controller (an ``error`` report) and the
-      records behind it wait (the chain is uploaded in order).
+      many records, under a new id, down to one record (or, after a hole, down to the records up to the GAP
+      record that explains it: never less); the budget doubles back after each ack. A smallest batch the link
+      cannot deliver is retried after a pause of :data:`HOLD_S`, doubling up to :data:`HOLD_MAX_S` until an ack
+      moves the log: the link reports each failure to the controller (an ``error`` report) and the records
+      behind it wait (the chain is uploaded in order).
     - An ack the log refuses (:meth:`AuditLog.apply_ack`) is reported to the controller and starts the same
       pause: no loop of re-sends, identical or not.
     """
@@ -785,8 +890,9 @@ class AuditUploader:
         """The next upload (blocking): the oldest stored records that fit one message, with a checkpoint.
 
         At most :attr:`max_records` records, within :meth:`max_payload` less :data:`BATCH_OVERHEAD` (the
-        envelope and the checkpoint). A single record larger than that is still built: the link then sets it
-        aside as undeliverable, which is reported (see the class docstring).
+        envelope and the checkpoint), except that a batch after a hole always reaches its GAP record
+        (:meth:`AuditLog.batch`). A smallest batch larger than that is still built: the link then sets it aside
+        as undeliverable, which is reported (see the class docstring).
         """
         max_payload = self.max_payload()
         max_bytes = max(1, max_payload - BATCH_OVERHEAD)
@@ -795,6 +901,8 @@ class AuditUploader:
             records = self.audit.batch(max_bytes=max_bytes, max_records=max_records)
             if not records:
                 return None
+            # the smallest batch: one record, or (after a hole) up to the GAP record it cannot go without
+            smallest = len(records) == 1 or max_records == 1
             head = records[-1].head
             batch = AuditBatch(
                 device=self.device, epoch=head.epoch, records=tuple(records), checkpoint=self.checkpoint(head)
@@ -802,12 +910,12 @@ class AuditUploader:
             try:
                 payload = batch.encode(limits=self.limits)
             except ValueError:
-                if len(records) == 1:
+                if smallest:
                     raise
             else:
-                if len(payload) <= max_payload or len(records) == 1:
+                if len(payload) <= max_payload or smallest:
                     return head, payload
-            max_records = max(1, len(records) // 2)
+            max_records = max(1, min(max_records, len(records)) // 2)
 
     async def _covered(self, head: AuditHead) -> list[str]:
         """Outbox ids of pending batches of ``head``'s epoch that end at or before it (acked by it)."""
@@ -850,12 +958,12 @@ class AuditUploader:
         for msg_id, error in await store.run(take):
             _, epoch, seq, _ = msg_id.split(":", 3)
             records = await asyncio.to_thread(self.audit.unacked_through, int(epoch), int(seq))
-            if records > 1:
+            if records > 1 and self.max_records > 1:
                 self.max_records = max(1, min(self.max_records, records) // 2)
                 log.warning(
                     "audit.batch_undeliverable", msg_id=msg_id, records=records, next_max_records=self.max_records
                 )
-            elif records == 1:  # the link sent an error report already; the records behind it wait
+            elif records >= 1:  # the smallest batch; the link sent an error report already; the records behind wait
                 self._pause_uploads()
                 log.error("audit.record_undeliverable", msg_id=msg_id, error=error, retry_in_s=self._pause)
 
@@ -914,7 +1022,10 @@ async def watch_clock(
     monotonic: Callable[[], float] = time.monotonic,
 ) -> None:
     """Record ``agent.clock_jump`` whenever the wall clock moves more than ``threshold`` seconds away from the
-    monotonic clock between two looks (NTP step, manual change, suspend); runs until cancelled."""
+    monotonic clock between two looks (NTP step, manual change, suspend); runs until cancelled.
+
+    A record that cannot be written (a full disk) is logged as an error and the watch goes on: it runs in the
+    daemon's TaskGroup, which an exception would end."""
     last_wall, last_mono = wall(), monotonic()
     while True:
         await asyncio.sleep(interval)
@@ -922,9 +1033,9 @@ async def watch_clock(
         skew = (now_wall - last_wall) - (now_mono - last_mono)
         if abs(skew) > threshold:
             log.warning("audit.clock_jump", skew_s=round(skew, 3))
-            await audit.record(
-                "agent.clock_jump",
-                "agent",
-                {"skew_ms": int(skew * 1000), "before_ms": int(last_wall * 1000), "after_ms": int(now_wall * 1000)},
-            )
+            data = {"skew_ms": int(skew * 1000), "before_ms": int(last_wall * 1000), "after_ms": int(now_wall * 1000)}
+            try:
+                await audit.record("agent.clock_jump", "agent", data)
+            except Exception as exc:  # as the uploader does: the jump is in the log above, the daemon serves on
+                log.error("audit.record_failed", kind="agent.clock_jump", error=str(exc))
         last_wall, last_mono = now_wall, now_mono

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from protocols.limits import DEVICE_ID_RE
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -219,6 +220,14 @@ def _convert(cls: type[Any], key: str, value: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a table of tables")
         return {str(name): _build(ModelOverrides, table, f"{where}.{name}") for name, table in value.items()}
+    if cls is AgentConfig and key == "device_id":
+        # the id is bound into the audit chain (protocols.audit) and the MQTT topics: refused here, not at start-up
+        if not isinstance(value, str) or not DEVICE_ID_RE.fullmatch(value):
+            raise ConfigError(
+                f"{where} must be 1-64 lower-case letters, digits, '.', '_' or '-' (starting with a letter or digit),"
+                f" not {value!r}"
+            )
+        return value
     if key in {"state_dir", "socket_path"}:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where} must be a non-empty path string")

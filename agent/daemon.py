@@ -407,7 +407,8 @@ async def _serve(config: AgentConfig, notifier: SystemdNotifier, stop: asyncio.E
                     max_records=config.audit.max_records,
                     max_bytes=config.audit.max_bytes,
                 )
-            except (AgentError, OSError, sqlite3.Error) as exc:
+            except (AgentError, OSError, sqlite3.Error, ValueError) as exc:
+                # ValueError: a device id the chain refuses (protocols.audit; agent.toml's is checked on loading).
                 # Serving without the audit log beats not serving: nothing is hash-chained until a restart with
                 # a working log (whose new epoch shows the gap). Said loudly, in the log and the status.
                 log.critical("audit.unavailable", error=str(exc), consequence="changes are NOT audit-logged")

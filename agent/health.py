@@ -85,7 +85,8 @@ async def _complete(model: Any) -> dict[str, float]:
             tokens = event.usage.completion_tokens
     end = time.perf_counter()
     if finish not in ("stop", "length") or (finish == "length" and not text):
-        raise InferenceError(f"health prompt finished with {finish!r} after {text!r}")
+        # the length only: completion text never reaches the audit log (docs/audit.md), which records this error
+        raise InferenceError(f"health prompt finished with {finish!r} after {len(text)} characters of output")
     first = first if first is not None else end
     # decode rate after the first token (the first one pays for the prompt); whole span if only one token
     rate = (tokens - 1) / (end - first) if tokens > 1 and end > first else tokens / max(end - start, 1e-6)

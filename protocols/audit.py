@@ -18,8 +18,9 @@ Invariants of a valid chain (DESIGN.md §6):
   record with data ``{"first_seq", "last_seq", "count", "last_hash"}``: seqs ``first..last`` were dropped
   (``count = last - first + 1``; ranges of consecutive drops are merged), and ``last_hash`` is the hash of
   record ``last_seq``, which the first kept record names as its ``prev_hash``. A hole in an upload is
-  accepted only when a GAP record *in the same upload* accounts for it, so the device keeps its GAP
-  record within one batch of the first record after the hole.
+  accepted only when a GAP record *in the same upload* accounts for it, so the device writes its GAP
+  record directly after the hole (the GAP record is the first kept record): an upload that starts after
+  the hole starts with the record that explains it, whatever its size.
 * A checkpoint ``{device, epoch, seq, head_hash, ts_ms}`` is signed by the device's Ed25519 key over
   :data:`CHECKPOINT_DOMAIN` + its canonical JSON. The signed bytes travel as they were signed and are
   verified before they are parsed (never re-serialised to verify).

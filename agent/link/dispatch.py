@@ -357,8 +357,8 @@ class Dispatcher:
             reports = [self._model_report(assignment, o) for o in outcomes]
             if not assignment.models:
                 reports.append(self._report("install", "ok", "no models desired", generation=assignment.generation))
-            await self.store.run(self._commit_applied, assignment.generation, reports, assignment.models)
-            self.outbox.wake.set()
+            # Recorded before link.db marks the generation applied (another database, no shared transaction): a
+            # crash in between applies it again and records it again (at least once), never loses the record.
             await self._audit(
                 "assignment.applied",
                 {
@@ -367,6 +367,8 @@ class Dispatcher:
                     "outcomes": {o.model.ref.key: f"{o.kind}:{o.outcome}" for o in outcomes},
                 },
             )
+            await self.store.run(self._commit_applied, assignment.generation, reports, assignment.models)
+            self.outbox.wake.set()
             log.info(
                 "assignment.applied",
                 device_id=self.device,

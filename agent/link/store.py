@@ -7,7 +7,9 @@ Tables (migrations in :data:`MIGRATIONS`):
 - ``desired``: the one accepted signed assignment (the desired state) and the generation last applied
   (:mod:`agent.link.dispatch`).
 - ``events``: audit-worthy link events (assignment refused, message undeliverable, ...), newest
-  :data:`MAX_EVENTS` kept; the audit log takes them over when it exists.
+  :data:`MAX_EVENTS` kept, for diagnosis on the device only: nothing copies them into the audit chain (the
+  dispatcher records assignments applied and refused there through its own hook; the others reach the
+  controller as signed reports or are in the agent's log).
 - ``health_checks``: the post-install health checks of delivered releases (:mod:`agent.link.releases`), one row
   per model content: ``running`` with the number of attempts started and never finished (written and committed
   *before* a check starts, so a check that kills the agent is counted, and a release that keeps doing so is

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from structlog.testing import capture_logs
 
 from agent.audit import AuditLog, record_bytes, watch_clock
 from agent.cli import AgentContext
@@ -202,3 +204,39 @@ async def test_a_clock_jump_is_recorded(registry: Registry) -> None:
     assert len(jumps) == 1
     assert 119_000 <= jumps[0].data["skew_ms"] <= 121_000
     assert log.verify().ok
+
+
+async def test_a_clock_jump_that_cannot_be_recorded_does_not_end_the_watch(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while recording a clock jump is logged; the watch (in the daemon's TaskGroup) keeps running."""
+    log = _open(registry)
+    wall = [1_000_000.0]
+    mono = [50.0]
+    failures = []
+
+    def full(*args: object) -> None:  # the one fake: the registry's write fails like a full disk
+        failures.append(args)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(registry, "run_in_transaction", full)
+
+    def tick_mono() -> float:
+        mono[0] += 1.0
+        wall[0] += 100.0  # every look: a jump
+        return mono[0]
+
+    with capture_logs() as logs:
+        task = asyncio.create_task(watch_clock(log, interval=0.01, wall=lambda: wall[0], monotonic=tick_mono))
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if len(failures) >= 3:
+                    break
+            assert not task.done()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert len(failures) >= 3
+    assert any(e["event"] == "audit.record_failed" and "disk is full" in e["error"] for e in logs)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from agent.audit import AuditLog, _record
+from agent.cli import main as agent_cli
 from agent.config import RegistryConfig
 from agent.link.enrollment import install_bundle, load_enrollment
 from agent.registry import Registry
@@ -266,3 +267,106 @@ def test_records_dropped_while_their_batch_waits_for_its_ack_still_get_deleted_a
         device.log.acked(stored.head)
     assert device.log.status()["pending"] == 0
     assert device.alerts() == {"dropped"}
+
+
+# --- the device's own check: ``edge-agent audit verify`` -------------------------------------------------------
+
+
+def _offline_checkpoint(device: Device) -> None:
+    """Sign and keep an offline checkpoint of the head, as the uploader does while offline."""
+    head = device.log.head()
+    assert head is not None
+    checkpoint = Checkpoint(DEVICE, head.epoch, head.seq, head.hash, 1)
+    device.log.store_checkpoint(sign_checkpoint(checkpoint, device.key), checkpoint)
+
+
+def _verify_cli(device: Device) -> Result:
+    return CliRunner().invoke(agent_cli, ["--state-dir", str(device.state_dir), "audit", "verify"])
+
+
+def test_local_verify_passes_an_honest_log_with_a_gap_and_an_offline_checkpoint(device: Device) -> None:
+    """A capped log (a hole explained by its GAP record, acknowledged records deleted) verifies, CLI included."""
+    device.registry.run_in_transaction(lambda db: db.execute("UPDATE audit_state SET max_records = 20"))
+    device.append(30)
+    _offline_checkpoint(device)
+    batch = device.log.batch(max_bytes=200_000, max_records=3)
+    device.log.acked(batch[-1].head)
+    device.append(30)
+    assert device.log.verify(device.key.public_key()).errors == ()
+    result = _verify_cli(device)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("ok")
+
+
+def test_local_verify_fails_on_a_hole_no_gap_record_explains(device: Device) -> None:
+    """A record deleted from the middle of the stored log is found, and the CLI exits non-zero."""
+    device.append(10)
+    device.sql("DELETE FROM audit_log WHERE seq = ?", [5])
+    result = device.log.verify(device.key.public_key())
+    assert [e for e in result.errors if "5..5 are missing" in e], result.errors
+    cli = _verify_cli(device)
+    assert cli.exit_code == 1
+    assert "missing" in cli.output
+
+
+def test_local_verify_fails_when_unacknowledged_records_are_missing_at_the_front(device: Device) -> None:
+    """Records deleted before the first stored one, never acknowledged and with no GAP record: found."""
+    device.append(10)
+    device.sql("DELETE FROM audit_log WHERE seq <= ?", [3])
+    result = device.log.verify()
+    assert [e for e in result.errors if "0..3 are missing" in e], result.errors
+
+
+def test_local_verify_compares_offline_checkpoints_with_the_records(device: Device) -> None:
+    """A stored record rewritten and the chain re-hashed (no key needed) contradicts a signed offline checkpoint."""
+    device.append(10)
+    _offline_checkpoint(device)
+    records = device.records()
+    forged = rechain([*records[:3], AuditRecord(**{**records[3].to_dict(), "data": {"i": 999}}), *records[4:]])
+    device.sql("DELETE FROM audit_log WHERE seq >= ?", [3])
+    for r in forged[3:]:
+        device.sql(
+            "INSERT INTO audit_log (seq, epoch, ts_ms, kind, actor, data, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?)",
+            [r.seq, r.epoch, r.ts_ms, r.kind, r.actor, json.dumps(r.data), r.prev_hash, r.hash],
+        )
+    device.sql("UPDATE audit_state SET head_hash = ?", [forged[-1].hash])
+    result = device.log.verify(device.key.public_key())
+    assert [e for e in result.errors if "checkpoint" in e and "rewritten" in e], result.errors
+
+
+def test_local_verify_finds_the_end_removed_below_an_offline_checkpoint(device: Device) -> None:
+    """The newest records deleted and the head moved back: the offline checkpoint names a seq past the head."""
+    device.append(10)
+    _offline_checkpoint(device)
+    seventh = device.records()[7]
+    device.sql("DELETE FROM audit_log WHERE seq > ?", [7])
+    device.sql("UPDATE audit_state SET head_seq = 7, head_hash = ?, stored = 8", [seventh.hash])
+    result = device.log.verify(device.key.public_key())
+    assert [e for e in result.errors if "past the stored head" in e], result.errors
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda path: path.write_bytes(b"this is not an SQLite database" * 4), id="not-sqlite"),
+        pytest.param(lambda path: sqlite3.connect(path).execute("CREATE TABLE other (x)"), id="no-audit-tables"),
+        pytest.param(
+            lambda path: sqlite3.connect(path).executescript(
+                "CREATE TABLE audit_state (x); CREATE TABLE audit_log (x); CREATE TABLE audit_checkpoints (x);"
+            ),
+            id="other-columns",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["tail", "verify"])
+def test_audit_cli_on_an_unreadable_registry_is_a_one_line_error(
+    tmp_path: Path, make: Callable[[Path], object], command: str
+) -> None:
+    """``edge-agent audit tail|verify`` on a registry.db it cannot read: exit 1 and one line, no traceback."""
+    (tmp_path / "state").mkdir()
+    make(tmp_path / "state" / "registry.db")
+    result = CliRunner().invoke(agent_cli, ["--state-dir", str(tmp_path / "state"), "audit", command])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.output.startswith("Error: cannot read the audit log in ")
+    assert len(result.output.strip().splitlines()) == 1

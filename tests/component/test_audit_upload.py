@@ -21,9 +21,10 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import sqlite_utils
 from click.testing import CliRunner
 
-from agent.audit import EPOCH_FILE, HOLD_S, AuditLog, AuditUploader
+from agent.audit import EPOCH_FILE, HOLD_S, AuditLog, AuditUploader, _delete, append_record
 from agent.config import LinkConfig, RegistryConfig
 from agent.link.enrollment import install_bundle, load_enrollment
 from agent.link.mqtt import AgentLink
@@ -34,7 +35,7 @@ from controller.audit_ingest import IngestResult, decode_batch, ingest_batch
 from controller.cli import main as fleet_cli
 from controller.config import BrokerConfig, FleetConfig
 from controller.home import FleetHome
-from protocols.audit import AuditHead
+from protocols.audit import KIND_GAP, AuditHead, AuditRecord, gap_data
 from protocols.errors import ProtocolError
 from protocols.keys import keyid
 from protocols.limits import DEFAULT_LIMITS
@@ -227,6 +228,78 @@ async def test_a_single_record_too_large_for_the_broker_is_reported_and_retried_
     world.link._max_packet = 64 * 1024  # the operator raised the broker's limit
     await world.drain()
     assert world.audit.status()["pending"] == 0
+
+
+async def test_a_batch_after_a_gap_carries_its_gap_record_whatever_the_budget(world: World) -> None:
+    """After a hole, every batch (even at a budget of one record) carries the GAP record that explains it."""
+    world.audit = AuditLog.open(world.registry, DEVICE, max_records=20)
+    world.make_link()
+    world.append(5)
+    await world.drain()
+    world.append(40)  # over the cap with nothing acknowledged: a hole and a GAP record
+    assert await world.uploader.step()  # the records before the hole
+    await world.deliver()
+    for _ in range(10):  # the batch after the hole dies in flight on every connection until the budget is 1
+        assert await world.uploader.step()
+        [item] = await world.audit_items()
+        assert any(r.kind == KIND_GAP for r in _records(item))
+        if world.uploader.max_records == 1:
+            break
+        await _kill_in_flight(world, world.link.config.max_send_attempts + 1)
+    assert world.uploader.max_records == 1
+    await world.drain()
+    head = world.audit.head()
+    assert head is not None
+    assert world.controller_head() == (head.epoch, head.seq)
+    assert world.alerts() == {"dropped"}
+
+
+def _legacy_gap_layout(world: World) -> AuditRecord:
+    """Seqs 0..9 kept, 10..29 dropped, 30 kept, then the GAP record at 31: what earlier versions left on disk (the
+    GAP record after the first record past the hole). Returns record 30."""
+    world.append(30)
+    [after_hole] = world.audit.tail(1)
+
+    def drop(db: sqlite_utils.Database) -> None:
+        _delete(db, 10, 29)
+        append_record(db, KIND_GAP, "agent", gap_data(10, 29, after_hole.prev_hash))
+
+    world.registry.run_in_transaction(drop)
+    assert [r.seq for r in world.audit.tail(100)] == [*range(10), 30, 31]
+    assert world.audit.verify().ok
+    return after_hole
+
+
+async def test_a_batch_after_a_hole_never_leaves_out_its_gap_record(world: World) -> None:
+    """A log whose GAP record comes after the first record past the hole still uploads at a budget of one."""
+    after_hole = _legacy_gap_layout(world)
+    world.uploader.max_records = 1
+    while world.audit.batch(max_bytes=1 << 20, max_records=1)[0].seq < after_hole.seq:
+        assert await world.uploader.step()
+        await world.deliver()
+        world.uploader.max_records = 1
+    assert [r.seq for r in world.audit.batch(max_bytes=1, max_records=1)] == [30, 31]
+    await world.drain()
+    head = world.audit.head()
+    assert head is not None
+    assert world.controller_head() == (head.epoch, head.seq)
+    assert world.alerts() == {"dropped"}
+
+
+async def test_a_minimal_batch_the_link_cannot_deliver_is_held_not_resent_in_a_loop(world: World) -> None:
+    """A batch that cannot shrink (its GAP record must stay with it) is held like a single record, not looped."""
+    after_hole = _legacy_gap_layout(world)
+    world.audit.acked(AuditHead(after_hole.epoch, 9, world.audit.tail(100)[9].hash))
+    world.uploader.max_records = 1
+    assert await world.uploader.step()
+    [item] = await world.audit_items()
+    assert [r.seq for r in _records(item)] == [30, 31]
+    await _kill_in_flight(world, world.link.config.max_send_attempts + 1)
+    assert not await world.uploader.step()  # dropped from the outbox and held back
+    assert not await world.uploader.step()
+    assert not await world.audit_items()
+    world.now[0] += HOLD_S + 1
+    assert await world.uploader.step()
 
 
 # --- 2. a restored registry.db is detected and the uploader does not loop ----------------------------------

@@ -5,6 +5,7 @@ Each daemon here is the real process (`python -m agent ... run`), as systemd sta
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
@@ -22,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent.client import ApiClient, ApiClientError
+from agent.config import AgentConfig, ApiConfig, LinkConfig, RegistryConfig
 from agent.errors import EXIT_BAD_LOCAL_STATE
 
 pytestmark = pytest.mark.component
@@ -260,6 +262,45 @@ def test_invalid_config_exits_78(tmp_path: Path, start: Any) -> None:
     daemon = start(config_text="[inference\nbroken")
     assert daemon.exit_status() == EXIT_BAD_LOCAL_STATE, daemon.output()
     assert daemon.output().strip().splitlines()[-1].startswith("edge-agent: bad configuration: config file")
+
+
+def test_a_device_id_the_protocol_refuses_exits_78(tmp_path: Path, start: Any) -> None:
+    """A device_id in agent.toml that is not a valid id (upper case): exit 78 and one line naming it."""
+    daemon = start(config_text='device_id = "Edge-Box-1"\n[link]\nenabled = false\n')
+    assert daemon.exit_status() == EXIT_BAD_LOCAL_STATE, daemon.output()
+    last = daemon.output().strip().splitlines()[-1]
+    assert last.startswith("edge-agent: bad configuration: device_id must be"), last
+    assert "Edge-Box-1" in last
+    assert "Traceback" not in daemon.output()
+
+
+async def test_a_device_id_the_audit_chain_refuses_degrades_only_the_audit_log(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    """A device id the audit chain refuses that reaches the daemon (not through agent.toml): it serves, degraded."""
+    from agent import daemon
+
+    config = AgentConfig(
+        state_dir=tmp_path / "state",
+        device_id="Edge-Box-1",
+        api=ApiConfig(socket_path=socket_dir / "api.sock"),
+        registry=RegistryConfig(min_free_bytes=0),
+        link=LinkConfig(enabled=False),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(config, stop=stop))
+    try:
+        client = ApiClient(socket_dir / "api.sock", timeout=10)
+        for _ in range(300):
+            assert not task.done(), task.result()
+            if await asyncio.to_thread(client.is_running):
+                break
+            await asyncio.sleep(0.1)
+        degraded = await asyncio.to_thread(_degraded, client)
+        assert "audit log unavailable" in degraded["audit"]
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
 
 
 def test_regular_file_at_socket_path_exits_78(tmp_path: Path, start: Any, socket_dir: Path) -> None:

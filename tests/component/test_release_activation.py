@@ -363,3 +363,32 @@ async def test_newer_generation_that_still_wants_the_release_does_not_stop_it(de
     assert device.active_version() == 2
     tiny_reports = [r for r in await device.reports() if r.model is not None and r.model.name == "tiny"]
     assert [(r.generation, r.outcome, dict(r.metrics)) for r in tiny_reports] == [(2, "ok", METRICS)]
+
+
+# --- fault 3: a crash right after the assignment was applied ---------------------------------------------------------
+
+
+async def test_assignment_applied_is_audited_before_the_applied_mark_so_a_crash_never_loses_it(device: Device) -> None:
+    """``assignment.applied`` is recorded before link.db marks the generation applied: a crash in between applies
+    and records it again (at least once), never leaves an applied generation without its record."""
+    recorded: list[tuple[str, int, tuple[int, int]]] = []
+    crash = [True]
+
+    async def audit(kind: str, actor: str, data: Mapping[str, Any]) -> None:
+        assert device.dispatcher is not None
+        recorded.append((kind, data["generation"], await device.dispatcher.accepted_generation()))
+        if crash[0]:
+            crash[0] = False
+            raise Killed  # the agent dies right after the record was committed
+
+    dispatcher = device.start(healthy)
+    dispatcher.audit = audit
+    assert await dispatcher.on_assign(device.assignment(2, vad(device))) == "accepted"
+    with pytest.raises(Killed):
+        await dispatcher.reconcile()
+    dispatcher = device.start(healthy)  # the restart
+    dispatcher.audit = audit
+    await dispatcher.reconcile()
+    assert await dispatcher.accepted_generation() == (2, 2)
+    assert [(kind, generation) for kind, generation, _ in recorded] == [("assignment.applied", 2)] * 2
+    assert all(applied == (2, 0) for _, _, applied in recorded)  # each record came before the mark
