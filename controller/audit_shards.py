@@ -30,14 +30,18 @@ How (``[controller] audit_workers`` > 0, see :mod:`controller.config`):
   stored one after the other in the order handed over (ADR 0014, second addendum).
 - The WAL checkpoints of a worker's commits run on a thread of the worker (:class:`_Checkpointer`), not inside
   its ``COMMIT``: the other worker does not wait for them.
+- So does the fsync of its commits (:class:`_Syncer`): a worker commits with ``synchronous = NORMAL`` (the WAL
+  is written, not synced), hands the write turn on, and a thread fsyncs the WAL before the replies go out (ADR
+  0014, third addendum): the other worker stores while the disk syncs, and one fsync can cover several commits.
 - The workers hand SQLite's write lock to each other through an ``flock`` on ``<fleet.db>-shards.lock``, taken
   around the transaction: the next worker starts the instant the previous one committed, where SQLite's own busy
   handler would poll with sleeps of up to 100 ms. The kernel releases an ``flock`` when its process dies, so a
   killed worker cannot leave the others waiting. (``serve``'s writer thread and other controllers do not take
   it; they meet the workers at SQLite's lock, as before.)
-- An upload's future resolves only after its worker's ``COMMIT`` returned, so ``serve`` acks only durable
-  records (:class:`controller.audit_ingest.AuditIngest` counts and acks, in ``serve``). What a worker reports
-  as failed comes back as :class:`~controller.errors.AuditShardError` (the text of the worker's exception).
+- An upload's future resolves only after its worker's ``COMMIT`` returned and the WAL holding it was fsynced, so
+  ``serve`` acks only durable records (:class:`controller.audit_ingest.AuditIngest` counts and acks, in
+  ``serve``). What a worker reports as failed comes back as :class:`~controller.errors.AuditShardError` (the
+  text of the worker's exception).
 
 Failures:
 
@@ -136,6 +140,10 @@ def shard_of(device: str, shards: int) -> int:
 
 # --- the worker process ------------------------------------------------------------------------------------
 
+EXIT_UNSYNCED = 75
+"""A worker's exit status when an fsync of the WAL failed (sysexits' ``EX_TEMPFAIL``): its unanswered groups fail
+and the shard starts a new worker."""
+
 CHECKPOINT_BYTES = 4 << 20
 """Uploads' bytes a worker commits between two WAL checkpoints it asks for: about SQLite's own
 ``wal_autocheckpoint`` of 1,000 pages, the threshold it would checkpoint at inside the ``COMMIT``."""
@@ -187,6 +195,63 @@ class _Checkpointer:
                 traceback.print_exc(file=sys.stderr)
 
 
+class _Syncer:
+    """A worker's replies, sent once the WAL holding their commits is on disk: fsync outside the write turn.
+
+    The workers' connections commit with ``synchronous = NORMAL``: SQLite writes the transaction's frames to the
+    WAL but does not fsync it inside ``COMMIT``, so the worker hands the write turn on without waiting for the
+    disk. This thread then fsyncs the WAL (one fsync for every reply queued meanwhile: group commit) and only then
+    sends the replies, so ``serve`` still acks only what is durable. An fsync of the WAL file covers every frame
+    written before it, whichever connection wrote it; a frame is never overwritten before a checkpoint has copied
+    it into the database file and synced that (SQLite's rule in WAL mode). A failed fsync ends the worker without a
+    reply: the groups it had not answered fail in ``serve`` (nothing of them is acked; devices re-send) and the
+    shard starts a new worker, as for any worker that dies.
+    """
+
+    def __init__(self, wal_path: str, results: multiprocessing.connection.Connection) -> None:
+        self._wal_path = wal_path
+        self._results = results
+        self._queue: collections.deque[tuple[str, int, Any]] = collections.deque()
+        self._wanted = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="audit-sync", daemon=True)
+        self._thread.start()
+
+    def send(self, reply: tuple[str, int, Any]) -> None:
+        """Send ``reply`` once everything committed before this call is durable."""
+        with self._wanted:
+            self._queue.append(reply)
+            self._wanted.notify()
+
+    def close(self) -> None:
+        """Send what is queued (after its fsync), then stop."""
+        with self._wanted:
+            self._closing = True
+            self._wanted.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wanted:
+                while not self._queue and not self._closing:
+                    self._wanted.wait()
+                replies = list(self._queue)
+                self._queue.clear()
+                if not replies:
+                    return
+            try:
+                fd = os.open(self._wal_path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                traceback.print_exc(file=sys.stderr)
+                os._exit(EXIT_UNSYNCED)
+            for reply in replies:
+                self._results.send(reply)
+
+
 class _GroupLoop:
     """A worker's loop: the groups ``serve`` hands over, stored in that order, the next one prepared meanwhile.
 
@@ -195,7 +260,8 @@ class _GroupLoop:
     the loop prepares the next group handed over (one upload at a time, trying the turn again in between), and it
     reads what ``serve`` sends whenever it is between two uploads: neither core idles while the other worker
     stores, and a group crosses the pipe while the previous one is worked on. Groups are stored strictly in the
-    order they arrived (a device's uploads stay in order), each one's outcome sent back after its ``COMMIT``.
+    order they arrived (a device's uploads stay in order), each one's outcome sent back after its ``COMMIT``, once
+    the WAL is fsynced (:class:`_Syncer`).
     """
 
     def __init__(
@@ -204,16 +270,17 @@ class _GroupLoop:
         limits: Limits,
         turn: int,
         calls: multiprocessing.connection.Connection,
-        results: multiprocessing.connection.Connection,
+        replies: _Syncer,
         checkpoints: _Checkpointer,
     ) -> None:
         self.store = store
         self.limits = limits
         self.turn = turn
         self.calls = calls
-        self.results = results
+        self.replies = replies
         self.checkpoints = checkpoints
         store.db.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_CHECKPOINT_PAGES}")  # the checkpointer's job
+        store.db.execute("PRAGMA synchronous = NORMAL")  # the WAL is fsynced by the syncer, outside the write turn
         self.received: collections.deque[tuple[int, list[Upload]]] = collections.deque()
         self.preparing: list[Job] = []
         """The jobs of ``received[0]`` prepared so far."""
@@ -279,7 +346,7 @@ class _GroupLoop:
             reply = ("done", group_id, texts)
         finally:
             fcntl.flock(self.turn, fcntl.LOCK_UN)
-        self.results.send(reply)
+        self.replies.send(reply)
         self.committed_bytes += size
         if self.committed_bytes >= CHECKPOINT_BYTES:
             self.committed_bytes = 0
@@ -304,11 +371,13 @@ def _worker_main(
     try:
         checkpoints = _Checkpointer(db_path)
         turn = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        results.send(("ready", 0, os.getpid()))
+        replies = _Syncer(db_path + "-wal", results)  # sends every reply from here on
         try:
-            results.send(("ready", 0, os.getpid()))
-            _GroupLoop(store, limits, turn, calls, results, checkpoints).run()
+            _GroupLoop(store, limits, turn, calls, replies, checkpoints).run()
         finally:
             os.close(turn)  # releases the flock, should a failure leave it held
+            replies.close()  # what was committed is answered, once durable
             checkpoints.close()
     finally:
         store.close()
@@ -352,7 +421,7 @@ class _Worker:
     Groups go out through the call pipe in the order :meth:`hand` was called (one sender thread: a send blocks
     while the pipe is full), widened to :data:`CALL_PIPE_BYTES` (best effort) so that the next group is mostly in
     the pipe already when the worker reads it. The receiver thread waits for the worker's replies and for its
-    exit, and resolves the futures on serve's loop: ``("done", id, outcomes)`` after the group's ``COMMIT``,
+    exit, and resolves the futures on serve's loop: ``("done", id, outcomes)`` after the group's ``COMMIT`` is durable,
     ``("failed", id, text)`` when the transaction failed; when the process ends, every group not answered fails
     with :class:`_WorkerDied` (replies sent before it died are delivered first).
     """
@@ -384,7 +453,7 @@ class _Worker:
         await self._ready
 
     def hand(self, uploads: list[Upload]) -> asyncio.Future[list[tuple[bool, Any]]]:
-        """Send one group; the future resolves with its outcomes after its ``COMMIT`` (see the class docstring)."""
+        """Send one group; the future resolves with its outcomes once its ``COMMIT`` is durable (class docstring)."""
         group_id, self._next_id = self._next_id, self._next_id + 1
         answer: asyncio.Future[list[tuple[bool, Any]]] = self._loop.create_future()
         if self.dead:

@@ -558,7 +558,8 @@ def group_loop(db: Path, monkeypatch: pytest.MonkeyPatch, calls: list[Any]) -> A
     store = FleetStore.open(db)
     checkpoints = audit_shards._Checkpointer(str(db))
     turn = os.open(str(db) + "-shards.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    loop = audit_shards._GroupLoop(store, DEFAULT_LIMITS, turn, calls_out, results_in, checkpoints)
+    replies = audit_shards._Syncer(str(db) + "-wal", results_in)
+    loop = audit_shards._GroupLoop(store, DEFAULT_LIMITS, turn, calls_out, replies, checkpoints)
     for call in calls:
         calls_in.send(call)
     thread = threading.Thread(target=loop.run)
@@ -568,6 +569,7 @@ def group_loop(db: Path, monkeypatch: pytest.MonkeyPatch, calls: list[Any]) -> A
     finally:
         calls_in.send(None)  # stop (an EOF would end this process: the worker's exit when serve is gone)
         thread.join(30)
+        replies.close()
         checkpoints.close()
         os.close(turn)
         store.close()
@@ -629,3 +631,66 @@ def test_a_worker_checkpoints_its_commits_on_its_own_thread(tmp_path: Path, monk
         assert kind == "done"
         assert outcomes[0][1].head.seq == seq
         wait_until(lambda: db.stat().st_size > before)
+
+
+def test_a_reply_waits_for_the_fsync_of_the_wal_which_runs_outside_the_write_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker commits without fsync (``synchronous = NORMAL``), hands the write turn on, and answers only once
+    its syncer has fsynced the WAL: serve never acks what a power cut could take back, and the other worker stores
+    meanwhile."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    synced = threading.Event()
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        assert os.readlink(f"/proc/self/fd/{fd}").endswith("fleet.db-wal")
+        release.wait(30)
+        real_fsync(fd)
+        synced.set()
+
+    monkeypatch.setattr(audit_shards.os, "fsync", fsync)
+    payload, seq = uploads("dev-0", 1, 50)[0]
+    other_writer = os.open(str(db) + "-shards.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with group_loop(db, monkeypatch, [(1, [(topic("dev-0"), "dev-0", payload, 1.0)])]) as (replies, _):
+            wait_until(lambda: query(db, "SELECT count(*) FROM audit_records") == [(50,)])  # committed
+            fcntl.flock(other_writer, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the turn is free before the fsync ended
+            fcntl.flock(other_writer, fcntl.LOCK_UN)
+            time.sleep(0.2)
+            assert not replies.poll()  # committed, not yet durable: no answer
+            release.set()
+            kind, group, outcomes = replies.recv()
+            assert synced.is_set()
+            assert (kind, group) == ("done", 1)
+            assert outcomes[0][1].head.seq == seq
+    finally:
+        release.set()
+        os.close(other_writer)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # other connections keep FULL
+
+
+def test_a_failed_fsync_ends_the_worker_without_a_reply(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The WAL could not be made durable: nothing of what it holds may be acked, so the worker exits (its shard
+    fails the groups it had not answered and starts a new one) instead of replying."""
+    db = tmp_path / "fleet.db"
+    create_db(db)
+    exits: list[int] = []
+
+    def fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    def exit_(status: int) -> None:
+        exits.append(status)
+        raise SystemExit(status)  # ends the syncer's thread, as os._exit would end the process
+
+    monkeypatch.setattr(audit_shards.os, "fsync", fsync)
+    monkeypatch.setattr(audit_shards.os, "_exit", exit_)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    payload, _ = uploads("dev-0", 1, 20)[0]
+    with group_loop(db, monkeypatch, [(1, [(topic("dev-0"), "dev-0", payload, 1.0)])]) as (replies, _):
+        wait_until(lambda: exits == [audit_shards.EXIT_UNSYNCED])
+        assert not replies.poll(0.2)
