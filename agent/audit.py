@@ -830,10 +830,13 @@ class AuditUploader:
         """The last pause (:meth:`_pause_uploads`); 0 after an ack that moved the log forward."""
         self._refusals_reported: set[str] = set()
         self._resealed = False
+        self._acking = asyncio.Lock()
+        """Held while an ack is applied (outbox, then log) and while a batch is queued: no batch is built from
+        records whose ack is half applied."""
         link.ack_listeners.append(self.on_ack)
 
     async def on_ack(self, ack: Ack) -> None:
-        """An ack naming an audit head: mark the acked records, drop the outbox copies, then send the next batch.
+        """An ack naming an audit head: drop the outbox copies, mark the acked records, then send the next batch.
 
         An ack the log refuses (past the local head, or another hash) marks nothing; it is reported, the outbox
         copies it names are dropped all the same (a copy queued before an old ``registry.db`` was restored must
@@ -841,11 +844,15 @@ class AuditUploader:
         """
         if ack.audit is None:
             return
-        newly, refused = await asyncio.to_thread(self.audit.apply_ack, ack.audit)
+        async with self._acking:
+            # The outbox copies first, then the log: an agent stopped between the two re-sends a batch the
+            # controller has (acked again, as duplicates), and never keeps a copy of records its log counts as
+            # acked, which a restored old registry.db would then see acked past its head.
+            await self.link.outbox.acked([audit_ack_key(ack.audit), *await self._covered(ack.audit)])
+            newly, refused = await asyncio.to_thread(self.audit.apply_ack, ack.audit)
         if refused is not None:
             self._pause_uploads()
             await self._report_refused_ack(ack.audit, refused)
-        await self.link.outbox.acked([audit_ack_key(ack.audit), *await self._covered(ack.audit)])
         if newly:
             self.max_records = min(self.limits.max_audit_batch, self.max_records * 2)
             self._pause = 0.0
@@ -973,13 +980,14 @@ class AuditUploader:
             await self.link.outbox.reseal(self.key)
             self._resealed = True
         await self._drop_undeliverable()
-        if self.monotonic() < self._paused_until or await self._pending():
-            return False
-        built = await asyncio.to_thread(self.build_batch)
-        if built is None:
-            return False
-        head, payload = built
-        added = await self.link.send(TopicKind.AUDIT, audit_ack_key(head), payload)
+        async with self._acking:
+            if self.monotonic() < self._paused_until or await self._pending():
+                return False
+            built = await asyncio.to_thread(self.build_batch)
+            if built is None:
+                return False
+            head, payload = built
+            added = await self.link.send(TopicKind.AUDIT, audit_ack_key(head), payload)
         self.batches += int(added)
         return added
 

@@ -331,6 +331,34 @@ async def test_a_restored_registry_db_is_alerted_and_nothing_is_resent_in_a_loop
     assert "regression" in world.alerts()
 
 
+async def test_an_agent_stopped_while_applying_an_ack_keeps_no_outbox_copy_of_acked_records(world: World) -> None:
+    """The outbox copy goes before the log marks its records acked: stopped between the two, the agent re-sends a
+    batch the controller has (acked again) instead of keeping a copy of records its log counts as acked.
+
+    Fails before the fix: the log was marked first, so a copy outlived the ack; after an old registry.db was
+    restored, that copy came back acked past the log's head, and uploads paused (a flaky integration test).
+    """
+    world.append(5)
+    await world.uploader.step()
+    [item] = await world.audit_items()
+    result = ingest_batch(world.store, DEVICE, item.payload, now=time.time())
+    assert result.head is not None
+
+    class Stopped(Exception):
+        pass
+
+    def stop(head: Any) -> Any:
+        raise Stopped
+
+    with mock.patch.object(world.audit, "apply_ack", stop), contextlib.suppress(Stopped):
+        await world.uploader.on_ack(Ack(device=DEVICE, ts_ms=1, audit=result.head))
+    assert await world.audit_items() == []  # no copy of what the controller acked
+    assert world.audit.status()["pending"] == 6  # nothing marked: the batch is rebuilt and re-sent
+    await world.drain()
+    assert world.controller_head() == (result.head.epoch, result.head.seq)
+    assert world.audit.status()["pending"] == 0
+
+
 async def test_an_ack_past_the_local_head_is_refused_recorded_reported_and_not_looped(world: World) -> None:
     """An ack naming a seq the device does not have is an error: an audit record, a report, and a held batch."""
     world.append(5)
