@@ -129,10 +129,19 @@ def broker() -> None:
 @pass_context
 @reports_errors
 def broker_config(ctx: FleetContext) -> None:
-    """Rewrite mosquitto.conf, the ACL and the CRL from fleet.toml and the fleet DB."""
+    """Rewrite mosquitto.conf, the ACL and the CRL from fleet.toml and the fleet DB.
+
+    Re-issues the broker's server certificate if it no longer names the configured host(s) or expires within
+    30 days.
+    """
     home = _open_home(ctx)
-    home.write_broker_files()
+    reissued = home.write_broker_files()
     click.echo(f"wrote {home.mosquitto_conf_path}, {home.acl_path} and {home.crl_path}")
+    if reissued:
+        click.echo(
+            f"re-issued the broker's server certificate {home.broker_dir / 'server.crt'} ({reissued}); "
+            "restart the broker to use it"
+        )
     click.echo("reload the ACL with SIGHUP; restart the broker for a new CRL or listener settings")
 
 
@@ -172,10 +181,22 @@ def device_enroll(ctx: FleetContext, name: str, out: Path | None, days: int, for
     """Issue credentials for device NAME and write its provisioning bundle (0600)."""
     home = _open_home(ctx)
     out = out or Path(f"{name}.bundle")
+    store = home.open_store()
+    try:
+        reenrolled = store.get_device(name) is not None
+    finally:
+        store.close()
     bundle = home.enroll_device(name, out, days=days, force=force)
     keyids = ", ".join(sorted(bundle.controller_keys))
     click.echo(f"wrote {out} for device {name} (keep it secret: it holds the device's private keys)")
     click.echo(f"install it on the device:  edge-agent enroll {out.name} --expect-keyid {keyids}")
+    if reenrolled:
+        # The ACL no longer denies the id and the CRL lists its previous certificate, but the broker uses
+        # neither until it re-reads them: until then the new certificate is denied and an old one still works.
+        click.echo(
+            f"re-enrolled {name}: send the broker SIGHUP now (the ACL no longer denies {name}), "
+            "and restart it to load the new CRL (until then its previous certificate still connects)"
+        )
 
 
 @device.command("revoke")

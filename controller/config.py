@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import secrets
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,10 +25,23 @@ from typing import Any
 
 from controller.errors import ConfigError
 from protocols.enrollment import HOST_RE
+from protocols.topics import controller_subscriptions
 
-__all__ = ["BrokerConfig", "ControllerConfig", "FleetConfig", "dump_config", "load_config"]
+__all__ = [
+    "LEGACY_SHARE_GROUP",
+    "BrokerConfig",
+    "ControllerConfig",
+    "FleetConfig",
+    "dump_config",
+    "load_config",
+    "new_share_group",
+]
 
 CONTROLLER_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"
+
+LEGACY_SHARE_GROUP = "edge-fleet"
+"""The share group every home used before ``init`` made a random one; kept as the default of homes whose
+fleet.toml does not name one. It is public, so any device can join it (docs/THREAT_MODEL.md)."""
 
 CONTROLLER_NAME_ENV = "EDGE_FLEET_CONTROLLER_NAME"
 """Overrides ``controller.name`` (a second ``serve`` on the same home)."""
@@ -60,8 +74,10 @@ class ControllerConfig:
 
     name: str = "main"
     """Its certificate is ``edge-fleet-controller:<name>`` (never a valid device id)."""
-    share_group: str = "edge-fleet"
-    """MQTT v5 shared-subscription group that splits report/audit/fetch among controllers."""
+    share_group: str = LEGACY_SHARE_GROUP
+    """MQTT v5 shared-subscription group that splits report/audit/fetch among controllers. Secret in effect:
+    the ACL cannot stop a device from subscribing to ``$share/<group>/...``, and a device in the group takes a
+    share of the messages (which the ACL then drops). ``edge-fleet init`` writes a random one."""
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
     heartbeat_timeout_s: int = 180
@@ -116,9 +132,18 @@ def validate(config: FleetConfig) -> FleetConfig:
         raise ConfigError("controller.heartbeat_timeout_s must be at least 1")
     if not -1 <= ctl.audit_workers <= 64:
         raise ConfigError(f"controller.audit_workers {ctl.audit_workers}: 0 (in-process), 1-64, or -1 (auto)")
+    try:
+        controller_subscriptions(ctl.share_group)
+    except ValueError as exc:
+        raise ConfigError(f"controller.share_group: {exc}") from exc
     if not 0 <= ctl.artifact_port <= 65535:
         raise ConfigError(f"controller.artifact_port {ctl.artifact_port} is not a TCP port (0 = off)")
     return config
+
+
+def new_share_group() -> str:
+    """A share group name no device can guess (64 random bits), so none can join the controllers' group."""
+    return f"{LEGACY_SHARE_GROUP}-{secrets.token_hex(8)}"
 
 
 def load_config(path: Path) -> FleetConfig:

@@ -15,13 +15,16 @@ Layout::
 
 Invariants: private keys are created 0600 (never world- or group-readable at any moment: the file is created
 with that mode), every file is written atomically (temp file, fsync, ``os.replace``, fsync of the directory),
-directories holding keys are 0700/0750. Enrolling writes the device to the DB before its bundle exists, so a
-device can hold credentials the controller does not know about only if the DB is lost.
+directories holding keys are 0700/0750. Enrolling writes the bundle to a temp file first, then commits the
+device to the DB, then renames the bundle into place: a bundle that cannot be written leaves nothing enrolled, and
+a device can hold credentials the controller does not know about only if the DB is lost. The ACL and CRL are
+re-written whenever a revocation changes (revoke, and re-enrolling a revoked or --force'd device).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import threading
 import time
@@ -29,10 +32,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from controller import brokerconf, pki
-from controller.config import FleetConfig, dump_config, load_config, validate
+from controller.config import LEGACY_SHARE_GROUP, FleetConfig, dump_config, load_config, new_share_group, validate
 from controller.errors import EnrollmentError, HomeError, StoreError
 from controller.store import FleetStore
 from protocols.enrollment import BrokerAddress, EnrollmentBundle, encode_bundle
@@ -48,7 +52,10 @@ from protocols.keys import (
 )
 from protocols.topics import validate_device_id
 
-__all__ = ["FleetHome", "TlsFiles", "atomic_write"]
+SERVER_CERT_RENEW_BEFORE = dt.timedelta(days=30)
+"""``edge-fleet broker config`` re-issues the broker's server certificate when it expires sooner than this."""
+
+__all__ = ["FleetHome", "TlsFiles", "atomic_write", "publish_staged", "stage_write"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,15 @@ class TlsFiles:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``path`` atomically with ``mode`` from the first byte on."""
+    publish_staged(stage_write(path, data, mode), path)
+
+
+def stage_write(path: Path, data: bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` (fsynced, ``mode`` from the first byte on) to a temp file next to ``path``; return it.
+
+    The first half of :func:`atomic_write`, for callers that must know the file can be written *before* they
+    commit something else (enrolling: the DB row), then :func:`publish_staged` it, or unlink it on failure.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -71,6 +87,15 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # the umask may have narrowed it; never widen beyond ``mode`` though
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def publish_staged(tmp: Path, path: Path) -> None:
+    """Move a :func:`stage_write` temp file onto ``path`` and fsync the directory (unlinks ``tmp`` on failure)."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -153,13 +178,19 @@ class FleetHome:
     def init(cls, root: Path, config: FleetConfig, *, release_thresholds: Mapping[str, int] | None = None) -> FleetHome:
         """Create a new home: keys, CA, server and controller certificates, broker files, fleet DB, TUF repository.
 
-        ``release_thresholds`` sets the signature threshold (and so the number of keys made) per TUF role.
+        ``release_thresholds`` sets the signature threshold (and so the number of keys made) per TUF role. A
+        ``controller.share_group`` left at the old fixed default is replaced by a random one (written to
+        fleet.toml, and in :attr:`config` of the returned home).
 
         Raises:
             HomeError: ``root`` already holds a home (``fleet.toml`` exists) or cannot be written.
             ConfigError: ``config`` is invalid.
         """
         validate(config)
+        if config.controller.share_group == LEGACY_SHARE_GROUP:
+            # The fixed name is public: any enrolled device could join the group and take a share of the
+            # reports/audit/fetch meant for controllers (docs/THREAT_MODEL.md). A new home gets a random one.
+            config = replace(config, controller=replace(config.controller, share_group=new_share_group()))
         home = cls(root, config)
         if home.config_path.exists():
             exists = HomeError(f"{root} already holds an edge-fleet home (fleet.toml exists): not overwriting keys")
@@ -179,16 +210,9 @@ class FleetHome:
             atomic_write(home.ca_key_path, pki.key_pem(ca.key), 0o600)
             atomic_write(home.ca_cert_path, pki.cert_pem(ca.cert))
 
-            server = pki.issue_server_cert(ca, [config.broker.host, *config.broker.extra_names])
-            atomic_write(home.broker_dir / "server.key", pki.key_pem(server.key), 0o600)
-            atomic_write(home.broker_dir / "server.crt", pki.cert_pem(server.cert))
-
             store = FleetStore.open(home.db_path)
             try:
-                with store.transaction():
-                    store.record_certificate(
-                        server.serial, server.cert.subject.rfc4514_string(), "server", server.cert.not_valid_after_utc
-                    )
+                home._issue_server_cert(store, ca)
                 home._issue_controller(store, ca, config.controller.name)
                 home._write_revocation_files(store, ca)
             finally:
@@ -268,14 +292,61 @@ class FleetHome:
             self.acl_path, brokerconf.render_acl(self._controller_identities(), store.revoked_devices()).encode()
         )
 
-    def write_broker_files(self) -> None:
-        """Rewrite ``mosquitto.conf``, the ACL and the CRL (e.g. after editing fleet.toml)."""
+    def write_broker_files(self) -> str:
+        """Rewrite ``mosquitto.conf``, the ACL and the CRL (e.g. after editing fleet.toml).
+
+        Also re-issues the broker's server certificate when it no longer names every configured host (``host``
+        or ``extra_names`` changed) or expires within :data:`SERVER_CERT_RENEW_BEFORE`: ``init`` is otherwise the
+        only place it is made, and clients refuse a broker whose certificate is expired or names another host.
+
+        Returns:
+            Why the server certificate was re-issued, or "" if it was kept.
+        """
         store = self.open_store()
         try:
-            self._write_revocation_files(store, self._ca())
+            ca = self._ca()
+            reason = self._server_cert_outdated()
+            if reason:
+                self._issue_server_cert(store, ca)
+            self._write_revocation_files(store, ca)
         finally:
             store.close()
         atomic_write(self.mosquitto_conf_path, self.render_mosquitto_conf().encode())
+        return reason
+
+    def _server_names(self) -> list[str]:
+        broker = self.config.broker
+        return list(dict.fromkeys([broker.host, *broker.extra_names]))
+
+    def _server_cert_outdated(self) -> str:
+        """Why the broker's server certificate must be re-issued, or "" if it is fine."""
+        try:
+            cert = pki.load_cert((self.broker_dir / "server.crt").read_bytes())
+        except (OSError, ValueError):
+            return "it is missing or unreadable"
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = {str(n) for n in san.get_values_for_type(x509.DNSName)}
+            names |= {str(n) for n in san.get_values_for_type(x509.IPAddress)}
+        except x509.ExtensionNotFound:
+            names = set()
+        missing = [n for n in self._server_names() if str(_normalise_host(n)) not in names]
+        if missing:
+            return f"it does not name {', '.join(missing)}"
+        end = cert.not_valid_after_utc
+        if end - dt.datetime.now(dt.UTC) < SERVER_CERT_RENEW_BEFORE:
+            return f"it expires {end:%Y-%m-%d}"
+        return ""
+
+    def _issue_server_cert(self, store: FleetStore, ca: pki.Issued) -> None:
+        server = pki.issue_server_cert(ca, self._server_names())
+        with store.transaction():
+            store.record_certificate(
+                server.serial, server.cert.subject.rfc4514_string(), "server", server.cert.not_valid_after_utc
+            )
+        # Key first, 0600 from its first byte: the certificate must never pair with a key that is not on disk.
+        atomic_write(self.broker_dir / "server.key", pki.key_pem(server.key), 0o600)
+        atomic_write(self.broker_dir / "server.crt", pki.cert_pem(server.cert))
 
     def _issue_controller(self, store: FleetStore, ca: pki.Issued, name: str) -> TlsFiles:
         files = self.controller_tls(name)
@@ -331,15 +402,40 @@ class FleetHome:
             not_after: Explicit certificate validity end.
 
         Raises:
-            EnrollmentError: invalid id, or already enrolled without ``force``.
+            EnrollmentError: invalid id, already enrolled without ``force``, a validity the device CA does not
+                cover, or ``out`` cannot be written (then nothing is changed: the device is not enrolled).
         """
         try:
             validate_device_id(device)
         except DecodeError as exc:
             raise EnrollmentError(str(exc)) from exc
         ca = self._ca()
+        _check_validity(ca, days=days, not_after=not_after)
         signing = generate_private_key()
         issued = pki.issue_client_cert(ca, device, days=days, not_before=not_before, not_after=not_after)
+        key = self.assignment_key()
+        broker = self.config.broker
+        bundle = EnrollmentBundle(
+            device=device,
+            issued_ts_ms=int(time.time() * 1000),
+            broker=BrokerAddress(host=broker.host, port=broker.port, max_packet_size=broker.max_packet_size),
+            ca_pem=pki.cert_pem(ca.cert).decode(),
+            cert_pem=pki.cert_pem(issued.cert).decode(),
+            tls_key_pem=pki.key_pem(issued.key).decode(),
+            signing_key_pem=private_key_to_pem(signing).decode(),
+            controller_keys={keyid(key): public_key_to_pem(key).decode()},
+            controller_threshold=1,
+            tuf_root=self._tuf_root(),
+        )
+        # The bundle is written (to a temp file beside ``out``) before the DB commits: an unwritable ``out``
+        # must not leave the device enrolled without credentials, which a retry would then refuse ("already
+        # enrolled") and which --force would revoke the working old credentials for.
+        if out.is_dir():
+            raise EnrollmentError(f"cannot write the bundle to {out}: it is a directory")
+        try:
+            staged = stage_write(out, encode_bundle(bundle, [key]), 0o600)
+        except OSError as exc:
+            raise EnrollmentError(f"cannot write the bundle to {out}: {exc}") from exc
         store = self.open_store()
         try:
             existing = store.get_device(device)
@@ -356,28 +452,18 @@ class FleetHome:
                     signing_keyid=keyid(signing),
                     signing_key_pem=public_key_to_pem(signing).decode(),
                 )
+            if existing is not None:
+                # Re-enrolled (after a revocation or with --force): the ACL must stop denying the device, and
+                # the CRL must list the certificate --force just revoked.
+                self._write_revocation_files(store, ca)
+            publish_staged(staged, out)
         except StoreError as exc:
             raise EnrollmentError(str(exc)) from exc
-        finally:
-            store.close()
-        key = self.assignment_key()
-        broker = self.config.broker
-        bundle = EnrollmentBundle(
-            device=device,
-            issued_ts_ms=int(time.time() * 1000),
-            broker=BrokerAddress(host=broker.host, port=broker.port, max_packet_size=broker.max_packet_size),
-            ca_pem=pki.cert_pem(ca.cert).decode(),
-            cert_pem=pki.cert_pem(issued.cert).decode(),
-            tls_key_pem=pki.key_pem(issued.key).decode(),
-            signing_key_pem=private_key_to_pem(signing).decode(),
-            controller_keys={keyid(key): public_key_to_pem(key).decode()},
-            controller_threshold=1,
-            tuf_root=self._tuf_root(),
-        )
-        try:
-            atomic_write(out, encode_bundle(bundle, [key]), 0o600)
         except OSError as exc:
             raise EnrollmentError(f"cannot write the bundle to {out}: {exc}") from exc
+        finally:
+            staged.unlink(missing_ok=True)
+            store.close()
         return bundle
 
     def _revoke(self, store: FleetStore, ca: pki.Issued, device: str) -> None:
@@ -398,3 +484,37 @@ class FleetHome:
             raise EnrollmentError(str(exc)) from exc
         finally:
             store.close()
+
+
+def _normalise_host(name: str) -> object:
+    """An IP address as :mod:`ipaddress` prints it (how a SAN entry compares), a DNS name as it is."""
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return name
+
+
+def _check_validity(ca: pki.Issued, *, days: int, not_after: dt.datetime | None) -> None:
+    """Refuse a device certificate that would outlive the CA that signs it.
+
+    Past the CA's notAfter the whole chain is invalid, so such a certificate only looks longer-lived; and a huge
+    ``days`` would overflow the date arithmetic.
+
+    Raises:
+        EnrollmentError: naming the latest date (and most days) the CA allows.
+    """
+    ca_end = ca.cert.not_valid_after_utc
+    max_days = max(0, (ca_end - dt.datetime.now(dt.UTC)).days)
+    if not_after is not None:
+        if not_after > ca_end:
+            raise EnrollmentError(
+                f"the certificate would end {not_after:%Y-%m-%d}, after the device CA expires ({ca_end:%Y-%m-%d})"
+            )
+        return
+    if days > max_days:
+        error = EnrollmentError(
+            f"--days {days}: the certificate would outlive the device CA, which expires {ca_end:%Y-%m-%d} "
+            f"(at most {max_days} days from now)"
+        )
+        error.hint = f"Use --days {max_days} or fewer."
+        raise error
