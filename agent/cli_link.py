@@ -33,7 +33,11 @@ pass_context = click.pass_obj
     multiple=True,
     help="Controller key id the bundle must be signed by (printed by `edge-fleet device enroll`).",
 )
-@click.option("--force", is_flag=True, help="Replace an enrollment as another device (drops its unsent messages).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an enrollment as another device (drops its unsent messages), or a bundle issued later.",
+)
 @pass_context
 def enroll(ctx: AgentContext, bundle: Path, keyids: tuple[str, ...], force: bool) -> None:
     """Install the provisioning BUNDLE made by `edge-fleet device enroll` (restart the agent afterwards)."""

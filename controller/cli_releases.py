@@ -1,4 +1,4 @@
-"""Release commands: ``model add/publish/list``, ``keys rotate/list`` and ``deploy`` (controller.releases).
+"""Release commands: ``model add/publish/list``, ``keys rotate/renew/list`` and ``deploy`` (controller.releases).
 
 ``model add`` stages a target, ``model publish`` signs it into the repository (targets, snapshot, timestamp);
 ``edge-fleet serve`` then publishes the metadata as retained messages and serves the blobs. ``deploy``
@@ -160,7 +160,7 @@ def keys_rotate(ctx: FleetContext, role: str) -> None:
 
     ``assignments``: a new assignment key, published as the TUF target keys/assignments.json (signed by the
     targets role); devices then accept only assignments signed by it. Every device's newest assignment is
-    re-signed with it under a new generation. Restart `edge-fleet serve` to sign with the new key.
+    re-signed with it under a new generation. A running `edge-fleet serve` picks up the new key by itself.
     """
     if role == "assignments":
         _rotate_assignment_key(ctx)
@@ -177,8 +177,24 @@ def _rotate_assignment_key(ctx: FleetContext) -> None:
     done = rotate_assignment_key(FleetHome.open(ctx.home), _repo(ctx))
     click.echo(
         f"assignments: new key {done.keyid}; published keys/assignments.json in targets v{done.targets_version}; "
-        f"re-signed {done.resigned} assignment(s); restart `edge-fleet serve` to sign with the new key"
+        f"re-signed {done.resigned} assignment(s); a running `edge-fleet serve` signs with the new key from now on"
     )
+
+
+@keys_group.command("renew")
+@click.argument("role", type=click.Choice(["targets", "root"]))
+@_pass_context
+@reports_errors
+def keys_renew(ctx: FleetContext, role: str) -> None:
+    """Re-sign ROLE (targets or root) with a fresh expiry, then snapshot and timestamp; needs ROLE's key.
+
+    Targets metadata expires 90 days and root 365 days after it was last signed (by `model publish`, `keys
+    rotate` or this command); devices refuse every release after that. `edge-fleet serve` warns 30 days ahead.
+    """
+    repo = _repo(ctx)
+    version = repo.renew(role)
+    expires = repo.load(role).signed.expires
+    click.echo(f"{role}: v{version}, expires {expires.isoformat()}")
 
 
 @keys_group.command("list")

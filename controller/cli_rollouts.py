@@ -507,11 +507,14 @@ def _group_name(name: str) -> str:
 @pass_context
 @reports_errors
 def group_add(ctx: FleetContext, group: str, devices: tuple[str, ...]) -> None:
-    """Add devices to GROUP (created on first use)."""
+    """Add devices to GROUP (created on first use); nothing changes unless every device is enrolled."""
+    group = _group_name(group)
     with _store(ctx) as (_, store):
-        for device_id in devices:
-            _check_device(store, device_id)
-            store.set_group_member(_group_name(group), device_id, True)
+        with store.transaction():  # every id first: a typo must not leave the group half-made
+            for device_id in devices:
+                _check_device(store, device_id)
+            for device_id in devices:
+                store.set_group_member(group, device_id, True)
         members = store.groups().get(group, [])
     click.echo(f"{group}: {', '.join(members)}")
 
@@ -522,10 +525,16 @@ def group_add(ctx: FleetContext, group: str, devices: tuple[str, ...]) -> None:
 @pass_context
 @reports_errors
 def group_remove(ctx: FleetContext, group: str, devices: tuple[str, ...]) -> None:
-    """Remove devices from GROUP."""
+    """Remove devices from GROUP; nothing changes unless every device is a member of it."""
+    group = _group_name(group)
     with _store(ctx) as (_, store):
-        for device_id in devices:
-            store.set_group_member(_group_name(group), device_id, False)
+        with store.transaction():
+            current = set(store.groups().get(group, []))
+            missing = [device_id for device_id in devices if device_id not in current]
+            if missing:  # a typo would otherwise leave the device in the group and report success
+                raise EnrollmentError(f"not in group {group!r}: {', '.join(missing)}")
+            for device_id in devices:
+                store.set_group_member(group, device_id, False)
         members = store.groups().get(group, [])
     click.echo(f"{group}: {', '.join(members) or '(empty)'}")
 

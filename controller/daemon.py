@@ -428,7 +428,17 @@ class _SealedOutcome:
 
 
 async def _serve_chunks(server: FleetServer, message: InboundMessage, device: str) -> None:
-    """The ``fetch`` handler: chunks of published blobs (controller.link.blobs)."""
+    """The ``fetch`` handler: chunks of published blobs (controller.link.blobs), only to enrolled devices.
+
+    A fetch request is not signed, but the broker's ACL makes the device of the topic its sender; a device that is
+    unknown or revoked (its certificate may still be accepted until the broker reloads the CRL) gets nothing, and
+    the request is recorded as a rejection like any other message from it.
+    """
+    row = await server.db(server.store.get_device, device)
+    reason = "unknown device: not enrolled" if row is None else "device is revoked" if row.revoked else None
+    if reason is not None:
+        await server._reject(message, device, reason)
+        return
     if server.chunks is not None:
         with contextlib.suppress(NotConnectedError):  # the device asks again after the reconnect
             await server.chunks.handle(server.link, message.payload, device)

@@ -482,17 +482,63 @@ class ReleaseRepository:
         )
         self._sign_and_write(timestamp, signers)
 
-    def refresh_timestamp(self, *, if_expiring_within: dt.timedelta) -> bool:
-        """Re-sign the timestamp if it expires within ``if_expiring_within`` (``edge-fleet serve``'s loop).
+    def refresh_timestamp(
+        self,
+        *,
+        if_expiring_within: dt.timedelta,
+        snapshot_if_expiring_within: dt.timedelta = DEFAULT_EXPIRY["snapshot"] / 2,
+    ) -> bool:
+        """Re-sign the online roles before they expire (``edge-fleet serve``'s loop).
+
+        The snapshot is re-signed (a new version naming the same targets) when it expires within
+        ``snapshot_if_expiring_within``, and then a new timestamp names it; otherwise the timestamp alone is
+        re-signed when it expires within ``if_expiring_within``. Both keys are online, so a fleet with no new
+        publish keeps verifiable metadata for as long as the targets and root last (see :meth:`renew`).
 
         Returns:
-            Whether a new timestamp was written.
+            Whether new metadata was written.
         """
+        now = self.clock()
+        if self.load("snapshot").signed.expires - now <= snapshot_if_expiring_within:
+            snapshot_signers, timestamp_signers = self.signers("snapshot"), self.signers("timestamp")
+            self._sign_chain(snapshot_signers, timestamp_signers)
+            return True
         current = self.load("timestamp").signed
-        if current.expires - self.clock() > if_expiring_within:
+        if current.expires - now > if_expiring_within:
             return False
         self._sign_timestamp(self.signers("timestamp"), current.snapshot_meta.version)
         return True
+
+    def expiring(self, within: dt.timedelta, roles: Sequence[str] = ("root", "targets")) -> dict[str, dt.datetime]:
+        """``{role: expires}`` of the latest metadata of ``roles`` that expires within ``within`` from now."""
+        now = self.clock()
+        found = {role: self.load(role).signed.expires for role in roles}
+        return {role: expires for role, expires in found.items() if expires - now <= within}
+
+    def renew(self, role: str) -> int:
+        """Re-sign ``role`` (``targets`` or ``root``) unchanged but for a new version and a fresh expiry, then a new
+        snapshot and timestamp (``edge-fleet keys renew``).
+
+        Root and targets are signed offline and only ``model publish`` / ``keys rotate`` re-sign them otherwise,
+        so a fleet that publishes nothing for 90 days (targets) or a year (root) needs this before they expire.
+        A new root is signed by the keys the current root lists, so devices accept it (TUF §5.3.4).
+
+        Returns:
+            The new version of ``role``.
+
+        Raises:
+            ReleaseError: another role, or the role's (or the snapshot's/timestamp's) keys are not on this machine.
+        """
+        if role not in ("root", "targets"):
+            raise ReleaseError(f"only root and targets are renewed by hand (not {role!r}): serve renews the others")
+        signers = self.signers(role)
+        snapshot_signers, timestamp_signers = self.signers("snapshot"), self.signers("timestamp")
+        md = self.load(role)
+        md.signed.version += 1
+        md.signed.expires = self.clock() + DEFAULT_EXPIRY[role]
+        self._sign_and_write(md, signers)
+        self._sign_chain(snapshot_signers, timestamp_signers)
+        return int(md.signed.version)
 
     # --- keys -------------------------------------------------------------------------------------------
 
@@ -500,8 +546,9 @@ class ReleaseRepository:
         """Replace every key of ``role`` by new ones (as many as its threshold), through a new root.
 
         The new root is signed by the old root keys and, for a root rotation, by the new ones too; then the
-        role's metadata is re-signed with the new keys (and the chain above it), so devices move over on their
-        next refresh. The old private keys are moved to ``keys/retired/``.
+        role's metadata is re-signed with the new keys and a fresh expiry (and the chain above it), so devices
+        move over on their next refresh. Only the keys of the roles signed are loaded: rotating an online key
+        does not need the offline targets key. The old private keys are moved to ``keys/retired/``.
 
         Returns:
             The new key ids.
@@ -512,7 +559,15 @@ class ReleaseRepository:
         if role not in TOP_LEVEL_ROLE_NAMES:
             raise ReleaseError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
         old_root_signers = self.signers("root")
-        chain = {r: self.signers(r) for r in ("targets", "snapshot", "timestamp") if r != role}
+        # Only the keys this rotation signs with: an emergency rotation of a compromised online key must not
+        # need the offline targets key (which is not re-signed unless targets is the role rotated).
+        needed = {
+            "root": (),
+            "targets": ("snapshot", "timestamp"),
+            "snapshot": ("timestamp",),
+            "timestamp": ("snapshot",),
+        }
+        chain = {r: self.signers(r) for r in needed[role]}
         root = self.load("root")
         old_ids = list(root.signed.roles[role].keyids)
         new = [self._new_key(role) for _ in range(root.signed.roles[role].threshold)]
@@ -530,6 +585,7 @@ class ReleaseRepository:
         if role in ("targets",):
             targets = self.load("targets")
             targets.signed.version += 1
+            targets.signed.expires = self.clock() + DEFAULT_EXPIRY["targets"]
             self._sign_and_write(targets, new_signers)
         if role in ("targets", "snapshot", "timestamp"):
             snapshot = new_signers if role == "snapshot" else chain["snapshot"]

@@ -102,11 +102,12 @@ def install_bundle(
         data: The bundle file's bytes.
         expected_keyids: Controller key ids to pin (``--expect-keyid``): the bundle must be signed by them.
         device_id: The configured device id, if any: the bundle must be for it.
-        force: Replace an enrollment for another device (its link database is removed).
+        force: Replace an enrollment for another device (its link database is removed), or one issued later.
         now: Time for the certificate validity check (tests).
 
     Raises:
-        EnrollmentError: invalid bundle, wrong device, or enrolled already as another device.
+        EnrollmentError: invalid bundle, wrong device, enrolled already as another device, or the installed bundle
+            was issued after this one.
     """
     bundle = _decode(data, expected_keyids, now)
     if device_id is not None and bundle.device != device_id:
@@ -130,6 +131,12 @@ def install_bundle(
                 raise EnrollmentError(
                     f"this agent is enrolled as {previous!r}; use --force to enroll it as {bundle.device!r}"
                 )
+            if old is not None and bundle.issued_ts_ms < old.issued_ts_ms and not force:
+                # an old bundle (a stale copy, a revoked certificate) must not silently replace a renewed one
+                raise EnrollmentError(
+                    f"the bundle was issued before the installed one ({_issued(bundle)} < {_issued(old)}); "
+                    "use --force to install it anyway"
+                )
             # before the new bundle is written: a crash in between leaves the old bundle with less state, never
             # the new bundle with the old fleet's
             _forget_trust(directory, old, bundle)
@@ -137,6 +144,10 @@ def install_bundle(
     except OSError as exc:
         raise EnrollmentError(f"cannot install the bundle in {directory}: {exc}") from exc
     return _materialize(state_dir, bundle)
+
+
+def _issued(bundle: EnrollmentBundle) -> str:
+    return dt.datetime.fromtimestamp(bundle.issued_ts_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
 def _forget_trust(directory: Path, old: EnrollmentBundle | None, new: EnrollmentBundle) -> None:

@@ -5,7 +5,8 @@ Two parts, both run by ``edge-fleet serve`` (controller.daemon):
 - :class:`RepositoryPublisher` publishes every metadata document of the TUF repository as a retained message on
   its :func:`~protocols.topics.repo_topic` (``repo/root/<N>``, ``repo/targets/<N>``, ``repo/snapshot/<N>``,
   ``repo/timestamp``): all of them on every (re)connect, then new ones as ``model publish`` or ``keys rotate``
-  write them. It also re-signs the timestamp before it expires (the timestamp key is online).
+  write them. It also re-signs the snapshot and the timestamp before they expire (their keys are online), and
+  warns (once a day) when the offline-signed targets or root expires soon (``edge-fleet keys renew``).
 - :class:`ChunkServer` answers a device's :class:`~protocols.messages.FetchRequest` with binary chunk frames on
   that device's ``chunk`` topic. It serves only *published* targets whose sha256 and chunk size match the
   request, only to the device of the topic the request came on (the broker's ACL makes that the requester),
@@ -52,7 +53,11 @@ class RepositoryPublisher:
 
     repo: ReleaseRepository
     refresh_timestamp_within: dt.timedelta = dt.timedelta(hours=12)
+    warn_expiry_within: dt.timedelta = dt.timedelta(days=30)
+    """Warn when root or targets (signed offline, renewed by hand) expires within this."""
+    warn_every: dt.timedelta = dt.timedelta(days=1)
     _published: dict[str, bytes] = field(default_factory=dict)
+    _warned_at: dt.datetime | None = None
 
     def _documents(self) -> Iterable[tuple[str, bytes]]:
         for role, version, data in self.repo.documents():
@@ -64,12 +69,13 @@ class RepositoryPublisher:
         return await self.publish_new(link)
 
     async def publish_new(self, link: Publisher) -> int:
-        """Re-sign an expiring timestamp, then publish every document not published yet (or changed)."""
+        """Re-sign an expiring snapshot/timestamp, then publish every document not published yet (or changed)."""
         try:
             if await asyncio.to_thread(self.repo.refresh_timestamp, if_expiring_within=self.refresh_timestamp_within):
                 log.info("repo.timestamp_resigned")
         except ReleaseError as exc:
             log.error("repo.timestamp_not_resigned", error=str(exc))
+        await asyncio.to_thread(self._warn_expiring)
         documents = await asyncio.to_thread(lambda: list(self._documents()))
         count = 0
         for topic, data in documents:
@@ -81,6 +87,26 @@ class RepositoryPublisher:
         if count:
             log.info("repo.published", documents=count)
         return count
+
+    def _warn_expiring(self) -> None:
+        """Log ``repo.expiring_soon`` for root/targets expiring within ``warn_expiry_within``, at most once a day."""
+        now = self.repo.clock()
+        if self._warned_at is not None and now - self._warned_at < self.warn_every:
+            return
+        try:
+            expiring = self.repo.expiring(self.warn_expiry_within)
+        except ReleaseError as exc:
+            log.error("repo.expiry_unknown", error=str(exc))
+            return
+        for role, expires in sorted(expiring.items()):
+            log.warning(
+                "repo.expiring_soon",
+                role=role,
+                expires=expires.isoformat(),
+                action=f"run `edge-fleet keys renew {role}` with the {role} key",
+            )
+        if expiring:
+            self._warned_at = now
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,6 +92,7 @@ async def test_rotation_end_to_end_and_removed_keys_are_refused(setup: Setup) ->
     new = setup.home.assignment_key()
     assert keyid(new) != keyid(old)
     assert keyid(new) in output
+    assert "restart" not in output  # serve reloads the key file itself (FleetServer.signing_key)
 
     fresh = assignment(new, 2)
     with pytest.raises(VerificationError):

@@ -108,3 +108,24 @@ def test_loading_the_enrollment_does_not_depend_on_the_local_clock(tmp_path: Pat
     loaded = load_enrollment(tmp_path / "state", now=now)
     assert loaded is not None
     assert loaded.bundle == installed.bundle
+
+
+def test_an_older_bundle_does_not_replace_a_newer_one_unless_forced(tmp_path: Path) -> None:
+    """A bundle issued before the installed one (a stale copy) is refused; ``force`` installs it."""
+    import time
+
+    from agent.errors import EnrollmentError
+
+    home, older = _fleet(tmp_path, "fleet")
+    time.sleep(0.01)  # issued_ts_ms is in milliseconds
+    out = tmp_path / "newer.bundle"
+    args = ["--home", str(home.root), "device", "enroll", DEVICE, "--force", "--out", str(out)]
+    result = CliRunner().invoke(fleet_cli, args)
+    assert result.exit_code == 0, result.output
+    newer = out.read_bytes()
+    state = tmp_path / "state"
+    install_bundle(state, newer)
+    with pytest.raises(EnrollmentError, match="issued before the installed one"):
+        install_bundle(state, older)
+    assert load_enrollment(state).bundle.issued_ts_ms == install_bundle(state, newer).bundle.issued_ts_ms
+    assert install_bundle(state, older, force=True).bundle.device == DEVICE

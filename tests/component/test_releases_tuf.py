@@ -410,3 +410,115 @@ async def test_slow_retrieval_hits_the_deadline(repo: ReleaseRepository, mirror:
     with pytest.raises(FetchTimeoutError, match="not complete after"):
         await MqttBlobFetcher(sender, policy).fetch(target, tmp_path / "out")
     assert len(sender.requests) > 1  # the window was asked for again while waiting
+
+
+# --- expiry and renewal -------------------------------------------------------------------------------------
+
+
+def _published_days_ago(tmp_path: Path, days: int) -> ReleaseRepository:
+    """A repository whose one target was published ``days`` ago (its clock), reopened with the real clock."""
+    then = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=days)
+    old = ReleaseRepository.create(tmp_path / "repo", clock=lambda: then)
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(b"GGUF" + bytes(1000))
+    old.add_model(model, name="tiny", variant="q4_0")
+    assert old.publish() == 1
+    return ReleaseRepository(tmp_path / "repo")
+
+
+async def test_serve_re_signs_an_expired_snapshot(tmp_path: Path) -> None:
+    """Eight days without a publish: serve's refresh re-signs the snapshot too, and devices refresh again."""
+    from controller.link.blobs import RepositoryPublisher
+
+    repo = _published_days_ago(tmp_path, 8)
+    mirror = Mirror(repo, tmp_path / "mirror")
+    with pytest.raises(ReleaseStaleError, match="expired"):
+        device(repo, mirror, tmp_path).lookup(PATH)
+    snapshot_before = repo.versions("snapshot")[-1]
+
+    class NullLink:
+        async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+            pass
+
+    await RepositoryPublisher(repo).publish_new(NullLink())
+    assert repo.versions("snapshot")[-1] == snapshot_before + 1
+    assert repo.load("timestamp").signed.snapshot_meta.version == snapshot_before + 1
+    mirror.sync()
+    assert device(repo, mirror, tmp_path).lookup(PATH).path == PATH
+
+
+def test_snapshot_is_re_signed_only_when_half_expired(repo: ReleaseRepository) -> None:
+    """A fresh snapshot is left alone; one expiring within half its lifetime gets a new version."""
+    before = repo.versions("snapshot")[-1]
+    repo.refresh_timestamp(if_expiring_within=dt.timedelta(hours=12))
+    assert repo.versions("snapshot")[-1] == before
+    later = repo.clock() + dt.timedelta(days=4)
+    repo.clock = lambda: later
+    assert repo.refresh_timestamp(if_expiring_within=dt.timedelta(hours=12)) is True
+    assert repo.versions("snapshot")[-1] == before + 1
+    assert repo.load("snapshot").signed.expires == later + dt.timedelta(days=7)
+
+
+@pytest.mark.parametrize(("role", "days"), [("targets", 91), ("root", 366)])
+def test_renew_extends_an_expired_role_and_devices_accept_it(tmp_path: Path, role: str, days: int) -> None:
+    """`keys renew targets|root`: a role past its expiry gets a fresh one and devices verify targets again."""
+    repo = _published_days_ago(tmp_path, days)
+    repo.refresh_timestamp(if_expiring_within=dt.timedelta(hours=12))
+    mirror = Mirror(repo, tmp_path / "mirror")
+    with pytest.raises(ReleaseStaleError, match="expired"):
+        device(repo, mirror, tmp_path).lookup(PATH)
+    if role == "root":  # a year old: the targets expired too, and renewing them alone is not enough
+        repo.renew("targets")
+        mirror.sync()
+        with pytest.raises(ReleaseStaleError, match="expired"):
+            device(repo, mirror, tmp_path).lookup(PATH)
+    version = repo.renew(role)
+    assert repo.load(role).signed.version == version
+    assert repo.load(role).signed.expires - repo.clock() > dt.timedelta(days=80)
+    mirror.sync()
+    assert device(repo, mirror, tmp_path).lookup(PATH).path == PATH
+
+
+@pytest.mark.parametrize("role", ["root", "targets"])
+def test_rotation_gives_the_role_a_fresh_expiry(tmp_path: Path, role: str) -> None:
+    """`keys rotate ROLE` signs the role with a fresh expiry, not the old one."""
+    repo = _published_days_ago(tmp_path, 60)
+    old = repo.load(role).signed.expires
+    repo.rotate_keys(role)
+    assert repo.load(role).signed.expires - old >= dt.timedelta(days=59)
+
+
+@pytest.mark.parametrize("role", ["root", "snapshot", "timestamp"])
+def test_rotating_an_online_key_does_not_need_the_offline_targets_key(
+    repo: ReleaseRepository, mirror: Mirror, tmp_path: Path, role: str
+) -> None:
+    """An emergency rotation of root, snapshot or timestamp works with repo/keys/targets moved away."""
+    updater = device(repo, mirror, tmp_path)
+    updater.lookup(PATH)
+    shutil.move(repo.keys_dir / "targets", tmp_path / "offline-targets")
+    repo.rotate_keys(role)
+    mirror.sync()
+    assert updater.lookup(PATH).path == PATH
+
+
+async def test_serve_warns_once_a_day_when_root_or_targets_expires_soon(tmp_path: Path) -> None:
+    """A targets role 70 days old (20 left) is logged as expiring, at most once a day."""
+    from structlog.testing import capture_logs
+
+    from controller.link.blobs import RepositoryPublisher
+
+    repo = _published_days_ago(tmp_path, 70)
+    publisher = RepositoryPublisher(repo)
+
+    class NullLink:
+        async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+            pass
+
+    now = repo.clock()
+    with capture_logs() as events:
+        await publisher.publish_new(NullLink())
+        await publisher.publish_new(NullLink())
+        repo.clock = lambda: now + dt.timedelta(days=1, minutes=1)
+        await publisher.publish_new(NullLink())
+    warnings = [e for e in events if e["event"] == "repo.expiring_soon"]
+    assert [w["role"] for w in warnings] == ["targets", "targets"]

@@ -3,6 +3,7 @@ pause between waves, `deploy` without waves as one transaction, and `device assi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -122,3 +123,42 @@ def test_deploy_without_waves_checks_and_assigns_in_one_transaction(home: FleetH
         assert begins[0] < check < insert < commits[0]
     finally:
         store.close()
+
+
+def test_group_add_with_an_unknown_device_changes_nothing(home: FleetHome) -> None:
+    """`group add g2 dev-1 typo` fails (exit 1) and creates no group: every id is checked before any change."""
+    status, output = fleet(home, "group", "add", "g2", DEVICE, "dev-typo")
+    assert status == 1
+    assert "dev-typo" in output
+    with contextlib.closing(home.open_store()) as store:
+        assert store.groups() == {}
+
+
+def test_group_remove_of_a_non_member_is_an_error(home: FleetHome) -> None:
+    """`group remove g1 typo` fails (exit 1) and removes nobody, even listed with a real member."""
+    assert fleet(home, "group", "add", "g1", DEVICE)[0] == 0
+    status, output = fleet(home, "group", "remove", "g1", DEVICE, "dev-typo")
+    assert status == 1
+    assert "dev-typo" in output
+    with contextlib.closing(home.open_store()) as store:
+        assert store.groups() == {"g1": [DEVICE]}
+    assert fleet(home, "group", "remove", "g1", DEVICE) == (0, "g1: (empty)\n")
+
+
+def test_keys_rotate_assignments_help_does_not_ask_for_a_restart(home: FleetHome) -> None:
+    """serve hot-reloads the assignment key: the command's help must not tell operators to restart it."""
+    status, output = fleet(home, "keys", "rotate", "--help")
+    assert status == 0
+    assert "restart" not in output.lower()
+
+
+def test_keys_renew_targets_gives_a_fresh_expiry(home: FleetHome) -> None:
+    """`keys renew targets` writes a new targets version and reports it."""
+    from controller.releases import ReleaseRepository
+
+    repo = ReleaseRepository(home.repo_dir)
+    before = repo.versions("targets")[-1]
+    status, output = fleet(home, "keys", "renew", "targets")
+    assert status == 0, output
+    assert repo.versions("targets")[-1] == before + 1
+    assert f"targets: v{before + 1}" in output
