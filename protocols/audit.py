@@ -946,6 +946,21 @@ def _check_links(records: Sequence[AuditRecord]) -> None:
         previous = record
 
 
+def _require_stored(known: KnownHash | None, epoch: int, seq: int, hash_: str, *, behind: str, what: str) -> None:
+    """Something behind the accepted head is a re-sent duplicate only if the record at ``(epoch, seq)`` is stored
+    with ``hash_``.
+
+    Raises:
+        RollbackError: nothing is stored there (``behind`` says what lies behind the head).
+        ChainError: a fork: the stored record differs (``what`` names the differing thing).
+    """
+    stored = known(epoch, seq) if known is not None else None
+    if stored is None:
+        raise RollbackError(behind)
+    if stored != hash_:
+        raise ChainError(f"fork: {what} differs from the stored record")
+
+
 def _relate(
     records: Sequence[AuditRecord], after: AuditHead | None, known: KnownHash | None, *, links_checked: bool = False
 ) -> _Outcome:
@@ -960,31 +975,26 @@ def _relate(
     duplicates = 0
     epoch_change: EpochChange | None = None
     expected_seq, expected_prev = 0, ZERO_HASH
-    if after is not None and epoch < after.epoch:
-        # A re-sent batch of an older epoch (its ack was lost before the device moved on) is all duplicates if
-        # its last record is stored: the chain makes every earlier one identical too.
-        stored = known(epoch, last.seq) if known is not None else None
-        if stored is None:
-            raise RollbackError(f"records of epoch {epoch}, older than the accepted epoch {after.epoch}")
-        if stored != last.hash:
-            raise ChainError(f"fork: epoch {epoch} seq {last.seq} differs from the stored record")
+    if after is not None and (epoch, last.seq) < (after.epoch, after.seq):
+        # Wholly behind the accepted head, in its epoch or an older one (an ack lost before the device moved on):
+        # a re-sent batch, all duplicates if its last record is stored (the chain makes every earlier one equal).
+        _require_stored(
+            known,
+            epoch,
+            last.seq,
+            last.hash,
+            behind=f"records of epoch {epoch}, older than the accepted epoch {after.epoch}"
+            if epoch < after.epoch
+            else f"records end at epoch {epoch} seq {last.seq}, before the accepted head seq {after.seq}",
+            what=f"epoch {epoch} seq {last.seq}",
+        )
         return _Outcome(after, (), len(records), (), None)
     if after is not None and epoch == after.epoch:
-        if first.seq <= after.seq:
-            if last.seq >= after.seq:
-                # The hash at the head's seq commits to every earlier record: equal means all are duplicates.
-                if records[after.seq - first.seq].hash != after.hash:
-                    raise ChainError(f"fork: epoch {epoch} seq {after.seq} differs from the accepted record")
-                duplicates = after.seq - first.seq + 1
-            else:
-                stored = known(epoch, last.seq) if known is not None else None
-                if stored is None:
-                    raise RollbackError(
-                        f"records end at epoch {epoch} seq {last.seq}, before the accepted head seq {after.seq}"
-                    )
-                if stored != last.hash:
-                    raise ChainError(f"fork: epoch {epoch} seq {last.seq} differs from the stored record")
-                duplicates = len(records)
+        if first.seq <= after.seq:  # and last.seq >= after.seq: the records reach the head
+            # The hash at the head's seq commits to every earlier record: equal means all are duplicates.
+            if records[after.seq - first.seq].hash != after.hash:
+                raise ChainError(f"fork: epoch {epoch} seq {after.seq} differs from the accepted record")
+            duplicates = after.seq - first.seq + 1
             new = records[duplicates:]
         expected_seq, expected_prev = after.seq + 1, after.hash
     if new:
@@ -1200,14 +1210,15 @@ class ChainVerifier:
                 raise ChainError(f"fork: checkpoint hash at seq {after.seq} differs from the accepted head")
             return
         # behind the head, in its epoch or an older one: a re-sent checkpoint if it names a stored record
-        stored = known(checkpoint.epoch, checkpoint.seq) if known is not None else None
-        if stored is None:
-            raise RollbackError(
-                f"checkpoint at epoch {checkpoint.epoch} seq {checkpoint.seq}, before the accepted head "
-                f"(epoch {after.epoch} seq {after.seq})"
-            )
-        if stored != checkpoint.head_hash:
-            raise ChainError(f"fork: checkpoint hash at seq {checkpoint.seq} differs from the stored record")
+        _require_stored(
+            known,
+            checkpoint.epoch,
+            checkpoint.seq,
+            checkpoint.head_hash,
+            behind=f"checkpoint at epoch {checkpoint.epoch} seq {checkpoint.seq}, before the accepted head "
+            f"(epoch {after.epoch} seq {after.seq})",
+            what=f"checkpoint hash at seq {checkpoint.seq}",
+        )
 
     def commit(self, result: VerifiedBatch) -> None:
         """Accept ``result.head`` as the device's head, after the caller stored ``result.records``.
