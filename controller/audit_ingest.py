@@ -259,10 +259,7 @@ def store_batch(
         verifier = ChainVerifier({device: head} if head is not None else {})
 
         def known(epoch: int, seq: int) -> str | None:
-            found = db.execute(
-                "SELECT hash FROM audit_records WHERE device = ? AND epoch = ? AND seq = ?", [device, epoch, seq]
-            ).fetchone()
-            return None if found is None else str(found[0])
+            return _stored_hash(store, device, epoch, seq)
 
         try:
             if isinstance(checked, ProtocolError):
@@ -638,6 +635,7 @@ def _verify_device(store: FleetStore, device: str, chunk: int) -> list[StoredCha
 
 
 def _stored_hash(store: FleetStore, device: str, epoch: int, seq: int) -> str | None:
+    """The hash of the stored record ``(device, epoch, seq)``, or None."""
     row = store.db.execute(
         "SELECT hash FROM audit_records WHERE device = ? AND epoch = ? AND seq = ?", [device, epoch, seq]
     ).fetchone()
