@@ -68,6 +68,7 @@ from protocols.audit import (
     AuditRecord,
     Checkpoint,
     SignedCheckpoint,
+    explains_hole,
     gap_data,
     make_record,
     sign_checkpoint,
@@ -424,17 +425,11 @@ def _drop(db: sqlite_utils.Database, head: AuditHead, max_records: int, ts_ms: i
 
 
 def _explains(record: AuditRecord, start: AuditRecord, expected_seq: int) -> bool:
-    """True if ``record`` is a GAP record accounting for the hole from ``expected_seq`` to just before ``start``
-    (the controller's rule, :func:`protocols.audit.verify_chain`)."""
-    if record.kind != KIND_GAP or record.epoch != start.epoch:
+    """:func:`protocols.audit.explains_hole`, the controller's rule; a malformed GAP record explains nothing."""
+    try:
+        return explains_hole(record, start, expected_seq)
+    except ChainError:
         return False
-    data = record.data
-    return (
-        isinstance(data.get("first_seq"), int)
-        and data["first_seq"] <= expected_seq
-        and data.get("last_seq") == start.seq - 1
-        and data.get("last_hash") == start.prev_hash
-    )
 
 
 @dataclass(frozen=True, slots=True)

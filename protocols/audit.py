@@ -91,6 +91,7 @@ __all__ = [
     "SignedCheckpoint",
     "VerifiedBatch",
     "canonical_record",
+    "explains_hole",
     "gap_data",
     "make_record",
     "record_hash",
@@ -611,6 +612,19 @@ def _gap_of(record: AuditRecord) -> Gap:
     return gap
 
 
+def explains_hole(record: AuditRecord, start: AuditRecord, expected_seq: int) -> bool:
+    """True if ``record`` is a GAP record that accounts for the hole from ``expected_seq`` to just before ``start``
+    (the record after it): the rule a controller applies to an upload, and the device to the batches it builds.
+
+    Raises:
+        ChainError: ``record`` is a GAP record with malformed data.
+    """
+    if record.kind != KIND_GAP or record.epoch != start.epoch:
+        return False
+    gap = _gap_of(record)
+    return gap.first_seq <= expected_seq and gap.last_seq == start.seq - 1 and gap.last_hash == start.prev_hash
+
+
 _RULED_KINDS = (KIND_EPOCH_START, KIND_GAP)
 """Kinds :func:`_check_record` has rules for (a tuple: ``in`` compares, never hashes, a record's ``kind``)."""
 
@@ -1002,10 +1016,7 @@ def _relate(
         if start.seq == expected_seq:
             if start.prev_hash != expected_prev:
                 raise ChainError(f"fork: epoch {epoch} seq {start.seq} does not link to the accepted head")
-        elif not any(
-            gap.first_seq <= expected_seq and gap.last_seq == start.seq - 1 and gap.last_hash == start.prev_hash
-            for gap in (_gap_of(r) for r in new if r.kind == KIND_GAP)
-        ):
+        elif not any(explains_hole(r, start, expected_seq) for r in new):
             raise ChainError(
                 f"epoch {epoch} seqs {expected_seq}..{start.seq - 1} are missing and no GAP record accounts for them"
             )
